@@ -1,0 +1,125 @@
+"""Architecture configs, one dataclass per network, with presets transcribed from the original yaml files.
+
+Presets: ``sd15`` (CompVis v1-inference.yaml), ``sd21-base`` (v2-inference.yaml, 512 px, epsilon),
+``sd21`` (v2-inference-v.yaml, 768 px, v-prediction), ``toy`` (the embedded toy model) and ``tiny``
+(random-weight models for tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """LDM ``UNetModel`` hyper-parameters (openaimodel.py names)."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
+    num_heads: int = 8              # SD1: fixed head count ...
+    num_head_channels: int = -1     # ... SD2: fixed head width (then num_heads is ignored)
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/out; SD2: linear
+    transformer_depth: int = 1
+    norm_groups: int = 32
+
+    def heads(self, ch: int) -> tuple[int, int]:
+        """(number of heads, head width) of a transformer at ``ch`` channels."""
+        if self.num_head_channels > 0:
+            return ch // self.num_head_channels, self.num_head_channels
+        return self.num_heads, ch // self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """LDM ``AutoencoderKL`` hyper-parameters (ddconfig names)."""
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215  # latent = scaling_factor * posterior mean
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """CLIP text transformer. ``kind`` picks the checkpoint naming and the conditioning read out:
+    ``openai`` (SD1: HF CLIPTextModel names, QuickGELU, last layer, pad with end-of-text) or
+    ``openclip`` (SD2: open_clip names, GELU, penultimate layer then ln_final, pad with 0)."""
+    kind: str = "openai"
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 768
+    heads: int = 12
+    layers: int = 12
+    mlp_ratio: int = 4
+    projection_dim: int = 768       # open_clip text_projection (unused for conditioning, kept to load strictly)
+    skip_last_layer: bool = False   # open_clip single files hold all layers and SD2 reads the penultimate one
+
+    @property
+    def pad_id(self) -> int:
+        return 49407 if self.kind == "openai" else 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole Stable Diffusion model: three networks plus how the UNet output is read."""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    prediction_type: str = "epsilon"  # or "v_prediction"
+    resolution: int = 512             # the image size the model was trained at
+
+    @property
+    def family(self) -> str:
+        return "sd1" if self.text.kind == "openai" else "sd2"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        tup = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+        return cls(unet=UNetConfig(**tup(d["unet"])), vae=VAEConfig(**tup(d["vae"])),
+                   text=TextConfig(**d["text"]), prediction_type=d["prediction_type"],
+                   resolution=d["resolution"])
+
+
+_SD2_UNET = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+_SD2_TEXT = TextConfig(kind="openclip", width=1024, heads=16, layers=24, projection_dim=1024, skip_last_layer=True)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": ModelConfig(),
+    "sd21-base": ModelConfig(unet=_SD2_UNET, text=_SD2_TEXT),
+    "sd21": ModelConfig(unet=_SD2_UNET, text=_SD2_TEXT, prediction_type="v_prediction", resolution=768),
+    # The embedded toy model: 64 px images, 16 x 16 x 4 latents (facts in shared/DESIGN.md, "The toy world").
+    "toy": ModelConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(1, 2, 4),
+                        num_head_channels=8, context_dim=64, use_linear_in_transformer=True, norm_groups=8),
+        vae=VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8, scaling_factor=1.0),
+        text=TextConfig(width=64, heads=4, layers=3, projection_dim=64),
+        resolution=64),
+    # Random-weight models for tests: every code path of sd15 at a fraction of the cost.
+    "tiny": ModelConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                        num_heads=2, context_dim=32, norm_groups=8),
+        vae=VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+        text=TextConfig(width=32, heads=2, layers=2, projection_dim=32),
+        resolution=32),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

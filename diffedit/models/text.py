@@ -1,0 +1,199 @@
+"""CLIP text encoders, tau_theta(y) of the LDM paper, and the tokenizer.
+
+SD1 conditions on OpenAI CLIP ViT-L/14's last hidden state (HF ``CLIPTextModel`` names, under
+``cond_stage_model.transformer.``); SD2 on OpenCLIP ViT-H/14's penultimate layer followed by
+``ln_final`` (open_clip names, under ``cond_stage_model.model.``). Both are causal pre-LN transformers.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .configs import TextConfig
+
+SOT, EOT = 49406, 49407
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe():
+    from open_clip.tokenizer import SimpleTokenizer  # open_clip ships the BPE vocabulary offline
+    return SimpleTokenizer()
+
+
+def tokenize(texts: list[str], cfg: TextConfig) -> torch.Tensor:
+    """Texts -> (B, context_length) ids: start, BPE tokens (truncated), end, then padding."""
+    n = cfg.context_length
+    ids = torch.full((len(texts), n), cfg.pad_id, dtype=torch.long)
+    for row, text in enumerate(texts):
+        toks = [SOT, *_bpe().encode(text)[: n - 2], EOT]
+        ids[row, : len(toks)] = torch.tensor(toks)
+    return ids
+
+
+def _causal_attention(x, qkv, out, heads):
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in qkv(x).chunk(3, dim=-1))
+    return out(rearrange(F.scaled_dot_product_attention(q, k, v, is_causal=True), "b h n d -> b n (h d)"))
+
+
+# --- SD1: OpenAI CLIP in HF transformers naming --------------------------------------------------
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        qkv = lambda y: torch.cat([self.q_proj(y), self.k_proj(y), self.v_proj(y)], dim=-1)
+        return _causal_attention(x, qkv, self.out_proj, self.heads)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # QuickGELU
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
+        self.mlp = CLIPMLP(cfg.width, cfg.width * cfg.mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.context_length, cfg.width)
+
+    def forward(self, ids):
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embeddings, self.encoder = CLIPEmbeddings(cfg), CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width)
+
+
+class OpenAICLIPText(nn.Module):
+    """SD1's text encoder: last hidden state after the final layer norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        m = self.text_model
+        x = m.embeddings(ids)
+        for layer in m.encoder.layers:
+            x = layer(x)
+        return m.final_layer_norm(x)
+
+
+# --- SD2: OpenCLIP naming ------------------------------------------------------------------------
+
+class MultiheadSelfAttention(nn.Module):
+    """Causal self-attention with nn.MultiheadAttention's parameter names (fused in_proj)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x):
+        return _causal_attention(x, lambda y: F.linear(y, self.in_proj_weight, self.in_proj_bias), self.out_proj, self.heads)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        w = cfg.width
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(w), MultiheadSelfAttention(w, cfg.heads), nn.LayerNorm(w)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(w, w * cfg.mlp_ratio))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(w * cfg.mlp_ratio, w))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+
+
+class OpenCLIPText(nn.Module):
+    """SD2's text encoder: the penultimate layer's output through ``ln_final``."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        # Unused for conditioning; present in the checkpoints, so kept for strict loading.
+        self.text_projection = nn.Parameter(torch.zeros(cfg.width, cfg.projection_dim))
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        blocks = self.transformer.resblocks
+        for block in blocks[: len(blocks) - 1] if self.cfg.skip_last_layer else blocks:
+            x = block(x)
+        return self.ln_final(x)
+
+
+class FrozenCLIPEmbedder(nn.Module):
+    """SD1 ``cond_stage_model``: holds the HF-named model under ``transformer``."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.transformer = OpenAICLIPText(cfg)
+
+    def forward(self, ids):
+        return self.transformer(ids)
+
+
+class FrozenOpenCLIPEmbedder(nn.Module):
+    """SD2 ``cond_stage_model``: holds the open_clip-named model under ``model``."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.model = OpenCLIPText(cfg)
+
+    def forward(self, ids):
+        return self.model(ids)
+
+
+def text_encoder(cfg: TextConfig) -> nn.Module:
+    return FrozenCLIPEmbedder(cfg) if cfg.kind == "openai" else FrozenOpenCLIPEmbedder(cfg)

@@ -1,0 +1,232 @@
+"""Train the embedded toy model from scratch on the toy world (diffedit/toy/world.py).
+
+Phases: (1) the VAE (reconstruction MSE + a small KL), (2) the latent scale from the data (1 / std of the
+posterior means) and a cache of scaled latents, (3) the text encoder and UNet together with the epsilon
+loss, 10% empty captions so classifier-free guidance works, EMA weights. Resumable: the state of the
+current phase is saved every --save-every steps in --out and picked up by the same command.
+The export (fp16 single-file safetensors) carries the architecture and this recipe in its metadata.
+
+    python scripts/train_toy.py --out runs/toy --export diffedit/toy/toy.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from diffedit import ddim
+from diffedit.models import StableDiffusion, preset, tokenize
+from diffedit.toy import world
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/toy"), help="working folder (state, caches)")
+    p.add_argument("--export", type=Path, default=None, help="write the trained model here (safetensors)")
+    p.add_argument("--export-only", action="store_true", help="export the current state and stop")
+    p.add_argument("--n-scenes", type=int, default=30000)
+    p.add_argument("--data-seed", type=int, default=world.TRAIN_SEED)
+    p.add_argument("--max-objects", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--unet-steps", type=int, default=10000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+RECIPE_KEYS = ("n_scenes", "data_seed", "max_objects", "seed", "vae_steps", "vae_lr", "kl_weight", "unet_steps",
+               "lr", "batch", "uncond_prob", "ema")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def dataset(args):
+    cache = args.out / "data.npz"
+    if cache.exists():
+        d = np.load(cache)
+        return d["images"], list(d["captions"])
+    t0 = time.time()
+    scenes = world.scenes(args.n_scenes, args.data_seed, max_objects=args.max_objects)
+    images, captions = world.render_batch(scenes), [s.caption for s in scenes]
+    np.savez(cache, images=images, captions=np.array(captions))
+    print(f"generated {len(scenes)} scenes in {time.time() - t0:.1f}s")
+    return images, captions
+
+
+def to_model_range(images_u8: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(images_u8).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def save_state(path: Path, state: dict):
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never corrupts the last good state
+
+
+def train_vae(args, sd, images, device):
+    path = args.out / "vae_state.pt"
+    vae = sd.first_stage_model
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    step = 0
+    if path.exists():
+        st = torch.load(path, weights_only=False)
+        vae.load_state_dict(st["vae"]), opt.load_state_dict(st["opt"])
+        step = st["step"]
+    gen = torch.Generator().manual_seed(args.seed * 1000 + step)
+    bar = tqdm(range(step, args.vae_steps), desc="vae", initial=step, total=args.vae_steps)
+    for step in bar:
+        idx = torch.randint(0, len(images), (args.batch,), generator=gen).numpy()
+        x = to_model_range(images[idx], device)
+        mean, logvar = vae.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(device)
+        recon = vae.decode(z)
+        mse = F.mse_loss(recon, x)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = mse + args.kl_weight * kl
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(psnr=f"{10 * math.log10(4 / mse.item()):.2f}", kl=f"{kl.item():.0f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.vae_steps:
+            save_state(path, {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    if path.exists():
+        vae.load_state_dict(torch.load(path, weights_only=False)["vae"])
+
+
+@torch.no_grad()
+def cache_latents(args, sd, images, device):
+    """Posterior means of every scene and the scale that gives them unit variance."""
+    path = args.out / "latents.pt"
+    if path.exists():
+        return torch.load(path)
+    vae = sd.first_stage_model.eval()
+    means = torch.cat([vae.encode(to_model_range(images[i:i + 256], device))[0].cpu()
+                       for i in tqdm(range(0, len(images), 256), desc="latents")])
+    scale = 1.0 / means.std().item()
+    out = {"latents": means * scale, "scale": scale}
+    torch.save(out, path)
+    return out
+
+
+def train_unet(args, sd, ema, latents, captions, device):
+    path = args.out / "unet_state.pt"
+    text_cfg = sd.cfg.text
+    ids = tokenize(captions, text_cfg)
+    empty = tokenize([""], text_cfg)[0]
+    params = list(sd.model.parameters()) + list(sd.cond_stage_model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    step = 0
+    if path.exists():
+        st = torch.load(path, weights_only=False)
+        sd.model.load_state_dict(st["unet"]), sd.cond_stage_model.load_state_dict(st["text"])
+        ema.load_state_dict(st["ema"]), opt.load_state_dict(st["opt"])
+        step = st["step"]
+    alpha_bar = ddim.alphas_cumprod(dtype=torch.float32).to(device)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + 7 + step)
+    bar = tqdm(range(step, args.unet_steps), desc="unet", initial=step, total=args.unet_steps)
+    avg = None
+    for step in bar:
+        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
+        x0 = latents[idx].to(device)
+        tok = ids[idx].clone()
+        tok[torch.rand(args.batch, generator=gen) < args.uncond_prob] = empty
+        t = torch.randint(0, ddim.NUM_TRAIN_TIMESTEPS, (args.batch,), generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        ab = alpha_bar[t][:, None, None, None]
+        pred = sd.unet(ddim.add_noise(x0, noise, ab), t, sd.cond_stage_model(tok.to(device)))
+        loss = F.mse_loss(pred, noise)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.unet_steps, args.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), [*sd.model.parameters(), *sd.cond_stage_model.parameters()]):
+                e.lerp_(p, 1 - decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{avg:.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.unet_steps:
+            save_state(path, {"unet": sd.model.state_dict(), "text": sd.cond_stage_model.state_dict(),
+                              "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+
+
+def export(args, sd, ema, scale: float, path: Path):
+    """fp16 single-file checkpoint in LDM names; architecture and recipe in the metadata."""
+    state = torch.load(args.out / "unet_state.pt", weights_only=False) if (args.out / "unet_state.pt").exists() else None
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+    model = copy.deepcopy(sd)
+    model.model.load_state_dict(ema.model.state_dict())
+    model.cond_stage_model.load_state_dict(ema.cond_stage_model.state_dict())
+    cfg = model.cfg.to_dict()
+    cfg["vae"]["scaling_factor"] = scale
+    recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
+    recipe["unet_steps_done"] = state["step"] if state else 0
+    recipe["command"] = "python scripts/train_toy.py " + " ".join(
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in RECIPE_KEYS)
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"diffedit_config": json.dumps(cfg), "recipe": json.dumps(recipe)})
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB, {recipe['unet_steps_done']} UNet steps)")
+
+
+class EMA(torch.nn.Module):
+    """Exponential moving average of the UNet and text encoder (the shipped weights)."""
+
+    def __init__(self, sd: StableDiffusion):
+        super().__init__()
+        self.model = copy.deepcopy(sd.model).requires_grad_(False)
+        self.cond_stage_model = copy.deepcopy(sd.cond_stage_model).requires_grad_(False)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "recipe.json").write_text(json.dumps({k: getattr(args, k) for k in RECIPE_KEYS}, indent=1))
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    sd = StableDiffusion(preset("toy")).to(device)
+    ema = EMA(sd)
+    images, captions = dataset(args)
+    if not args.export_only:
+        train_vae(args, sd, images, device)
+    elif (args.out / "vae_state.pt").exists():
+        sd.first_stage_model.load_state_dict(torch.load(args.out / "vae_state.pt", weights_only=False)["vae"])
+    cached = cache_latents(args, sd, images, device)
+    if not args.export_only:
+        train_unet(args, sd, ema, cached["latents"], captions, device)
+    if args.export:
+        export(args, sd, ema, cached["scale"], args.export)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="diffedit",
+    version="0.1.0",
+    description="DiffEdit (Couairon et al., ICLR 2023) on hand-written Stable Diffusion networks",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["diffedit", "diffedit.*"]),
+    package_data={"diffedit.toy": ["*.safetensors"]},
+    install_requires=["torch>=2.1", "einops", "open_clip_torch", "safetensors", "huggingface_hub", "numpy",
+                      "pillow", "tqdm"],
+    extras_require={
+        "test": ["pytest", "diffusers==0.42.1", "transformers", "scikit-image"],
+        "plots": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["diffedit=diffedit.cli:main"]},
+)
