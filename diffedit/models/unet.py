@@ -24,7 +24,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the activations' dtype (as LDM does, for fp16 stability)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        return super().forward(x)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,0 +1,315 @@
+"""The ``diffedit`` command line.
+
+    diffedit edit cat.png --target "a photo of a dog" --source "a photo of a cat" --panel panel.png
+    diffedit mask cat.png --target "a photo of a dog" --source "a photo of a cat" --map-out map.png
+
+Each subcommand is a pair ``add_<name>_parser(subparsers)`` / ``run_<name>(args)`` registered in
+``SUBCOMMANDS``; ``main`` builds the parser from that list. Arguments are checked before the model is
+loaded, and bad input (a missing image, a value out of range, an unknown model, an output path that would
+overwrite the input) ends with one line on stderr, ``diffedit: error: ...``, and exit status 2.
+The input image is only ever opened for reading.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+PROG = "diffedit"
+DTYPES = ("float32", "float16", "bfloat16")
+METHODS = ("diffedit", "sdedit", "encode-decode")  # = pipeline.METHODS (not imported: keeps --help fast)
+
+
+class UsageError(Exception):
+    """Bad input found by the command line itself: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line: ``diffedit: error: <problem> (see '<prog> --help')``."""
+
+    def error(self, message):
+        _fail(f"{message} (see '{self.prog} --help')")
+
+
+def _fail(message: str):
+    message = " ".join(str(message).split())  # one line, whatever the exception text held
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    raise SystemExit(2)
+
+
+# --- shared arguments and checks -----------------------------------------------------------------------
+
+def _add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="toy",
+                   help='"toy", a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id')
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="precision of the networks")
+    g.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="override what the UNet predicts (default: what the checkpoint says or is detected)")
+
+
+def _add_mask_args(p):
+    g = p.add_argument_group("mask estimation (DiffEdit step 1)")
+    g.add_argument("--source", default="", help='the reference text R describing the input ("" = unconditional)')
+    g.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold of D, in [0, 1]")
+    g.add_argument("--n", type=int, default=10, help="number of noises averaged into D, >= 1")
+    g.add_argument("--strength", type=float, default=0.5, help="noise level of the mask pass, in (0, 1]")
+    g.add_argument("--seed", type=int, default=0, help="random seed (mask noises, SDEdit noise)")
+    return g
+
+
+def _check_range(args, name: str, lo, hi, lo_open: bool = False):
+    value = getattr(args, name.replace("-", "_"))
+    ok = (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok or math.isnan(value):
+        bracket = "(" if lo_open else "["
+        raise UsageError(f"--{name} must be in {bracket}{lo}, {hi}], got {value}")
+
+
+def _check_common(args):
+    if not args.target or not args.target.strip():
+        raise UsageError("--target must be a non-empty text")
+    _check_range(args, "threshold", 0, 1)
+    _check_range(args, "strength", 0, 1, lo_open=True)
+    if args.n < 1:
+        raise UsageError(f"--n (number of noises) must be >= 1, got {args.n}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    _check_device(args.device)
+
+
+def _check_device(name: str):
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device: unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise UsageError(f"--device: unsupported device {name!r} (use cpu, cuda, cuda:N or mps)")
+
+
+def _load_input(path: str):
+    """The input image, read (never written) now so that a bad file fails before the model loads."""
+    from .images import ImageError, load_image
+    try:
+        return load_image(path)
+    except ImageError as e:
+        raise UsageError(str(e)) from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(image: str, outputs: dict[str, str | None]) -> dict[str, Path]:
+    """Each output path (flag -> path) must not be the input, another output or a folder, must be an image
+    format PIL writes, and its folder must exist or be creatable. Returns flag -> Path for those given."""
+    from PIL import Image
+    Image.init()
+    formats = Image.registered_extensions()
+    inp, seen, out = Path(image), {}, {}
+    for flag, value in outputs.items():
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if _same_file(path, inp):
+            raise UsageError(f"{flag} {value} is the input image; refusing to overwrite it (choose another path)")
+        for other_flag, other in seen.items():
+            if _same_file(path, other):
+                raise UsageError(f"{flag} and {other_flag} are the same file {value}")
+        if path.is_dir():
+            raise UsageError(f"{flag} {value} is a folder; give a file name such as {path / 'out.png'}")
+        if path.suffix.lower() not in formats:
+            raise UsageError(f"{flag} {value}: unknown image format {path.suffix or '(no extension)'!r} "
+                             "(use .png, .jpg, .webp, ...)")
+        ancestor = path.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UsageError(f"{flag} {value}: cannot create its folder, {ancestor} is a file")
+        if not os.access(ancestor, os.W_OK):
+            raise UsageError(f"{flag} {value}: cannot write in {ancestor} (permission denied)")
+        seen[flag] = out[flag] = path
+    return out
+
+
+def _dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _load_pipeline(args):
+    from .checkpoint import CheckpointError
+    from .pipeline import DiffEdit
+    try:
+        return DiffEdit.from_pretrained(args.model, device=args.device, dtype=_dtype(args.dtype),
+                                        prediction_type=args.prediction_type)
+    except CheckpointError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+
+
+def _save(image, path: Path, quiet: bool):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    if not quiet:
+        print(f"wrote {path}")
+
+
+# --- diffedit edit -------------------------------------------------------------------------------------
+
+def add_edit_parser(subparsers):
+    p = subparsers.add_parser(
+        "edit", help="edit an image towards a text (DiffEdit, or the SDEdit / Encode-Decode baselines)",
+        description="Edit IMAGE towards --target: DiffEdit estimates a mask from the disagreement between "
+                    "--target and --source, DDIM-encodes the image to --ratio and decodes it with --target "
+                    "inside the mask only.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("image", metavar="IMAGE", help="the input image (any size and mode; it is never modified)")
+    p.add_argument("--target", required=True, help="the query text Q: what the image should show")
+    p.add_argument("--out", default=None, help="where to write the edit (default: ./<image stem>_edited.png)")
+    p.add_argument("--mask-out", default=None, help="also write the mask used (white = edited)")
+    p.add_argument("--panel", default=None, help="also write a panel: input | D | mask | edit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no 'wrote' lines")
+    g = p.add_argument_group("editing")
+    g.add_argument("--method", default="diffedit", choices=METHODS, help="the editing method")
+    g.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r (how far to noise), in (0, 1]")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps of the full grid, >= 1")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale, >= 0")
+    g.add_argument("--mask", default=None, help="an external mask image (white = edit): skips mask estimation")
+    _add_mask_args(p)
+    _add_model_args(p)
+    p.set_defaults(run=run_edit)
+    return p
+
+
+def _load_mask(path: str, size: tuple[int, int]):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--mask: mask file not found: {path}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            mask = ImageOps.exif_transpose(im).convert("L")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise UsageError(f"--mask: cannot read mask image {path}: {e}") from None
+    (w, h), (mw, mh) = size, mask.size
+    if abs(mw / mh - w / h) > 0.01 * (w / h):
+        raise UsageError(f"--mask {path} is {mw}x{mh} but the image is {w}x{h}: the shapes differ")
+    return mask
+
+
+def run_edit(args) -> int:
+    _check_common(args)
+    _check_range(args, "ratio", 0, 1, lo_open=True)
+    if not args.guidance >= 0 or math.isinf(args.guidance):
+        raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.method != "diffedit" and (args.mask or args.mask_out):
+        flag = "--mask" if args.mask else "--mask-out"
+        raise UsageError(f"{flag} only applies to --method diffedit (--method {args.method} uses no mask)")
+    default_out = Path.cwd() / f"{Path(args.image).stem}_edited.png"
+    outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--mask-out": args.mask_out,
+                                       "--panel": args.panel})
+    image = _load_input(args.image)
+    mask = _load_mask(args.mask, image.size) if args.mask else None
+
+    de = _load_pipeline(args)
+    result = de.edit(image, args.target, source=args.source, ratio=args.ratio, threshold=args.threshold, n=args.n,
+                     strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                     method=args.method, mask=mask, progress=not args.quiet)
+    _save(result.image, outs["--out"], args.quiet)
+    if "--mask-out" in outs:
+        _save(result.mask, outs["--mask-out"], args.quiet)
+    if "--panel" in outs:
+        from .viz import panel
+        _save(panel(image, result.mask_map, result.mask, result.image), outs["--panel"], args.quiet)
+    return 0
+
+
+# --- diffedit mask -------------------------------------------------------------------------------------
+
+def add_mask_parser(subparsers):
+    p = subparsers.add_parser(
+        "mask", help="estimate DiffEdit's mask only (step 1)",
+        description="Write the mask DiffEdit would use to edit IMAGE towards --target: where the noise "
+                    "estimates under --target and --source disagree.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("image", metavar="IMAGE", help="the input image (any size and mode; it is never modified)")
+    p.add_argument("--target", required=True, help="the query text Q: what the image should show")
+    p.add_argument("--out", default=None, help="where to write the mask (default: ./<image stem>_mask.png)")
+    p.add_argument("--map-out", default=None, help="also write the continuous map D as a heat map")
+    p.add_argument("-q", "--quiet", action="store_true", help="no 'wrote' lines")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the grid the strength is read on, >= 1")
+    _add_mask_args(p)
+    _add_model_args(p)
+    p.set_defaults(run=run_mask)
+    return p
+
+
+def run_mask(args) -> int:
+    _check_common(args)
+    default_out = Path.cwd() / f"{Path(args.image).stem}_mask.png"
+    outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--map-out": args.map_out})
+    image = _load_input(args.image)
+    de = _load_pipeline(args)
+    result = de.mask(image, args.target, source=args.source, n=args.n, strength=args.strength,
+                     threshold=args.threshold, seed=args.seed, steps=args.steps)
+    _save(result.image, outs["--out"], args.quiet)
+    if "--map-out" in outs:
+        from .viz import heatmap
+        _save(heatmap(result.map, image.size), outs["--map-out"], args.quiet)
+    return 0
+
+
+# --- the registry --------------------------------------------------------------------------------------
+
+SUBCOMMANDS = [add_edit_parser, add_mask_parser]  # others append their add_<name>_parser here
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="DiffEdit: mask-guided, text-driven image editing with diffusion "
+                                            "(Couairon et al., ICLR 2023).")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line (``argv`` defaults to sys.argv[1:]); returns 0, or exits with status 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    from .images import ImageError
+    try:
+        from .checkpoint import CheckpointError
+    except ImportError:  # pragma: no cover - checkpoint.py always ships; keep the CLI usable without it
+        CheckpointError = ValueError
+    try:
+        return args.run(args) or 0
+    except UsageError as e:
+        _fail(str(e))
+    except (ImageError, CheckpointError, ValueError, OSError) as e:
+        _fail(str(e) or type(e).__name__)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Step 1 of DiffEdit (paper Sec. 3.1): the mask, from contrasting noise estimates under two texts.
+
+x_0 is noised n times at strength s (default 0.5) with independent noises; the model predicts the noise
+under the query Q and the reference R. Where the texts disagree about the image, so do the estimates:
+    D = mean over the n noises and the latent channels of |eps(x_t, Q) - eps(x_t, R)|.
+Extreme values are removed and D rescaled to [0, 1] per image, then binarised at a threshold (0.5).
+No classifier-free guidance is needed: with a shared unconditional branch the guided difference is
+g * (eps_Q - eps_R), which the rescaling cancels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ddim
+from .guidance import EpsFn, batched_eps
+
+
+def strength_timestep(strength: float, steps: int) -> int:
+    """The grid timestep reached by encoding ratio ``strength`` (481 for 0.5 on the 50-step grid)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    return int(ddim.timesteps(steps)[max(1, round(strength * steps)) - 1])
+
+
+def difference_map(eps_q: torch.Tensor, eps_r: torch.Tensor) -> torch.Tensor:
+    """D = mean over noises and channels of |eps_Q - eps_R| (Sec. 3.1). Inputs (n, B, C, h, w) -> (B, h, w)."""
+    return (eps_q - eps_r).abs().mean(dim=(0, 2))
+
+
+def normalize(d: torch.Tensor, mode: str = "clamp", clamp_ratio: float = 3.0) -> torch.Tensor:
+    """Remove extreme values and rescale each image's map to [0, 1] (Sec. 3.1).
+
+    ``clamp``: clip at clamp_ratio x the image's mean and divide by that value; ``minmax``: (D - min) / (max - min).
+    A map with no spread (identical texts: D = 0) becomes all zeros, not NaN.
+    """
+    flat = d.flatten(1)
+    if mode == "clamp":
+        hi = clamp_ratio * flat.mean(dim=1, keepdim=True)
+        out = torch.minimum(flat, hi) / hi.clamp(min=torch.finfo(d.dtype).tiny)
+    elif mode == "minmax":
+        lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+        out = (flat - lo) / (hi - lo).clamp(min=torch.finfo(d.dtype).tiny)
+    else:
+        raise ValueError(f"normalisation mode must be 'clamp' or 'minmax', got {mode!r}")
+    return out.reshape(d.shape)
+
+
+def binarize(d_norm: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """M = 1 where the rescaled map exceeds the threshold (Sec. 3.1)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return d_norm > threshold
+
+
+@dataclass
+class Noises:
+    """The n noised copies of x_0 at one level, shared by every text contrasted against them."""
+    x_t: torch.Tensor  # (n, B, C, h, w)
+    t: int
+
+
+def noised_latents(x0: torch.Tensor, n: int, strength: float, steps: int, alpha_bar: torch.Tensor,
+                   generator: torch.Generator) -> Noises:
+    """n independent noises per image (never one noise broadcast n times) at the strength's timestep."""
+    if n < 1:
+        raise ValueError(f"n (number of noise maps) must be >= 1, got {n}")
+    t = strength_timestep(strength, steps)
+    noise = torch.randn((n, *x0.shape), generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    ab = ddim.alpha_bar_at(t, alpha_bar).to(x0.dtype)
+    return Noises(ddim.add_noise(x0[None], noise, ab), t)
+
+
+@torch.no_grad()
+def noise_difference_maps(eps: EpsFn, noises: Noises, queries: torch.Tensor, reference: torch.Tensor,
+                          max_batch: int = 64) -> torch.Tensor:
+    """D for K queries against one reference, for one image (noises.x_t: (n, 1, C, h, w)).
+
+    queries: (K, L, D) text embeddings, reference: (1, L, D). All (K + 1) x n rows go through one batched
+    pass; the reference half is shared by the K queries. Returns (K, h, w).
+    """
+    x = noises.x_t[:, 0]                                   # (n, C, h, w)
+    n, k = x.shape[0], queries.shape[0]
+    texts = torch.cat([reference, queries])                # (K + 1, L, D)
+    rows = x.repeat(k + 1, 1, 1, 1)                        # text-major: rows [j * n + i] = (text j, noise i)
+    ctx = texts.repeat_interleave(n, dim=0)
+    e = batched_eps(eps, rows, noises.t, ctx, max_batch).reshape(k + 1, n, *x.shape[1:])
+    return torch.stack([difference_map(e[j][:, None], e[0][:, None])[0] for j in range(1, k + 1)])

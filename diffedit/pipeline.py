@@ -1,0 +1,194 @@
+"""The DiffEdit object: the three networks plus the algorithm's steps, behind the public API.
+
+    de = DiffEdit.from_pretrained("toy")
+    result = de.edit("cat.png", target="a photo of a dog", source="a photo of a cat")
+    result.image.save("dog.png"); result.mask.save("mask.png")
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from . import ddim, images, masking
+from .edit import ddim_sample, masked_decode, sdedit
+from .guidance import eps_model
+from .inversion import Trajectory, ddim_encode, num_encoding_steps
+from .models import ModelConfig, StableDiffusion, tokenize
+
+METHODS = ("diffedit", "sdedit", "encode-decode")
+
+
+@dataclass
+class MaskResult:
+    map: torch.Tensor     # (h, w) float in [0, 1]: the rescaled difference map D, latent resolution
+    binary: torch.Tensor  # (h, w) bool: the mask M
+    image: Image.Image    # M as PIL "L" at the input size
+
+
+@dataclass
+class EditResult:
+    image: Image.Image                    # the edit, at the input size
+    mask: Image.Image | None              # the mask used (PIL "L", input size); None for the baselines
+    mask_map: torch.Tensor | None         # D rescaled to [0, 1], latent resolution; None if not estimated
+    trajectory: Trajectory | None         # the DDIM encoding (None for SDEdit)
+    latents: torch.Tensor = field(repr=False, default=None)  # the edited latent y_0, (C, h, w)
+
+
+def _check(name, value, lo, hi, lo_open=False):
+    if not ((lo < value) if lo_open else (lo <= value)) or not value <= hi:
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
+
+
+class DiffEdit:
+    """DiffEdit on a Stable Diffusion model (or the embedded toy model)."""
+
+    def __init__(self, model: StableDiffusion, device="cpu", dtype=torch.float32, prediction_type=None,
+                 max_batch: int = 64):
+        self.model = model.eval().requires_grad_(False)
+        self.cfg: ModelConfig = model.cfg
+        self.device, self.dtype = torch.device(device), dtype
+        self.prediction_type = prediction_type or self.cfg.prediction_type
+        self.max_batch = max_batch
+        self.alpha_bar = ddim.alphas_cumprod(dtype=torch.float64).to(self.device)
+        self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar)
+        unet_factor = 2 ** (len(self.cfg.unet.channel_mult) - 1)
+        self.multiple = self.cfg.vae.downsampling * unet_factor  # image sides must be multiples of this
+
+    @classmethod
+    def from_pretrained(cls, source: str = "toy", device="cpu", dtype=torch.float32, prediction_type=None,
+                        max_batch: int = 64) -> "DiffEdit":
+        """Load a single file (.safetensors / .ckpt), a diffusers folder, a hub repo id, or "toy"."""
+        from .checkpoint import load_model
+        model, cfg = load_model(source, device=device, dtype=dtype, prediction_type=prediction_type)
+        return cls(model, device, dtype, cfg.prediction_type, max_batch)
+
+    # --- the networks --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> (B, 77, D): what the UNet is conditioned on."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.model.cond_stage_model(tokenize(list(texts), self.cfg.text).to(self.device)).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled posterior mean (B, 4, H/f, W/f): x_0 of the paper."""
+        mean, _ = self.model.first_stage_model.encode(images.to(self.device, self.dtype))
+        return mean * self.cfg.vae.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        return self.model.first_stage_model.decode(latents.to(self.dtype) / self.cfg.vae.scaling_factor)
+
+    @torch.no_grad()
+    def unet(self, latents: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
+        """The model output: epsilon or v, as ``self.prediction_type`` says."""
+        return self.model.unet(latents, timesteps, context)
+
+    # --- the algorithm -------------------------------------------------------------------------------
+
+    def _prepare(self, image):
+        pil = images.load_image(image)
+        return pil, self.encode_image(images.to_tensor(pil, self.multiple, self.device, self.dtype))
+
+    def invert(self, image, ratio: float = 0.7, steps: int = 50) -> Trajectory:
+        """DDIM-encode an image to ratio r with the unconditional model (Sec. 3.2)."""
+        _, x0 = self._prepare(image)
+        return ddim_encode(self.eps, x0, self.encode_prompt([""]), ratio, steps, self.alpha_bar,
+                           max_batch=self.max_batch)
+
+    def _masks(self, x0, queries, reference, n, strength, steps, threshold, seed, normalization):
+        gen = torch.Generator().manual_seed(seed)
+        noises = masking.noised_latents(x0, n, strength, steps, self.alpha_bar, gen)
+        d = masking.noise_difference_maps(self.eps, noises, queries, reference, self.max_batch)
+        d = masking.normalize(d.float(), normalization)
+        return d, masking.binarize(d, threshold)
+
+    def mask(self, image, target, source: str = "", n: int = 10, strength: float = 0.5, threshold: float = 0.5,
+             seed: int = 0, steps: int = 50, normalization: str = "clamp"):
+        """Step 1 alone: the mask for ``target`` against ``source`` (a list of targets gives a list)."""
+        targets = _targets(target)
+        _check("threshold", threshold, 0.0, 1.0)
+        pil, x0 = self._prepare(image)
+        d, m = self._masks(x0, self.encode_prompt(targets), self.encode_prompt([source]), n, strength, steps,
+                           threshold, seed, normalization)
+        out = [MaskResult(d[i].cpu(), m[i].cpu(), images.mask_to_pil(m[i], pil.size)) for i in range(len(targets))]
+        return out if isinstance(target, (list, tuple)) else out[0]
+
+    def edit(self, image, target, source: str = "", ratio: float = 0.7, threshold: float = 0.5, n: int = 10,
+             strength: float = 0.5, steps: int = 50, guidance: float = 7.5, seed: int = 0, method: str = "diffedit",
+             mask=None, normalization: str = "clamp", compat: str | None = None, progress: bool = False):
+        """Edit ``image`` towards ``target`` (a list of targets shares one inversion and the reference half
+        of the mask pass). ``mask``: a PIL mask at image size or a (h, w) tensor at latent size; skips step 1."""
+        targets = _targets(target)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        _check("ratio", ratio, 0.0, 1.0, lo_open=True)
+        _check("threshold", threshold, 0.0, 1.0)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        pil, x0 = self._prepare(image)
+        cond, ref = self.encode_prompt(targets), self.encode_prompt([source])
+        k = num_encoding_steps(ratio, steps)
+        bar = tqdm(total=k * (1 if compat is None else 2) + k, desc=method, disable=not progress, leave=False)
+        step = lambda *_: bar.update(1)
+        d = m = None
+        if method == "sdedit":
+            y0 = sdedit(self.eps, x0, cond, ref, ratio, steps, guidance, self.alpha_bar,
+                        torch.Generator().manual_seed(seed), self.max_batch, step)
+            trajectory = None
+        else:
+            if compat == "diffusers":  # diffusers inverts with CFG under the source prompt
+                trajectory = ddim_encode(self.eps, x0, ref, ratio, steps, self.alpha_bar, guidance,
+                                         self.encode_prompt([""]), self.max_batch)
+            else:
+                trajectory = ddim_encode(self.eps, x0, self.encode_prompt([""]), ratio, steps, self.alpha_bar,
+                                         max_batch=self.max_batch)
+            bar.update(k)
+            if method == "diffedit":
+                if mask is None:
+                    d, m = self._masks(x0, cond, ref, n, strength, steps, threshold, seed, normalization)
+                else:
+                    m = self._external_mask(mask, x0.shape[-2:]).expand(len(targets), -1, -1)
+            blend = None if m is None else m[:, None].to(x0.dtype)
+            y0 = masked_decode(self.eps, trajectory, cond, ref, guidance, self.alpha_bar, blend, compat,
+                               self.max_batch, step)
+        bar.close()
+        decoded = self.decode_latents(y0)
+        results = [EditResult(images.to_pil(decoded[i], pil.size),
+                              None if m is None else images.mask_to_pil(m[i], pil.size),
+                              None if d is None else d[i].cpu(), trajectory, y0[i])
+                   for i in range(len(targets))]
+        return results if isinstance(target, (list, tuple)) else results[0]
+
+    def _external_mask(self, mask, latent_size) -> torch.Tensor:
+        if isinstance(mask, Image.Image):
+            return images.mask_from_pil(mask, tuple(latent_size)).to(self.device)
+        mask = torch.as_tensor(mask)
+        if mask.shape != tuple(latent_size):
+            raise ValueError(f"a tensor mask must have the latent size {tuple(latent_size)}, got {tuple(mask.shape)}")
+        return (mask > 0.5).to(self.device)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+                 size: int | None = None) -> Image.Image:
+        """Plain text-to-image with classifier-free guidance (DDIM from pure noise)."""
+        side = (size or self.cfg.resolution) // self.cfg.vae.downsampling
+        shape = (1, self.cfg.unet.in_channels, side, side)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.dtype)
+        levels = torch.cat([torch.tensor([-1]), ddim.timesteps(steps)]).to(self.device)
+        y0 = ddim_sample(self.eps, noise, levels, self.encode_prompt([prompt]), self.encode_prompt([""]), guidance,
+                         self.alpha_bar, max_batch=self.max_batch)
+        return images.to_pil(self.decode_latents(y0)[0])
+
+
+def _targets(target) -> list[str]:
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets or any(not isinstance(t, str) or not t.strip() for t in targets):
+        raise ValueError("target must be a non-empty text (or a list of them)")
+    return targets

@@ -1,0 +1,123 @@
+"""Judge an edited image against a toy-world ``Edit``, independently of any diffusion model.
+
+Each pixel is classified to the nearest colour of the full palette (objects + backgrounds;
+all >= 108 apart in RGB, so noise from a lossy autoencoder rarely flips a class).
+
+* colour / shape edit: inside the union of the source and target object regions, dilated by
+  ``DILATE`` px, take the pixels classified as the target object's colour (``P``).  Here the
+  palette is extended with the 25 % and 75 % blends of the target colour into the background
+  colour, and the 75 % blend counts as the target colour: a blurred edge is such a blend, and
+  plain nearest-colour would send it to a third colour (white + black -> gray), eroding small
+  shapes.  The split is then at a 50 % blend (unbiased for a symmetric blur), except where a
+  real palette colour lies near the blend (navy between black and blue): it stays itself.  Success if
+  ``IoU(P, target region) >= IOU_MIN``; a shape edit must also match the target shape better
+  than the source shape: ``IoU(P, target) >= IoU(P, source) + SHAPE_MARGIN``.
+* background edit: of the background pixels (outside all objects, dilated by ``DILATE`` px to
+  skip blurred edges), at least ``BG_MIN`` must be classified as the new background colour.
+
+Thresholds are calibrated in tests/test_world.py: >= 98 % of ground-truth target renders (clean,
+noise + blur, 4x down/up-sampled) pass and <= 5 % of unedited source renders do.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .world import BACKGROUND_COLOURS, OBJECT_COLOURS, Edit
+
+PALETTE_NAMES = (*OBJECT_COLOURS, *BACKGROUND_COLOURS)
+PALETTE = np.array([*OBJECT_COLOURS.values(), *BACKGROUND_COLOURS.values()], np.float32)
+IOU_MIN = 0.5
+SHAPE_MARGIN = 0.05
+BG_MIN = 0.7
+DILATE = 2
+
+
+def classify(img: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
+    """int (H, W): index into ``palette`` (default: PALETTE_NAMES) of each pixel's nearest colour."""
+    palette = np.asarray(palette, np.float32)
+    # |x - p|^2 = |x|^2 - 2 x.p + |p|^2; |x|^2 is the same for every p, so drop it (a matmul, fast)
+    return np.argmin((palette**2).sum(-1) - 2 * np.asarray(img, np.float32) @ palette.T, axis=-1)
+
+
+def target_colour_mask(img: np.ndarray, colour: str, background: str) -> np.ndarray:
+    """Bool (H, W): pixels of ``colour``, or blended >= ~50 % from ``background`` towards it."""
+    b, o = np.float32(BACKGROUND_COLOURS[background]), np.float32(OBJECT_COLOURS[colour])
+    cls = classify(img, np.concatenate([PALETTE, [b + 0.25 * (o - b), b + 0.75 * (o - b)]]))
+    return (cls == PALETTE_NAMES.index(colour)) | (cls == len(PALETTE) + 1)
+
+
+def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(k):  # k passes of a 3x3 max filter = a (2k+1)^2 square
+        m = np.pad(out, 1)
+        out = (m[:-2, 1:-1] | m[2:, 1:-1] | m[1:-1, :-2] | m[1:-1, 2:] | m[:-2, :-2] | m[:-2, 2:]
+               | m[2:, :-2] | m[2:, 2:] | m[1:-1, 1:-1])
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+def _class_map(scene) -> np.ndarray:
+    """int (H, W): the palette class of every pixel of ``scene.render()``, from geometry alone."""
+    cls = np.full((scene.size, scene.size), PALETTE_NAMES.index(scene.background))
+    for o in scene.objects:
+        cls[o.mask(scene.size)] = PALETTE_NAMES.index(o.colour)
+    return cls
+
+
+def judge(edited: np.ndarray, edit: Edit) -> dict:
+    """Verdict and details for ``edited`` (uint8 (H, W, 3)): kind, success, score, threshold,
+    iou_target / iou_source (object edits), and preserved: the fraction of pixels outside the
+    dilated edit mask whose palette class matches the target render (reported, not judged)."""
+    edited = np.asarray(edited)
+    size = edit.target.size
+    if edited.shape != (size, size, 3) or edited.dtype != np.uint8:
+        raise ValueError(f"edited image must be uint8 {(size, size, 3)}, got {edited.dtype} {edited.shape}")
+    cls = classify(edited)
+    want = _class_map(edit.target)
+    out = {"kind": edit.kind}
+    if edit.kind == "background":
+        bg_class = PALETTE_NAMES.index(edit.target.background)
+        bg = ~_dilate(want != bg_class, DILATE)  # skip the blurred rims of the objects
+        score = float(np.mean(cls[bg] == bg_class))
+        out.update(score=score, threshold=BG_MIN, success=score >= BG_MIN)
+    else:
+        i = edit.edited_object_index
+        src, tgt = edit.source.objects[i].mask(size), edit.target.objects[i].mask(size)
+        colour = target_colour_mask(edited, edit.target.objects[i].colour, edit.target.background)
+        pred = _dilate(src | tgt, DILATE) & colour
+        iou_t, iou_s = _iou(pred, tgt), _iou(pred, src)
+        ok = iou_t >= IOU_MIN and (edit.kind != "shape" or iou_t >= iou_s + SHAPE_MARGIN)
+        out.update(score=iou_t, threshold=IOU_MIN, iou_target=iou_t, iou_source=iou_s, success=ok)
+    # Informational (not part of the verdict): how much of the rest of the image kept its class.
+    # Class maps differ exactly where the renders differ, i.e. on edit.mask() (tested).
+    keep = ~_dilate(want != _class_map(edit.source), DILATE)
+    out["preserved"] = float(np.mean(cls[keep] == want[keep])) if keep.any() else 1.0
+    out["success"] = bool(out["success"])
+    return out
+
+
+def edit_success(edited: np.ndarray, edit: Edit) -> bool:
+    """True if ``edited`` shows the edit's target in the edited region (see module docstring)."""
+    return judge(edited, edit)["success"]
+
+
+def degrade(img: np.ndarray, mode: str, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Imitate a lossy autoencoder, for calibrating the judge. Modes:
+    "noise_blur": 3x3 box blur, then Gaussian noise sigma 8 (of 255);
+    "down4": 4x box downsampling, then bilinear upsampling back."""
+    img = np.asarray(img, np.uint8)
+    h, w = img.shape[:2]
+    if mode == "noise_blur":
+        p = np.pad(img.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+        blur = sum(p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9
+        noisy = blur + (rng or np.random.default_rng(0)).normal(0, 8, blur.shape)
+        return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    if mode == "down4":
+        small = Image.fromarray(img).resize((w // 4, h // 4), Image.BOX)
+        return np.asarray(small.resize((w, h), Image.BILINEAR))
+    raise ValueError(f"unknown degradation {mode!r}")
