@@ -38,7 +38,7 @@ _IGNORED = re.compile(r"betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alph
 # Unused for conditioning and absent from diffusers folders (and some pruned files): zeros when missing.
 _ZERO_FILL = (T2 + "text_projection", T2 + "logit_scale")
 _WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-_HOWTO = "see docs/weights.md for getting the weights"
+_HOWTO = "see weights.md, \"Getting the files on a machine without hub access\""
 
 
 class CheckpointError(ValueError):
@@ -390,8 +390,8 @@ def _build(cfg: ModelConfig, tensors: Tensors, where: str, device: torch.device,
             tensors[k] = (expected[k], lambda shape=expected[k]: torch.zeros(shape))
     missing, unexpected = [k for k in expected if k not in tensors], [k for k in tensors if k not in expected]
     if missing or unexpected:
-        problems = [f"{len(ks)} {what} keys ({_few(ks)})" for what, ks in (("missing", missing),
-                                                                            ("unexpected", unexpected)) if ks]
+        problems = [f"{len(ks)} {what} key{'s' * (len(ks) > 1)} ({_few(ks)})"
+                    for what, ks in (("missing", missing), ("unexpected", unexpected)) if ks]
         raise CheckpointError(f"{where}: {' and '.join(problems)} for the {cfg.family} architecture it describes")
     state = {}
     for k, want in expected.items():

@@ -40,7 +40,7 @@ EDIT_KINDS = ("colour", "shape", "background")
 VOCAB = ("a", "an", "and", "on", "background", *SHAPES, *OBJECT_COLOURS, *BACKGROUND_COLOURS)
 
 _MARGIN = 2  # px between bounding circles of two objects
-_COS30 = float(np.cos(np.pi / 6))
+_COS30 = math.cos(math.pi / 6)
 
 
 def _article(word: str) -> str:
@@ -75,7 +75,7 @@ class Obj:
         if self.shape == "circle":
             return box, dx * dx + dy * dy <= self.r * self.r
         if self.shape == "square":  # inscribed in the bounding circle
-            h = self.r / np.sqrt(2)
+            h = self.r / math.sqrt(2)
             return box, (np.abs(dx) <= h) & (np.abs(dy) <= h)
         if self.shape == "triangle":  # equilateral, apex up, inscribed: inradius r/2
             # outward edge normals point away from the vertices at -90, 30 and 150 deg (y down)

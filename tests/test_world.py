@@ -1,0 +1,200 @@
+import dataclasses
+import itertools
+import re
+import time
+
+import numpy as np
+import pytest
+
+from diffedit.toy import judge, world
+from diffedit.toy.world import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, Obj
+
+N_JUDGE = 300  # edits per acceptance-rate measurement
+
+
+def test_same_seed_gives_identical_scenes_and_renders_and_other_seed_differs():
+    a, b = world.scenes(50, seed=11), world.scenes(50, seed=11)
+    assert a == b
+    assert np.array_equal(world.render_batch(a), world.render_batch(b))
+    ea, eb = world.edits(30, seed=11), world.edits(30, seed=11)
+    assert ea == eb
+    assert all(np.array_equal(x.target.render(), y.target.render()) for x, y in zip(ea, eb))
+    assert world.scenes(50, seed=12) != a
+    assert world.TRAIN_SEED != world.EVAL_SEED
+
+
+def test_palettes_are_disjoint_and_every_pair_is_at_least_90_apart_in_rgb():
+    assert not set(OBJECT_COLOURS) & set(BACKGROUND_COLOURS)
+    colours = [*OBJECT_COLOURS.values(), *BACKGROUND_COLOURS.values()]
+    assert min(np.linalg.norm(np.subtract(p, q)) for p, q in itertools.combinations(colours, 2)) >= 90
+
+
+def test_render_batch_equals_individual_renders():
+    sc = world.scenes(20, seed=3)
+    batch = world.render_batch(sc)
+    assert batch.shape == (20, 64, 64, 3) and batch.dtype == np.uint8
+    assert all(np.array_equal(batch[k], s.render()) for k, s in enumerate(sc))
+
+
+def test_every_shape_fits_in_its_bounding_circle_and_the_triangle_points_up():
+    for shape, r in itertools.product(SHAPES, (8, 13, 18)):
+        m = Obj(shape, "red", 32, 32, r).mask()
+        circle = Obj("circle", "red", 32, 32, r).mask()
+        assert m.any() and not (m & ~circle).any()
+    tri = Obj("triangle", "red", 32, 32, 16).mask()
+    rows = tri.sum(1)
+    assert rows[np.nonzero(rows)[0][0]] < rows[np.nonzero(rows)[0][-1]]  # narrow top, wide base
+
+
+def test_objects_inside_image_not_overlapping_with_distinct_colours_and_hard_edges():
+    for max_objects in (1, 2, 3):
+        for s in world.scenes(300, seed=4 + max_objects, max_objects=max_objects):
+            assert 1 <= len(s.objects) <= max_objects
+            assert len({o.colour for o in s.objects}) == len(s.objects)  # never a shared colour
+            for o in s.objects:
+                assert 8 <= o.r <= 18 and o.r <= o.cx <= 63 - o.r and o.r <= o.cy <= 63 - o.r
+            for p, q in itertools.combinations(s.objects, 2):
+                assert np.hypot(p.cx - q.cx, p.cy - q.cy) >= p.r + q.r + 2
+            img = s.render()
+            for o in s.objects:  # the object's colour appears exactly on its mask: no anti-aliasing
+                assert np.array_equal(np.all(img == OBJECT_COLOURS[o.colour], -1), o.mask())
+
+
+def test_objects_scale_with_image_size():
+    for s in world.scenes(50, seed=6, size=128, max_objects=3):
+        assert s.render().shape == (128, 128, 3)
+        for o in s.objects:
+            assert 16 <= o.r <= 36 and o.r <= o.cx <= 127 - o.r and o.r <= o.cy <= 127 - o.r
+
+
+def test_max_objects_outside_1_to_3_is_refused():
+    with pytest.raises(ValueError):
+        world.sample_scene(np.random.default_rng(0), max_objects=4)
+
+
+def test_captions_follow_the_grammar_and_list_objects_left_to_right():
+    colour, shape, bg = "|".join(OBJECT_COLOURS), "|".join(SHAPES), "|".join(BACKGROUND_COLOURS)
+    obj = rf"a ({colour}) ({shape})"
+    grammar = re.compile(rf"^{obj}(?: and {obj}){{0,2}} on a ({bg}) background$")
+    assert world.Scene("gray", (Obj("circle", "red", 20, 20, 8),), 0).caption == "a red circle on a gray background"
+    two = world.Scene("navy", (Obj("square", "blue", 50, 20, 8), Obj("circle", "red", 10, 40, 8)), 0)
+    assert two.caption == "a red circle and a blue square on a navy background"
+    three = dataclasses.replace(two, objects=two.objects + (Obj("triangle", "white", 30, 50, 8),))
+    assert three.caption == "a red circle and a white triangle and a blue square on a navy background"
+    for s in world.scenes(300, seed=7, max_objects=3):
+        assert grammar.match(s.caption), s.caption
+        assert set(s.caption.split()) <= set(world.VOCAB)
+        left_to_right = sorted(s.objects, key=lambda o: (o.cx, o.cy))
+        words = s.caption.replace(",", "").split()
+        assert [words[i + 1 : i + 3] for i, w in enumerate(words) if w == "a"][: len(s.objects)] == [
+            [o.colour, o.shape] for o in left_to_right
+        ]
+
+
+def _independent_edit_mask(e):
+    """The pixels an edit must change, from geometry alone (no rendering)."""
+    if e.kind == "background":
+        covered = np.zeros((64, 64), bool)
+        for o in e.source.objects:
+            covered |= o.mask()
+        return ~covered
+    i = e.edited_object_index
+    src, tgt = e.source.objects[i].mask(), e.target.objects[i].mask()
+    return src | tgt if e.kind == "colour" else src ^ tgt
+
+
+def test_gt_mask_is_exactly_the_changed_pixels():
+    for e in world.edits(300, seed=8, max_objects=3):
+        m = e.mask()
+        assert m.dtype == bool and m.shape == (64, 64)
+        diff = (e.source.render().astype(int) - e.target.render().astype(int)) != 0
+        assert np.array_equal(m, diff.any(-1))
+        assert np.array_equal(m, _independent_edit_mask(e))
+
+
+def test_every_edit_changes_pixels_and_exactly_one_attribute_and_the_caption():
+    kinds = set()
+    for e in world.edits(500, seed=9, max_objects=3):
+        kinds.add(e.kind)
+        assert e.mask().any()
+        assert e.target_caption != e.source_caption
+        assert e.source.texture_seed == e.target.texture_seed and e.source.size == e.target.size
+        i = e.edited_object_index
+        if e.kind == "background":
+            assert i is None and e.source.objects == e.target.objects
+            assert e.source.background != e.target.background
+            continue
+        assert e.source.background == e.target.background
+        assert [k for k, (a, b) in enumerate(zip(e.source.objects, e.target.objects)) if a != b] == [i]
+        a, b = e.source.objects[i], e.target.objects[i]
+        changed = {f.name for f in dataclasses.fields(Obj) if getattr(a, f.name) != getattr(b, f.name)}
+        assert changed == {"colour" if e.kind == "colour" else "shape"}
+        assert len({o.colour for o in e.target.objects}) == len(e.target.objects)
+    assert kinds == set(world.EDIT_KINDS)
+
+
+def test_sample_edit_respects_kinds_and_a_given_scene():
+    rng = np.random.default_rng(10)
+    scene = world.sample_scene(rng)
+    for kind in world.EDIT_KINDS:
+        e = world.sample_edit(rng, scene, kinds=(kind,))
+        assert e.kind == kind and e.source == scene
+
+
+def test_render_batch_of_2000_scenes_takes_under_5_seconds():
+    sc = world.scenes(2000, seed=world.TRAIN_SEED)
+    t = time.perf_counter()
+    world.render_batch(sc)
+    assert time.perf_counter() - t < 5.0
+
+
+# ---------------------------------------------------------------- judge
+@pytest.fixture(scope="module")
+def judge_rates():
+    """Success rate per (which render, degradation) on N_JUDGE edits (2/3 with <= 2 objects)."""
+    eds = world.edits(2 * N_JUDGE // 3, seed=13) + world.edits(N_JUDGE // 3, seed=14, max_objects=3)
+    rng = np.random.default_rng(15)
+    rates = {}
+    for which in ("target", "source"):
+        for mode in ("clean", "noise_blur", "down4"):
+            ok = []
+            for e in eds:
+                img = getattr(e, which).render()
+                ok.append(judge.edit_success(img if mode == "clean" else judge.degrade(img, mode, rng), e))
+            rates[which, mode] = float(np.mean(ok))
+    print(rates)
+    return rates
+
+
+@pytest.mark.parametrize("mode", ["clean", "noise_blur", "down4"])
+def test_judge_accepts_ground_truth_targets_at_least_98_percent(judge_rates, mode):
+    assert judge_rates["target", mode] >= 0.98
+
+
+@pytest.mark.parametrize("mode", ["clean", "noise_blur", "down4"])
+def test_judge_rejects_unedited_sources_at_least_95_percent(judge_rates, mode):
+    assert judge_rates["source", mode] <= 0.05
+
+
+def test_judge_rejects_wrong_colour_and_partial_edits():
+    for e in world.edits(60, seed=17, kinds=("colour", "shape")):
+        i = e.edited_object_index
+        tgt = e.target.objects[i]
+        used = {o.colour for o in e.target.objects} | {e.source.objects[i].colour}
+        wrong = next(c for c in OBJECT_COLOURS if c not in used)
+        img = e.target.render()
+        img[tgt.mask()] = OBJECT_COLOURS[wrong]  # right shape, wrong colour
+        assert not judge.edit_success(img, e)
+    for e in world.edits(60, seed=18, kinds=("background",)):
+        img = e.target.render()
+        img[: 64 * 3 // 5] = e.source.render()[: 64 * 3 // 5]  # only the bottom 40 % repainted
+        assert not judge.edit_success(img, e)
+
+
+def test_judge_details_and_input_checks():
+    e = world.edits(1, seed=19, kinds=("shape",))[0]
+    d = judge.judge(e.target.render(), e)
+    assert d["success"] is True and d["kind"] == "shape" and d["iou_target"] == 1.0 and d["preserved"] == 1.0
+    assert d["iou_source"] < d["iou_target"]
+    with pytest.raises(ValueError, match="uint8"):
+        judge.judge(e.target.render().astype(np.float32), e)
