@@ -189,6 +189,9 @@ def export(args, sd, ema, scale: float, path: Path):
     cfg["vae"]["scaling_factor"] = scale
     recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
     recipe["unet_steps_done"] = state["step"] if state else 0
+    history = args.out / "history.txt"  # interruptions and manual interventions, recorded by hand
+    if history.exists():
+        recipe["history"] = history.read_text()
     recipe["command"] = "python scripts/train_toy.py " + " ".join(
         f"--{k.replace('_', '-')} {getattr(args, k)}" for k in RECIPE_KEYS)
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
