@@ -3,11 +3,12 @@
     diffedit edit cat.png --target "a photo of a dog" --source "a photo of a cat" --panel panel.png
     diffedit mask cat.png --target "a photo of a dog" --source "a photo of a cat" --map-out map.png
 
-Each subcommand is a pair ``add_<name>_parser(subparsers)`` / ``run_<name>(args)`` registered in
-``SUBCOMMANDS``; ``main`` builds the parser from that list. Arguments are checked before the model is
-loaded, and bad input (a missing image, a value out of range, an unknown model, an output path that would
-overwrite the input) ends with one line on stderr, ``diffedit: error: ...``, and exit status 2.
-The input image is only ever opened for reading.
+Each subcommand is a pair ``add_<name>_parser(subparsers)`` (ending in ``set_defaults(run=run_<name>)``)
+and ``run_<name>(args) -> int``, registered in ``SUBCOMMANDS``; ``main`` builds the parser from that list
+and calls ``args.run(args)``; ``run_*`` raise ``UsageError`` for bad input they find themselves.
+Arguments are checked before the model is loaded, and bad input (a missing image, a value out of range,
+an unknown model, an output path that would overwrite the input) ends with one line on stderr,
+``diffedit: error: ...``, and exit status 2. The input image is only ever opened for reading.
 """
 from __future__ import annotations
 
@@ -33,6 +34,19 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message} (see '{self.prog} --help')")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except where there is none or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "default" in text:
+            return text
+        if action.default == "":
+            return text + ' (default: "")'
+        return super()._get_help_string(action)
+
+
 def _fail(message: str):
     message = " ".join(str(message).split())  # one line, whatever the exception text held
     sys.stderr.write(f"{PROG}: error: {message}\n")
@@ -43,7 +57,7 @@ def _fail(message: str):
 
 def _add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="toy",
+    g.add_argument("--model", default="toy", metavar="NAME",
                    help='"toy", a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id')
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="precision of the networks")
@@ -53,7 +67,8 @@ def _add_model_args(p):
 
 def _add_mask_args(p):
     g = p.add_argument_group("mask estimation (DiffEdit step 1)")
-    g.add_argument("--source", default="", help='the reference text R describing the input ("" = unconditional)')
+    g.add_argument("--source", default="", metavar="TEXT",
+                   help='the reference text R describing the input ("" = unconditional)')
     g.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold of D, in [0, 1]")
     g.add_argument("--n", type=int, default=10, help="number of noises averaged into D, >= 1")
     g.add_argument("--strength", type=float, default=0.5, help="noise level of the mask pass, in (0, 1]")
@@ -122,7 +137,7 @@ def _check_outputs(image: str, outputs: dict[str, str | None]) -> dict[str, Path
     format PIL writes, and its folder must exist or be creatable. Returns flag -> Path for those given."""
     from PIL import Image
     Image.init()
-    formats = Image.registered_extensions()
+    formats = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}  # writable ones
     inp, seen, out = Path(image), {}, {}
     for flag, value in outputs.items():
         if value is None:
@@ -137,7 +152,7 @@ def _check_outputs(image: str, outputs: dict[str, str | None]) -> dict[str, Path
             raise UsageError(f"{flag} {value} is a folder; give a file name such as {path / 'out.png'}")
         if path.suffix.lower() not in formats:
             raise UsageError(f"{flag} {value}: unknown image format {path.suffix or '(no extension)'!r} "
-                             "(use .png, .jpg, .webp, ...)")
+                             "for writing (use .png, .jpg, .webp, ...)")
         ancestor = path.absolute().parent
         while not ancestor.exists():
             ancestor = ancestor.parent
@@ -161,7 +176,7 @@ def _load_pipeline(args):
         return DiffEdit.from_pretrained(args.model, device=args.device, dtype=_dtype(args.dtype),
                                         prediction_type=args.prediction_type)
     except CheckpointError as e:
-        raise UsageError(f"--model {args.model}: {e}") from None
+        raise UsageError(f"--model: {e}" if args.model in str(e) else f"--model {args.model}: {e}") from None
 
 
 def _save(image, path: Path, quiet: bool):
@@ -179,19 +194,21 @@ def add_edit_parser(subparsers):
         description="Edit IMAGE towards --target: DiffEdit estimates a mask from the disagreement between "
                     "--target and --source, DDIM-encodes the image to --ratio and decodes it with --target "
                     "inside the mask only.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="the input image (any size and mode; it is never modified)")
-    p.add_argument("--target", required=True, help="the query text Q: what the image should show")
-    p.add_argument("--out", default=None, help="where to write the edit (default: ./<image stem>_edited.png)")
-    p.add_argument("--mask-out", default=None, help="also write the mask used (white = edited)")
-    p.add_argument("--panel", default=None, help="also write a panel: input | D | mask | edit")
+    p.add_argument("--target", required=True, metavar="TEXT", help="the query text Q: what the image should show")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="where to write the edit (default: ./<image stem>_edited.png)")
+    p.add_argument("--mask-out", default=None, metavar="PATH", help="also write the mask used (white = edited)")
+    p.add_argument("--panel", default=None, metavar="PATH", help="also write a panel: input | D | mask | edit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no 'wrote' lines")
     g = p.add_argument_group("editing")
     g.add_argument("--method", default="diffedit", choices=METHODS, help="the editing method")
     g.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r (how far to noise), in (0, 1]")
     g.add_argument("--steps", type=int, default=50, help="DDIM steps of the full grid, >= 1")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale, >= 0")
-    g.add_argument("--mask", default=None, help="an external mask image (white = edit): skips mask estimation")
+    g.add_argument("--mask", default=None, metavar="PATH",
+                   help="an external mask image (white = edit): skips mask estimation")
     _add_mask_args(p)
     _add_model_args(p)
     p.set_defaults(run=run_edit)
@@ -223,10 +240,10 @@ def run_edit(args) -> int:
     if args.method != "diffedit" and (args.mask or args.mask_out):
         flag = "--mask" if args.mask else "--mask-out"
         raise UsageError(f"{flag} only applies to --method diffedit (--method {args.method} uses no mask)")
+    image = _load_input(args.image)
     default_out = Path.cwd() / f"{Path(args.image).stem}_edited.png"
     outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--mask-out": args.mask_out,
                                        "--panel": args.panel})
-    image = _load_input(args.image)
     mask = _load_mask(args.mask, image.size) if args.mask else None
 
     de = _load_pipeline(args)
@@ -249,11 +266,12 @@ def add_mask_parser(subparsers):
         "mask", help="estimate DiffEdit's mask only (step 1)",
         description="Write the mask DiffEdit would use to edit IMAGE towards --target: where the noise "
                     "estimates under --target and --source disagree.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="the input image (any size and mode; it is never modified)")
-    p.add_argument("--target", required=True, help="the query text Q: what the image should show")
-    p.add_argument("--out", default=None, help="where to write the mask (default: ./<image stem>_mask.png)")
-    p.add_argument("--map-out", default=None, help="also write the continuous map D as a heat map")
+    p.add_argument("--target", required=True, metavar="TEXT", help="the query text Q: what the image should show")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="where to write the mask (default: ./<image stem>_mask.png)")
+    p.add_argument("--map-out", default=None, metavar="PATH", help="also write the continuous map D as a heat map")
     p.add_argument("-q", "--quiet", action="store_true", help="no 'wrote' lines")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the grid the strength is read on, >= 1")
     _add_mask_args(p)
@@ -264,9 +282,9 @@ def add_mask_parser(subparsers):
 
 def run_mask(args) -> int:
     _check_common(args)
+    image = _load_input(args.image)
     default_out = Path.cwd() / f"{Path(args.image).stem}_mask.png"
     outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--map-out": args.map_out})
-    image = _load_input(args.image)
     de = _load_pipeline(args)
     result = de.mask(image, args.target, source=args.source, n=args.n, strength=args.strength,
                      threshold=args.threshold, seed=args.seed, steps=args.steps)
@@ -295,16 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line (``argv`` defaults to sys.argv[1:]); returns 0, or exits with status 2 on bad input."""
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
     from .images import ImageError
-    try:
-        from .checkpoint import CheckpointError
-    except ImportError:  # pragma: no cover - checkpoint.py always ships; keep the CLI usable without it
-        CheckpointError = ValueError
     try:
         return args.run(args) or 0
     except UsageError as e:
         _fail(str(e))
-    except (ImageError, CheckpointError, ValueError, OSError) as e:
+    except (ImageError, CheckpointError, ValueError, OSError) as e:  # bad input met during the run; not bugs
         _fail(str(e) or type(e).__name__)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

@@ -21,21 +21,38 @@ def load_image(image) -> Image.Image:
     """A path or a PIL image -> an RGB PIL image, EXIF orientation applied (RGBA / grayscale converted)."""
     if isinstance(image, (str, Path)):
         path = Path(image)
+        if path.is_dir():
+            raise ImageError(f"{path} is a folder, not an image file")
         if not path.is_file():
             raise ImageError(f"image file not found: {path}")
         try:
             with Image.open(path) as im:
                 im.load()
-                image = im.copy() if im.mode != "P" else im.convert("RGBA")
-        except (UnidentifiedImageError, OSError) as e:
+                image = im.copy()
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise ImageError(f"cannot read image {path}: {e}") from None
     if not isinstance(image, Image.Image):
         raise ImageError(f"expected an image path or a PIL image, got {type(image).__name__}")
     image = ImageOps.exif_transpose(image)
+    if image.mode == "P":  # a transparent palette entry is composited below like an alpha channel
+        image = image.convert("RGBA")
+    elif image.mode.startswith("I") or image.mode == "F":  # 16-bit / 32-bit grayscale: convert("RGB") clips
+        image = Image.fromarray(_to_uint8(np.asarray(image)), mode="L")
     if image.mode in ("RGBA", "LA", "PA"):  # composite transparency on white rather than black
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A high-bit-depth grayscale array -> uint8: integers as 16-bit data (PNG, TIFF), floats in [0, 1]
+    when they are (else taken as 0..255)."""
+    if np.issubdtype(arr.dtype, np.integer):
+        scaled = arr.astype(np.float64) / 257.0
+    else:
+        arr = np.nan_to_num(arr.astype(np.float64))
+        scaled = arr * 255.0 if arr.size and arr.min() >= 0 and arr.max() <= 1 else arr
+    return np.clip(scaled.round(), 0, 255).astype(np.uint8)
 
 
 def model_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:

@@ -135,7 +135,8 @@ class DiffEdit:
         pil, x0 = self._prepare(image)
         cond, ref = self.encode_prompt(targets), self.encode_prompt([source])
         k = num_encoding_steps(ratio, steps)
-        bar = tqdm(total=k * (1 if compat is None else 2) + k, desc=method, disable=not progress, leave=False)
+        inversion = 0 if method == "sdedit" else k * (1 if compat is None else 2)  # CFG inversion: 2 passes a step
+        bar = tqdm(total=inversion + k, desc=method, disable=not progress, leave=False)
         step = lambda *_: bar.update(1)
         d = m = None
         if method == "sdedit":
@@ -149,7 +150,7 @@ class DiffEdit:
             else:
                 trajectory = ddim_encode(self.eps, x0, self.encode_prompt([""]), ratio, steps, self.alpha_bar,
                                          max_batch=self.max_batch)
-            bar.update(k)
+            bar.update(inversion)
             if method == "diffedit":
                 if mask is None:
                     d, m = self._masks(x0, cond, ref, n, strength, steps, threshold, seed, normalization)
