@@ -297,7 +297,49 @@ def run_mask(args) -> int:
 
 # --- the registry --------------------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_edit_parser, add_mask_parser]  # others append their add_<name>_parser here
+# --- diffedit demo -------------------------------------------------------------------------------------
+
+def add_demo_parser(subparsers):
+    p = subparsers.add_parser(
+        "demo", formatter_class=_HelpFormatter,
+        help="edit a held-out toy-world scene with the embedded toy model (no download, seconds on a CPU)",
+        description="Draws a held-out scene from the toy world, edits it with DiffEdit on the embedded toy model "
+                    "and writes input.png, edited.png, mask.png and panel.png (input | D | mask | edit).")
+    p.add_argument("--out", default="demo", metavar="DIR", help="folder for the pictures (created if missing)")
+    p.add_argument("--index", type=int, default=1, metavar="I",
+                   help="which held-out edit to show (any integer >= 0; each draws a different scene and edit)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the mask estimation")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no 'wrote' lines")
+    _add_model_args(p)
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    from .toy import world
+    if args.index < 0:
+        raise UsageError(f"--index must be >= 0, got {args.index}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    ed = world.edits(args.index + 1, world.EVAL_SEED)[args.index]
+    from PIL import Image
+    image = Image.fromarray(ed.source.render())
+    de = _load_pipeline(args)
+    result = de.edit(image, ed.target_caption, source=ed.source_caption, steps=args.steps, seed=args.seed,
+                     progress=not args.quiet)
+    from .viz import panel
+    if not args.quiet:
+        print(f"source: {ed.source_caption}\ntarget: {ed.target_caption}  ({ed.description})")
+    for name, picture in (("input", image), ("edited", result.image), ("mask", result.mask),
+                          ("panel", panel(image, result.mask_map, result.mask, result.image))):
+        _save(picture, out / f"{name}.png", args.quiet)
+    return 0
+
+
+SUBCOMMANDS = [add_edit_parser, add_mask_parser, add_demo_parser]  # others append their add_<name>_parser here
 
 
 def build_parser() -> argparse.ArgumentParser:

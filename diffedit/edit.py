@@ -62,10 +62,10 @@ def sdedit(eps: EpsFn, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tenso
            callback=None) -> torch.Tensor:
     """SDEdit: x_r = sqrt(ab_r) x_0 + sqrt(1 - ab_r) noise with fresh noise, then guided DDIM decoding with Q.
 
-    x0: (1, C, h, w); cond: (K, L, D). Each of the K edits draws its own noise.
+    x0: (1, C, h, w); cond: (K, L, D). The K edits share one noise, so each equals editing its target alone.
     """
     k = num_encoding_steps(ratio, steps)
     levels = torch.cat([torch.tensor([-1]), ddim.timesteps(steps)[:k]]).to(x0.device)
-    noise = torch.randn((cond.shape[0], *x0.shape[1:]), generator=generator, dtype=torch.float32)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).expand(cond.shape[0], *x0.shape[1:])
     x_r = ddim.add_noise(x0, noise.to(x0.device, x0.dtype), ddim.alpha_bar_at(levels[-1], alpha_bar).to(x0.dtype))
     return ddim_sample(eps, x_r, levels, cond, uncond, guidance, alpha_bar, max_batch=max_batch, callback=callback)

@@ -81,9 +81,17 @@ def noise_difference_maps(eps: EpsFn, noises: Noises, queries: torch.Tensor, ref
     pass; the reference half is shared by the K queries. Returns (K, h, w).
     """
     x = noises.x_t[:, 0]                                   # (n, C, h, w)
-    n, k = x.shape[0], queries.shape[0]
-    texts = torch.cat([reference, queries])                # (K + 1, L, D)
-    rows = x.repeat(k + 1, 1, 1, 1)                        # text-major: rows [j * n + i] = (text j, noise i)
+    n = x.shape[0]
+    d = x.new_zeros(queries.shape[0], *x.shape[-2:])
+    # A query equal to the reference has D = 0 by definition; evaluating it would only add rounding noise,
+    # which the rescaling would blow up into a random mask.
+    differ = [j for j in range(queries.shape[0]) if not torch.equal(queries[j], reference[0])]
+    if not differ:
+        return d
+    texts = torch.cat([reference, queries[differ]])        # (K' + 1, L, D)
+    rows = x.repeat(len(texts), 1, 1, 1)                   # text-major: rows [j * n + i] = (text j, noise i)
     ctx = texts.repeat_interleave(n, dim=0)
-    e = batched_eps(eps, rows, noises.t, ctx, max_batch).reshape(k + 1, n, *x.shape[1:])
-    return torch.stack([difference_map(e[j][:, None], e[0][:, None])[0] for j in range(1, k + 1)])
+    e = batched_eps(eps, rows, noises.t, ctx, max_batch).reshape(len(texts), n, *x.shape[1:])
+    for row, j in enumerate(differ, start=1):
+        d[j] = difference_map(e[row][:, None], e[0][:, None])[0]
+    return d

@@ -128,3 +128,28 @@ def downsample_mask(mask, factor: int, rule: str = "majority") -> np.ndarray:
     if rule == "majority":
         return 2 * blocks.sum(axis=(1, 3)) >= factor * factor
     raise ValueError(f"rule must be 'majority' or 'any', got {rule!r}")
+
+
+def edit_metrics(edited, source, target=None, gt_mask=None, pred_mask=None, data_range: float = 255.0) -> dict:
+    """The per-edit numbers of an evaluation row (used by ``diffedit sweep``).
+
+    Always: ``psnr`` / ``ssim`` of ``edited`` to ``source`` (the input; higher = closer to it).
+    With ``pred_mask`` (bool (h, w), any resolution, e.g. DiffEdit's latent-resolution mask): ``mask_area``,
+    the fraction of it that is set.  With ``gt_mask`` (bool (H, W) at image size, True = should change):
+    ``bg_psnr`` / ``bg_ssim`` outside it (NaN when it covers everything), and with ``pred_mask`` too,
+    ``iou`` of the nearest-neighbour upsampled ``pred_mask`` with it.  With ``target`` (the ground-truth
+    edited image): ``target_psnr``."""
+    out = {"psnr": psnr(edited, source, data_range=data_range),
+           "ssim": ssim(edited, source, data_range=data_range)}
+    if gt_mask is not None:
+        bg = ~_mask(gt_mask, _arr(source).shape[:2], "gt_mask")
+        out["bg_psnr"] = psnr(edited, source, mask=bg, data_range=data_range) if bg.any() else float("nan")
+        out["bg_ssim"] = ssim(edited, source, mask=bg, data_range=data_range) if bg.any() else float("nan")
+    if target is not None:
+        out["target_psnr"] = psnr(edited, target, data_range=data_range)
+    if pred_mask is not None:
+        p = _arr(pred_mask).astype(bool)
+        out["mask_area"] = float(p.mean())
+        if gt_mask is not None:
+            out["iou"] = iou(resize_mask(p, _arr(gt_mask).shape), gt_mask)
+    return out

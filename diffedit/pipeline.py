@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import ddim, images, masking
-from .edit import ddim_sample, masked_decode, sdedit
+from .edit import COMPAT_MODES, ddim_sample, masked_decode, sdedit
 from .guidance import eps_model
 from .inversion import Trajectory, ddim_encode, num_encoding_steps
 from .models import ModelConfig, StableDiffusion, tokenize
@@ -130,8 +130,13 @@ class DiffEdit:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         _check("ratio", ratio, 0.0, 1.0, lo_open=True)
         _check("threshold", threshold, 0.0, 1.0)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        _check("strength", strength, 0.0, 1.0, lo_open=True)
+        if steps < 1 or n < 1:
+            raise ValueError(f"steps and n must be >= 1, got steps={steps}, n={n}")
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+        if mask is not None and method != "diffedit":
+            raise ValueError(f"mask= is used by method 'diffedit' only; {method!r} edits without a mask")
         pil, x0 = self._prepare(image)
         cond, ref = self.encode_prompt(targets), self.encode_prompt([source])
         k = num_encoding_steps(ratio, steps)
