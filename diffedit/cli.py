@@ -13,6 +13,7 @@ an unknown model, an output path that would overwrite the input) ends with one l
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line (``argv`` defaults to sys.argv[1:]); returns 0, or exits with status 2 on bad input."""
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format=f"{PROG}: %(message)s")
+    logging.getLogger("diffedit").setLevel(logging.INFO)  # e.g. which prediction type was detected, and why
     from .checkpoint import CheckpointError
     from .images import ImageError
     try:

@@ -32,18 +32,24 @@ def difference_map(eps_q: torch.Tensor, eps_r: torch.Tensor) -> torch.Tensor:
 def normalize(d: torch.Tensor, mode: str = "clamp", clamp_ratio: float = 3.0) -> torch.Tensor:
     """Remove extreme values and rescale each image's map to [0, 1] (Sec. 3.1).
 
-    ``clamp``: clip at clamp_ratio x the image's mean and divide by that value; ``minmax``: (D - min) / (max - min).
-    A map with no spread (identical texts: D = 0) becomes all zeros, not NaN.
+    ``clamp``: clip at clamp_ratio x the image's mean, then divide by the clipped map's maximum so it spans
+    [0, 1]; ``minmax``: (D - min) / (max - min). A map with no spread (D = 0) becomes all zeros, not NaN.
+    (diffusers divides by clamp_ratio x mean even when the maximum is below it: when the edit covers most
+    of the image, say a new background, its map never reaches the threshold and the mask comes out empty.)
+    ``clamp-mean``: that diffusers rule, per image (compat="diffusers" uses it in place of ``clamp``).
     """
     flat = d.flatten(1)
     if mode == "clamp":
-        hi = clamp_ratio * flat.mean(dim=1, keepdim=True)
+        hi = torch.minimum(clamp_ratio * flat.mean(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True))
         out = torch.minimum(flat, hi) / hi.clamp(min=torch.finfo(d.dtype).tiny)
     elif mode == "minmax":
         lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
         out = (flat - lo) / (hi - lo).clamp(min=torch.finfo(d.dtype).tiny)
+    elif mode == "clamp-mean":  # diffusers' rule, for compat="diffusers": divide by clamp_ratio x mean regardless
+        hi = clamp_ratio * flat.mean(dim=1, keepdim=True)
+        out = torch.minimum(flat, hi) / hi.clamp(min=torch.finfo(d.dtype).tiny)
     else:
-        raise ValueError(f"normalisation mode must be 'clamp' or 'minmax', got {mode!r}")
+        raise ValueError(f"normalisation mode must be 'clamp', 'minmax' or 'clamp-mean', got {mode!r}")
     return out.reshape(d.shape)
 
 

@@ -85,10 +85,18 @@ def test_difference_map_equals_plain_reimplementation_of_the_formula(tiny64):
         expected = acc / (n * 4)
         assert torch.allclose(d[k], expected, rtol=1e-10, atol=0)
         dn = masking.normalize(d[k:k + 1])[0]
-        hi = 3 * expected.mean()
+        hi = min(3 * expected.mean(), expected.max())
         assert torch.allclose(dn, expected.clamp(max=hi) / hi, rtol=1e-10, atol=0)
+        assert dn.max() == 1
         mm = masking.normalize(d[k:k + 1], "minmax")[0]
         assert mm.min() == 0 and mm.max() == 1
+
+
+def test_clamp_normalisation_reaches_one_when_the_edit_covers_most_of_the_image():
+    d = torch.ones(1, 8, 8, dtype=torch.float64)
+    d[0, :2] = 0.1  # a large region of high difference (a background edit): max(D) < 3 mean(D)
+    m = masking.binarize(masking.normalize(d))
+    assert m[0, 2:].all() and not m[0, :2].any()
 
 
 def test_normalisation_is_per_image_so_masks_do_not_depend_on_the_batch():

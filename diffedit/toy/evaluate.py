@@ -28,14 +28,22 @@ def _u8(pil) -> np.ndarray:
 
 def evaluate(de, n: int = 40, seed: int = world.EVAL_SEED, ratio: float = 0.7, steps: int = 50,
              reference: str = "caption", progress: bool = True, **edit_kwargs) -> dict:
-    """Run the three methods on ``n`` edits drawn at ``seed`` (never the training seed)."""
+    """Run the three methods on ``n`` edits drawn at ``seed`` (never the training seed); the mean metrics."""
+    rows = edit_rows(de, n, seed, range(n), ratio, steps, reference, progress, **edit_kwargs)
+    return summarize(rows, n=n, seed=seed, ratio=ratio, steps=steps, reference=reference)
+
+
+def edit_rows(de, n: int, seed: int, indices, ratio: float = 0.7, steps: int = 50, reference: str = "caption",
+              progress: bool = True, **edit_kwargs) -> list[dict]:
+    """Per-edit metrics for the edits ``indices`` of the ``n`` drawn at ``seed`` (so workers can split them)."""
     if seed == world.TRAIN_SEED:
         raise ValueError(f"seed {seed} is the training seed; evaluate on held-out scenes (e.g. {world.EVAL_SEED})")
     if reference not in ("caption", "empty"):
         raise ValueError(f"reference must be 'caption' or 'empty', got {reference!r}")
-    rows = {m: [] for m in METHODS}
-    vae_bg = []
-    for i, ed in enumerate(tqdm(world.edits(n, seed), desc="evaluate", disable=not progress)):
+    edits = world.edits(n, seed)
+    rows = []
+    for i in tqdm(list(indices), desc="evaluate", disable=not progress):
+        ed = edits[i]
         src, tgt, gt = ed.source.render(), ed.target.render(), ed.mask()
         image = Image.fromarray(src)
         ref = ed.source_caption if reference == "caption" else ""
@@ -48,20 +56,22 @@ def evaluate(de, n: int = 40, seed: int = world.EVAL_SEED, ratio: float = 0.7, s
         outs = {"diffedit": _u8(res.image),
                 "sdedit": _u8(de.edit(image, target=ed.target_caption, method="sdedit", **kw).image),
                 "encode_decode": _u8(_to_pil(de, y_ed, image.size))}
-        for m, out in outs.items():
-            row = {"bg_psnr": metrics.psnr(out, src, mask=~gt), "target_psnr": metrics.psnr(out, tgt),
-                   "success": float(judge.edit_success(out, ed)), "kind": ed.kind}
-            if m == "diffedit":
-                pred = metrics.resize_mask(res.mask_map.numpy() > kw.get("threshold", 0.5), gt.shape)
-                row["iou"] = metrics.iou(pred, gt)
-            rows[m].append(row)
         recon = _to_pil(de, res.trajectory.latents[0], image.size)
-        vae_bg.append(metrics.psnr(_u8(recon), src, mask=~gt))
-    summary = {m: _mean(r) for m, r in rows.items()}
-    summary.update(n=n, seed=seed, ratio=ratio, steps=steps, reference=reference,
-                   vae_bg_psnr=float(np.mean(vae_bg)),
-                   by_kind={m: {k: _mean([r for r in rs if r["kind"] == k]) for k in world.EDIT_KINDS}
-                            for m, rs in rows.items()})
+        row = {"index": i, "kind": ed.kind, "vae_bg_psnr": metrics.psnr(_u8(recon), src, mask=~gt)}
+        for m, out in outs.items():
+            row[m] = {"bg_psnr": metrics.psnr(out, src, mask=~gt), "target_psnr": metrics.psnr(out, tgt),
+                      "success": float(judge.edit_success(out, ed))}
+        row["diffedit"]["iou"] = metrics.iou(np.asarray(res.mask) > 127, gt)  # our mask, upsampled to pixels
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict], **info) -> dict:
+    """Means per method, overall and per kind of edit, plus the VAE's background PSNR (the ceiling)."""
+    summary = {m: _mean([r[m] for r in rows]) for m in METHODS}
+    summary.update(info, vae_bg_psnr=float(np.mean([r["vae_bg_psnr"] for r in rows])),
+                   by_kind={m: {k: _mean([r[m] for r in rows if r["kind"] == k]) for k in world.EDIT_KINDS}
+                            for m in METHODS})
     return summary
 
 
@@ -70,25 +80,25 @@ def _to_pil(de, latents, size):
 
 
 def _mean(rows: list[dict]) -> dict:
-    keys = [k for k in (rows[0] if rows else {}) if k != "kind"]
+    keys = list(rows[0]) if rows else []
     return {k: float(np.mean([r[k] for r in rows])) for k in keys} | {"count": len(rows)}
 
 
 def caption_following(de, n: int = 50, seed: int = world.EVAL_SEED, steps: int = 50, guidance: float = 7.5,
-                      progress: bool = True) -> dict:
-    """Generate from n held-out captions; a sample follows its caption when the dominant background-palette
-    colour is the captioned background and every captioned object colour covers >= 20 pixels."""
-    ok_bg = ok_obj = ok_all = 0
-    for i, scene in enumerate(tqdm(world.scenes(n, seed), desc="generate", disable=not progress)):
+                      progress: bool = True, indices=None) -> list[dict]:
+    """Generate from held-out captions; per sample, whether the dominant background-palette colour is the
+    captioned background and whether every captioned object colour covers >= 20 pixels."""
+    scenes = world.scenes(n, seed)
+    rows = []
+    for i in tqdm(list(range(n) if indices is None else indices), desc="generate", disable=not progress):
+        scene = scenes[i]
         img = _u8(de.generate(scene.caption, seed=seed * 1000 + i, steps=steps, guidance=guidance))
-        cls = judge.classify(img)
-        counts = np.bincount(cls.ravel(), minlength=len(judge.PALETTE_NAMES))
+        counts = np.bincount(judge.classify(img).ravel(), minlength=len(judge.PALETTE_NAMES))
         bg_names = list(world.BACKGROUND_COLOURS)
-        bg_counts = [counts[judge.PALETTE_NAMES.index(b)] for b in bg_names]
-        bg = bg_names[int(np.argmax(bg_counts))] == scene.background
+        bg = bg_names[int(np.argmax([counts[judge.PALETTE_NAMES.index(b)] for b in bg_names]))] == scene.background
         obj = all(counts[judge.PALETTE_NAMES.index(o.colour)] >= 20 for o in scene.objects)
-        ok_bg, ok_obj, ok_all = ok_bg + bg, ok_obj + obj, ok_all + (bg and obj)
-    return {"n": n, "seed": seed, "background": ok_bg / n, "objects": ok_obj / n, "follows": ok_all / n}
+        rows.append({"index": i, "background": float(bg), "objects": float(obj), "follows": float(bg and obj)})
+    return rows
 
 
 @torch.no_grad()
