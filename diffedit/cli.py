@@ -307,7 +307,7 @@ def add_demo_parser(subparsers):
         description="Draws a held-out scene from the toy world, edits it with DiffEdit on the embedded toy model "
                     "and writes input.png, edited.png, mask.png and panel.png (input | D | mask | edit).")
     p.add_argument("--out", default="demo", metavar="DIR", help="folder for the pictures (created if missing)")
-    p.add_argument("--index", type=int, default=1, metavar="I",
+    p.add_argument("--index", type=int, default=9, metavar="I",
                    help="which held-out edit to show (any integer >= 0; each draws a different scene and edit)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the mask estimation")
