@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import copy
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,9 @@ from .edit import COMPAT_MODES, ddim_sample, masked_decode, sdedit
 from .guidance import eps_model
 from .inversion import Trajectory, ddim_encode, num_encoding_steps
 from .models import ModelConfig, StableDiffusion, tokenize
+from .models.unet import CrossAttention
+
+log = logging.getLogger(__name__)
 
 METHODS = ("diffedit", "sdedit", "encode-decode")
 
@@ -46,7 +51,10 @@ class DiffEdit:
     """DiffEdit on a Stable Diffusion model (or the embedded toy model)."""
 
     def __init__(self, model: StableDiffusion, device="cpu", dtype=torch.float32, prediction_type=None,
-                 max_batch: int = 64):
+                 max_batch: int = 64, compile: bool = False, attention_dtype="auto"):
+        """``attention_dtype``: the dtype the UNet's attention runs in; "auto" is float32 for an SD2 or
+        v-prediction model in float16 (SD2.1 768-v overflows in fp16 attention: NaN, black images), else
+        the activations' dtype. ``compile``: ``torch.compile`` the UNet (see ``compile()``)."""
         self.model = model.eval().requires_grad_(False)
         self.cfg: ModelConfig = model.cfg
         self.device, self.dtype = torch.device(device), dtype
@@ -56,14 +64,30 @@ class DiffEdit:
         self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar)
         unet_factor = 2 ** (len(self.cfg.unet.channel_mult) - 1)
         self.multiple = self.cfg.vae.downsampling * unet_factor  # image sides must be multiples of this
+        if attention_dtype == "auto":
+            fp16_overflows = dtype == torch.float16 and (self.cfg.family == "sd2" or self.prediction_type == "v_prediction")
+            attention_dtype = torch.float32 if fp16_overflows else None
+        self.attention_dtype = attention_dtype
+        for m in self.model.unet.modules():
+            if isinstance(m, CrossAttention):
+                m.attention_dtype = attention_dtype
+        self._vae32 = None  # a float32 copy of the VAE, made the first time float16 overflows
+        if compile:
+            self.compile()
 
     @classmethod
     def from_pretrained(cls, source: str = "toy", device="cpu", dtype=torch.float32, prediction_type=None,
-                        max_batch: int = 64) -> "DiffEdit":
+                        max_batch: int = 64, compile: bool = False, attention_dtype="auto") -> "DiffEdit":
         """Load a single file (.safetensors / .ckpt), a diffusers folder, a hub repo id, or "toy"."""
         from .checkpoint import load_model
         model, cfg = load_model(source, device=device, dtype=dtype, prediction_type=prediction_type)
-        return cls(model, device, dtype, cfg.prediction_type, max_batch)
+        return cls(model, device, dtype, cfg.prediction_type, max_batch, compile, attention_dtype)
+
+    def compile(self, **options) -> "DiffEdit":
+        """``torch.compile`` the UNet in place (``nn.Module.compile``: parameter names stay the checkpoint's).
+        The first edit pays the compilation, once per batch shape (mask pass, CFG pair, inversion row)."""
+        self.model.unet.compile(**options)
+        return self
 
     # --- the networks --------------------------------------------------------------------------------
 
@@ -74,16 +98,41 @@ class DiffEdit:
             texts = [texts]
         return self.model.cond_stage_model(tokenize(list(texts), self.cfg.text).to(self.device)).to(self.dtype)
 
+    def _embed(self, *groups: list[str]) -> list[torch.Tensor]:
+        """The embeddings of several lists of texts from one text-encoder call, each distinct text once."""
+        unique = list(dict.fromkeys(t for g in groups for t in g))
+        e, at = self.encode_prompt(unique), {t: i for i, t in enumerate(unique)}
+        return [torch.cat([e[at[t]:at[t] + 1] for t in g]) for g in groups]
+
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled posterior mean (B, 4, H/f, W/f): x_0 of the paper."""
-        mean, _ = self.model.first_stage_model.encode(images.to(self.device, self.dtype))
+        x = images.to(self.device, self.dtype)
+        mean, _ = self.model.first_stage_model.encode(x)
+        if self._overflowed(mean):
+            mean = self._vae_float32().encode(images.to(self.device, torch.float32))[0].to(self.dtype)
         return mean * self.cfg.vae.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
-        return self.model.first_stage_model.decode(latents.to(self.dtype) / self.cfg.vae.scaling_factor)
+        z = latents.to(self.dtype) / self.cfg.vae.scaling_factor
+        out = self.model.first_stage_model.decode(z)
+        if self._overflowed(out):
+            out = self._vae_float32().decode(latents.float() / self.cfg.vae.scaling_factor).to(self.dtype)
+        return out
+
+    def _overflowed(self, out: torch.Tensor) -> bool:
+        """SD VAEs can overflow in float16 (large images, unusual latents): then they are run again in float32."""
+        if self.dtype != torch.float16 or torch.isfinite(out).all():
+            return False
+        log.warning("the VAE overflowed in float16 (non-finite output); running it in float32 instead")
+        return True
+
+    def _vae_float32(self):
+        if self._vae32 is None:
+            self._vae32 = copy.deepcopy(self.model.first_stage_model).float()
+        return self._vae32
 
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
@@ -115,8 +164,8 @@ class DiffEdit:
         targets = _targets(target)
         _check("threshold", threshold, 0.0, 1.0)
         pil, x0 = self._prepare(image)
-        d, m = self._masks(x0, self.encode_prompt(targets), self.encode_prompt([source]), n, strength, steps,
-                           threshold, seed, normalization)
+        cond, ref = self._embed(targets, [source])
+        d, m = self._masks(x0, cond, ref, n, strength, steps, threshold, seed, normalization)
         out = [MaskResult(d[i].cpu(), m[i].cpu(), images.mask_to_pil(m[i], pil.size)) for i in range(len(targets))]
         return out if isinstance(target, (list, tuple)) else out[0]
 
@@ -137,8 +186,12 @@ class DiffEdit:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         if mask is not None and method != "diffedit":
             raise ValueError(f"mask= is used by method 'diffedit' only; {method!r} edits without a mask")
+        if compat == "diffusers":  # diffusers takes int(r * steps) grid steps where we round: 3.5 -> 3, not 4
+            ratio = _diffusers_fraction("ratio", ratio, steps)
+            if method == "diffedit" and mask is None:  # the level of the mask's noises
+                strength = _diffusers_fraction("strength", strength, steps)
         pil, x0 = self._prepare(image)
-        cond, ref = self.encode_prompt(targets), self.encode_prompt([source])
+        cond, ref, empty = self._embed(targets, [source], [""])  # one text-encoder call, each text once
         k = num_encoding_steps(ratio, steps)
         inversion = 0 if method == "sdedit" else k * (1 if compat is None else 2)  # CFG inversion: 2 passes a step
         bar = tqdm(total=inversion + k, desc=method, disable=not progress, leave=False)
@@ -150,14 +203,15 @@ class DiffEdit:
             trajectory = None
         else:
             if compat == "diffusers":  # diffusers inverts with CFG under the source prompt
-                trajectory = ddim_encode(self.eps, x0, ref, ratio, steps, self.alpha_bar, guidance,
-                                         self.encode_prompt([""]), self.max_batch)
+                trajectory = ddim_encode(self.eps, x0, ref, ratio, steps, self.alpha_bar, guidance, empty,
+                                         self.max_batch)
             else:
-                trajectory = ddim_encode(self.eps, x0, self.encode_prompt([""]), ratio, steps, self.alpha_bar,
-                                         max_batch=self.max_batch)
+                trajectory = ddim_encode(self.eps, x0, empty, ratio, steps, self.alpha_bar, max_batch=self.max_batch)
             bar.update(inversion)
             if method == "diffedit":
                 if mask is None:
+                    if compat == "diffusers" and normalization == "clamp":  # diffusers' clamp rule
+                        normalization = "clamp-mean"
                     d, m = self._masks(x0, cond, ref, n, strength, steps, threshold, seed, normalization)
                 else:
                     m = self._external_mask(mask, x0.shape[-2:]).expand(len(targets), -1, -1)
@@ -188,9 +242,17 @@ class DiffEdit:
         shape = (1, self.cfg.unet.in_channels, side, side)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.dtype)
         levels = torch.cat([torch.tensor([-1]), ddim.timesteps(steps)]).to(self.device)
-        y0 = ddim_sample(self.eps, noise, levels, self.encode_prompt([prompt]), self.encode_prompt([""]), guidance,
-                         self.alpha_bar, max_batch=self.max_batch)
+        cond, uncond = self._embed([prompt], [""])
+        y0 = ddim_sample(self.eps, noise, levels, cond, uncond, guidance, self.alpha_bar, max_batch=self.max_batch)
         return images.to_pil(self.decode_latents(y0)[0])
+
+
+def _diffusers_fraction(name: str, fraction: float, steps: int) -> float:
+    """The fraction of the grid diffusers' ``get_timesteps`` uses: int(fraction * steps) / steps (ours rounds)."""
+    k = int(fraction * steps)
+    if k < 1:
+        raise ValueError(f"{name} {fraction} x {steps} steps is below one grid step: diffusers runs no step (compat)")
+    return k / steps
 
 
 def _targets(target) -> list[str]:
