@@ -32,8 +32,10 @@ def timesteps(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, offset
 
 def alpha_bar_at(t: torch.Tensor | int, alpha_bar: torch.Tensor) -> torch.Tensor:
     """alpha_bar at timestep t; below t = 0 (the level of x_0 on the grid) it is alpha_bar_0, as in SD."""
-    t = torch.as_tensor(t)
-    return alpha_bar[t.clamp(min=0)]
+    t = torch.as_tensor(t).clamp(min=0)
+    if t.device.type == "cpu":
+        return alpha_bar[t]
+    return alpha_bar[t.reshape(-1)].reshape(t.shape)  # a 0-d device index would be .item(): a host sync per step
 
 
 def predict_x0(x_t, eps, alpha_bar_t):

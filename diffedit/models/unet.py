@@ -52,6 +52,10 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
+    # dtype the attention itself runs in (None: the activations'). SD2 768-v in fp16 needs float32 scores, or its
+    # q.k overflow gives NaN / black images (diffusers' ``upcast_attention``); set by the pipeline, not a weight.
+    attention_dtype: torch.dtype | None = None
+
     def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int):
         super().__init__()
         inner = heads * dim_head
@@ -65,7 +69,11 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         q, k, v = (rearrange(p(s), "b n (h d) -> b h n d", h=self.heads)
                    for p, s in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
-        out = F.scaled_dot_product_attention(q, k, v)
+        dtype = self.attention_dtype
+        if dtype is not None and dtype != q.dtype:
+            out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -33,6 +33,11 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convs in the checkpoints."""
 
+    # At most this many attention scores at once (not a weight): the one 512-wide head falls outside flash
+    # attention, and at 2048 px the mid block attends over 256 x 256 pixels, a 4.3e9-entry score matrix. Longer
+    # inputs are split over queries (each query row is independent: the same result, bounded memory).
+    max_scores: int = 2 ** 28
+
     def __init__(self, ch: int, groups: int):
         super().__init__()
         self.norm = Normalize(ch, groups)
@@ -42,7 +47,12 @@ class AttnBlock(nn.Module):
         h, w = x.shape[-2:]
         y = self.norm(x)
         q, k, v = (rearrange(p(y), "b c h w -> b 1 (h w) c") for p in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)
+        n = q.shape[2]
+        chunk = max(1, self.max_scores // (q.shape[0] * n))
+        if chunk >= n:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, n, chunk)], 2)
         return x + self.proj_out(rearrange(y, "b 1 (h w) c -> b c h w", h=h, w=w))
 
 

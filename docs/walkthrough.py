@@ -1,0 +1,213 @@
+"""DiffEdit step by step on one toy-world edit: writes an HTML page with a picture of every intermediate.
+
+    python docs/walkthrough.py --out walkthrough/ [--model toy] [--steps 50] [--index 0]
+
+The page shows the input scene and its caption, the target caption, the noise estimates under the two texts
+for one noise (channel means of eps_Q and eps_R), the difference map D and the mask (Sec. 3.1), the DDIM
+encoding decoded at a few levels (Sec. 3.2), the mask-guided decoding step by step (Sec. 3.2, "decoding with
+mask guidance"), and the result next to SDEdit and Encode-Decode. Everything is computed with the same
+functions ``DiffEdit.edit`` uses (masking.py, inversion.py, edit.py), so the page cannot drift from the code;
+tests/test_walkthrough.py runs it on a tiny random model. On the toy model it takes well under 2 minutes on
+a laptop CPU (about 300 UNet evaluations on 16 x 16 latents at 50 steps).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffedit import images, masking
+from diffedit.edit import masked_decode, sdedit
+from diffedit.guidance import batched_eps
+from diffedit.inversion import ddim_encode, num_encoding_steps
+from diffedit.pipeline import DiffEdit
+from diffedit.toy import world
+from diffedit.viz import heatmap, overlay
+
+SHOW = 192  # px: every picture is shown this wide, pixelated (the toy scenes are 64 px)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (index.html + PNGs)")
+    p.add_argument("--model", default="toy", help='"toy" or a checkpoint file / folder')
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the full grid")
+    p.add_argument("--index", type=int, default=0, help="which held-out toy edit to show")
+    p.add_argument("--seed", type=int, default=world.EVAL_SEED, help="toy edits are drawn at this seed")
+    p.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r")
+    p.add_argument("--n", type=int, default=10, help="noises averaged into D")
+    p.add_argument("--size", type=int, default=world.SIZE, help="toy scene size in px (tests use less)")
+    return p
+
+
+def _signed(x: torch.Tensor) -> np.ndarray:
+    """A signed map -> [0, 1] with 0 at 0.5, scaled by its largest magnitude (for a heat map)."""
+    x = x.detach().float().cpu()
+    return (0.5 + 0.5 * x / x.abs().max().clamp(min=1e-12)).numpy()
+
+
+def _scaled(x: torch.Tensor) -> np.ndarray:
+    x = x.detach().float().cpu()
+    return (x / x.max().clamp(min=1e-12)).numpy()
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seed == world.TRAIN_SEED:
+        raise SystemExit(f"--seed {args.seed} is the toy world's training seed; use a held-out seed")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    de = DiffEdit.from_pretrained(args.model)
+    edit = world.edits(args.index + 1, args.seed, size=args.size)[args.index]
+    steps, ratio, n, strength, guidance, threshold = args.steps, args.ratio, args.n, 0.5, 7.5, 0.5
+    seed = args.seed * 1000 + args.index  # the seed toy/evaluate.py and diffedit sweep use for this edit
+    pil = Image.fromarray(edit.source.render())
+    size = pil.size
+    pngs: list[str] = []
+
+    def save(name: str, image: Image.Image) -> str:
+        image.save(out / name)
+        pngs.append(name)
+        return name
+
+    def latent_image(y: torch.Tensor) -> Image.Image:
+        return images.to_pil(de.decode_latents(y.reshape(1, *y.shape[-3:]))[0], size)
+
+    # The texts and the input latent x_0 (one VAE encode).
+    x0 = de.encode_image(images.to_tensor(pil, de.multiple, de.device, de.dtype))
+    query, reference, empty = (de.encode_prompt([t]) for t in (edit.target_caption, edit.source_caption, ""))
+    save("input.png", pil)
+    save("target_truth.png", Image.fromarray(edit.target.render()))
+
+    # Step 1 (Sec. 3.1): noise x_0 n times at strength 0.5; contrast the estimates under Q and R.
+    noises = masking.noised_latents(x0, n, strength, steps, de.alpha_bar, torch.Generator().manual_seed(seed))
+    x1 = noises.x_t[:1, 0]
+    e = batched_eps(de.eps, torch.cat([x1, x1]), noises.t, torch.cat([query, reference]), de.max_batch)
+    eps_q, eps_r = e[0], e[1]
+    save("noised.png", latent_image(x1[0]))
+    save("eps_query.png", heatmap(_signed(eps_q.mean(0)), size))
+    save("eps_reference.png", heatmap(_signed(eps_r.mean(0)), size))
+    save("eps_difference_one_noise.png", heatmap(_scaled((eps_q - eps_r).abs().mean(0)), size))
+    d_raw = masking.noise_difference_maps(de.eps, noises, query, reference, de.max_batch)
+    d = masking.normalize(d_raw.float(), "clamp")
+    m = masking.binarize(d, threshold)
+    save("d_raw.png", heatmap(_scaled(d_raw[0]), size))
+    save("d.png", heatmap(d[0], size))
+    mask_pil = images.mask_to_pil(m[0], size)
+    save("mask.png", mask_pil)
+    save("mask_overlay.png", overlay(pil, mask_pil))
+
+    # Step 2 (Sec. 3.2): DDIM encoding with the unconditional model, every latent kept.
+    trajectory = ddim_encode(de.eps, x0, empty, ratio, steps, de.alpha_bar, max_batch=de.max_batch)
+    k = num_encoding_steps(ratio, steps)
+    levels = sorted({0, k // 3, (2 * k) // 3, k})
+    encoded = [(i, int(trajectory.timesteps[i]), save(f"encoded_{i:02d}.png", latent_image(trajectory.latents[i])))
+               for i in levels]
+
+    # Step 3 (Sec. 3.2): decoding with mask guidance; y decoded after a few of the k steps.
+    keep = sorted({0, k // 3, (2 * k) // 3, k - 1})
+    snapshots = {}
+
+    def callback(step: int, y: torch.Tensor):
+        if step in keep:
+            snapshots[step] = y[0].clone()
+
+    blend = m[:, None].to(x0.dtype)
+    y0 = masked_decode(de.eps, trajectory, query, reference, guidance, de.alpha_bar, blend,
+                       max_batch=de.max_batch, callback=callback)
+    decoding = [(s, int(trajectory.timesteps[k - 1 - s]), save(f"decoding_{s:02d}.png", latent_image(snapshots[s])))
+                for s in keep]
+
+    # The result and the paper's baselines, from the same parts.
+    y_ed = masked_decode(de.eps, trajectory, query, reference, guidance, de.alpha_bar, None, max_batch=de.max_batch)
+    y_sd = sdedit(de.eps, x0, query, reference, ratio, steps, guidance, de.alpha_bar,
+                  torch.Generator().manual_seed(seed), de.max_batch)
+    save("result_diffedit.png", latent_image(y0[0]))
+    save("result_sdedit.png", latent_image(y_sd[0]))
+    save("result_encode_decode.png", latent_image(y_ed[0]))
+    save("vae_reconstruction.png", latent_image(x0[0]))
+
+    (out / "index.html").write_text(_page(args, edit, encoded, decoding, k, strength, noises.t, threshold, guidance),
+                                    encoding="utf-8")
+    missing = [p for p in pngs if p not in (out / "index.html").read_text()]
+    assert not missing, f"walkthrough page does not show {missing}"
+    print(f"wrote {out / 'index.html'} and {len(pngs)} PNGs")
+    return 0
+
+
+def _page(args, edit, encoded, decoding, k, strength, t_mask, threshold, guidance) -> str:
+    esc = html.escape
+
+    def fig(name, caption):
+        return (f"<figure><img src='{esc(name)}' width='{SHOW}'><figcaption>{caption}</figcaption></figure>")
+
+    lvl = lambda t: f"t = {t}" if t >= 0 else "the level of x<sub>0</sub>"
+    enc = "".join(fig(name, f"x after {i} of {k} encoding steps ({lvl(t)})") for i, t, name in encoded)
+    dec = "".join(fig(name, f"y after {s + 1} of {k} decoding steps ({lvl(t)})") for s, t, name in decoding)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>DiffEdit, step by step</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}}
+img{{image-rendering:pixelated;border:1px solid #ddd}} figure{{display:inline-block;margin:6px;text-align:center;
+font-size:12px;vertical-align:top;max-width:{SHOW + 10}px}} code{{background:#f4f4f4}}</style></head><body>
+<h1>DiffEdit, step by step</h1>
+<p>DiffEdit (Couairon et al., ICLR 2023) edits an image from a text query in three steps: it finds
+<em>where</em> to edit by contrasting the model's noise estimates under two texts, DDIM-encodes the image,
+and decodes it with the query while keeping everything outside the mask. This page runs each step on one
+held-out toy-world edit (model <code>{esc(args.model)}</code>, {args.steps} DDIM steps, encoding ratio
+r = {args.ratio:g}, n = {args.n}, strength {strength:g}, threshold {threshold:g}, guidance {guidance:g}).
+The code that computed each picture is named under it; <code>docs/paper-map.md</code> maps the paper's
+equations to it.</p>
+
+<h2>The input</h2>
+{fig("input.png", "input x (the source scene)")}{fig("target_truth.png", "what the edit should give (ground truth)")}
+<p>Reference text R (the input's caption): <b>{esc(edit.source_caption)}</b><br>
+Query text Q (the target caption): <b>{esc(edit.target_caption)}</b><br>
+Edit: {esc(edit.kind)}, {esc(edit.description)}.</p>
+
+<h2>Step 1: the mask (Sec. 3.1)</h2>
+<p>The latent x<sub>0</sub> is noised to strength {strength:g} (timestep {t_mask}) with noise 1 of {args.n}
+(<code>masking.noised_latents</code>). The UNet predicts that noise once conditioned on Q and once on R
+(<code>guidance.batched_eps</code>). Where the texts agree about the image the two estimates agree; where
+they disagree (the object or background the edit changes) they differ. Channel means, blue &lt; 0 &lt; yellow:</p>
+{fig("noised.png", "x<sub>t</sub> for noise 1, decoded")}{fig("eps_query.png", "eps(x<sub>t</sub>, Q), channel mean")}
+{fig("eps_reference.png", "eps(x<sub>t</sub>, R), channel mean")}
+{fig("eps_difference_one_noise.png", "|eps<sub>Q</sub> - eps<sub>R</sub>|, one noise")}
+<p>One noise is noisy. D averages |eps<sub>Q</sub> - eps<sub>R</sub>| over the channels and over
+n = {args.n} noises (<code>masking.noise_difference_maps</code>), is clipped at 3x its mean and rescaled to
+[0, 1] (<code>masking.normalize</code>), and thresholded at {threshold:g} (<code>masking.binarize</code>):</p>
+{fig("d_raw.png", "D, averaged over n noises (raw)")}{fig("d.png", "D clipped and rescaled")}
+{fig("mask.png", "mask M = D &gt; threshold")}{fig("mask_overlay.png", "M over the input")}
+
+<h2>Step 2: DDIM encoding (Sec. 3.2)</h2>
+<p>x<sub>0</sub> is encoded with deterministic DDIM run backwards, with the unconditional model (text ""),
+for k = round(r x steps) = {k} of the {args.steps} grid steps (<code>inversion.ddim_encode</code>). Every
+latent is kept: decoding needs them. Decoded with the VAE:</p>
+{enc}
+
+<h2>Step 3: decoding with mask guidance (Sec. 3.2)</h2>
+<p>From x<sub>r</sub>, DDIM sampling with classifier-free guidance towards Q (R as the negative prompt)
+runs k steps (<code>edit.masked_decode</code> / <code>edit.ddim_sample</code>). After each step the region
+outside the mask is replaced by the encoded latent at the same level:
+y<sub>t-1</sub> = M y<sub>t-1</sub> + (1 - M) x<sub>t-1</sub>. The last step puts x<sub>0</sub> itself back,
+so outside the mask only the VAE's reconstruction error remains.</p>
+{dec}
+
+<h2>The result and the baselines</h2>
+<p><b>SDEdit</b> (<code>edit.sdedit</code>) noises x<sub>0</sub> to r with fresh noise and decodes with Q, no
+mask. <b>Encode-Decode</b> decodes the same DDIM encoding with Q and no mask (DiffEdit with M = 1). Both change
+the whole image; DiffEdit only the masked region.</p>
+{fig("result_diffedit.png", "DiffEdit")}{fig("result_sdedit.png", "SDEdit")}
+{fig("result_encode_decode.png", "Encode-Decode")}{fig("vae_reconstruction.png", "VAE reconstruction of the input (the ceiling)")}
+{fig("target_truth.png", "ground truth")}
+</body></html>
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""``diffedit sweep`` (sweep.py, plots.py) on a tiny random checkpoint and 16 px toy scenes (8 x 8 latents).
+
+The sweep must share work for real (the UNet-evaluation counter equals the shared-work formula and is below
+the cost of separate edits), give what ``DiffEdit.edit`` gives for the same settings and seed, resume without
+redoing rows, give the same rows split over two torchrun processes, read prompts files, and refuse bad input
+with a ValueError naming the flag."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from diffedit import images, sweep
+from diffedit.models import StableDiffusion, preset
+from diffedit.pipeline import DiffEdit
+from diffedit.sweep import Setting
+
+STEPS = 4  # grid 1, 251, 501, 751: ratio 0.5 -> k = 2, ratio 1 -> k = 4
+GRID = ["--ratio", "0.5,1", "--threshold", "0.25,0.5", "--n", "1,2", "--method", "diffedit,sdedit,encode-decode"]
+# Per image: inversion 4 (to r = 1) + mask 2 noises x (query + caption) 4 + decoding with CFG (2 rows a step):
+# DiffEdit 4 masks x (2 x 2 + 2 x 4) = 48, Encode-Decode 2 x 2 + 2 x 4 = 12, SDEdit 12.
+SHARED_PER_IMAGE = 4 + 4 + 48 + 12 + 12
+# Separate edits: DiffEdit k + 2n + 2k for each of 2 thresholds x n in (1, 2), at k = 2 and 4; SDEdit 2k; E-D 3k.
+SEPARATE_PER_IMAGE = 2 * ((2 + 2 + 4) + (2 + 4 + 4)) + 2 * ((4 + 2 + 8) + (4 + 4 + 8)) + (4 + 8) + (6 + 12)
+METRIC_TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random model exported like the toy model (architecture in the metadata)."""
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    state = {k: v.contiguous() for k, v in StableDiffusion(cfg).state_dict().items()}
+    save_file(state, str(path), metadata={"diffedit_config": json.dumps(cfg.to_dict())})
+    return path
+
+
+def parse(argv) -> argparse.Namespace:
+    """What the lead's cli.py will do: a subparsers registry with add_sweep_parser."""
+    parser = argparse.ArgumentParser(prog="diffedit")
+    sweep.add_sweep_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["sweep", *map(str, argv)])
+
+
+def toy_argv(checkpoint, out, *extra):
+    return ["--images", "toy:2", *GRID, "--model", checkpoint, "--steps", STEPS, "--toy-size", 16, "--out", out,
+            "-q", *extra]
+
+
+def rows_of(out: Path) -> dict[str, dict]:
+    return {sweep.row_key(r): r for r in sweep.read_rows(out / "results.jsonl")}
+
+
+def assert_same_rows(a: dict, b: dict, tol: float = METRIC_TOL):
+    assert a.keys() == b.keys()
+    for key in a:
+        fixed = ("kind", "seed", "index", "steps", "guidance")
+        assert {k: a[key][k] for k in fixed} == {k: b[key][k] for k in fixed}
+        for metric in sweep.METRICS:
+            assert (metric in a[key]) == (metric in b[key]), (key, metric)
+            if metric in a[key]:
+                assert a[key][metric] == pytest.approx(b[key][metric], abs=tol, rel=tol), (key, metric)
+
+
+@pytest.fixture(scope="module")
+def base(checkpoint, tmp_path_factory):
+    """One sweep over 2 toy images x 12 settings, shared by the tests below."""
+    out = tmp_path_factory.mktemp("base")
+    assert sweep.run_sweep(parse(toy_argv(checkpoint, out))) == 0
+    return out
+
+
+def test_the_reuse_is_real_the_counter_equals_the_shared_formula(base):
+    cost = json.loads((base / "cost.json").read_text())
+    settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], sweep.METHODS)
+    assert sweep.shared_cost(settings, STEPS, 7.5) == SHARED_PER_IMAGE
+    assert sweep.separate_cost(settings, STEPS, 7.5) == SEPARATE_PER_IMAGE
+    assert cost["unet_evaluations_run"] == cost["shared_formula_this_run"] == 2 * SHARED_PER_IMAGE
+    assert cost["separate_edits_this_run"] == 2 * SEPARATE_PER_IMAGE
+    assert cost["unet_evaluations_run"] < cost["separate_edits_this_run"]
+    assert cost["rows_computed_this_run"] == cost["rows_total"] == 2 * len(settings)
+
+
+def test_outputs_summary_plots_and_page(base):
+    rows = sweep.read_rows(base / "results.jsonl")
+    assert len(rows) == 24 and all(r["kind"] in ("colour", "shape", "background") for r in rows)
+    diffedit = [r for r in rows if r["method"] == "diffedit"]
+    assert all({"iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success"} <= r.keys() for r in diffedit)
+    assert all("iou" not in r and "success" in r for r in rows if r["method"] != "diffedit")
+    summary = (base / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 12 and summary[0].startswith("method,ratio,threshold,n,strength,reference,count")
+    assert all(line.split(",")[6] == "2" for line in summary[1:])
+    page = (base / "index.html").read_text()
+    assert sweep.NO_LPIPS_CLIP in page
+    pngs = sorted(p.relative_to(base).as_posix() for p in base.rglob("*.png"))
+    for name in ("plots/tradeoff.png", "plots/mask_vs_threshold.png", "plots/mask_vs_n.png", "plots/example.png"):
+        assert name in pngs
+    assert any(p.startswith("examples/toy-12345-1_") for p in pngs)
+    assert all(p in page for p in pngs), [p for p in pngs if p not in page]
+
+
+def test_a_sweep_row_is_the_single_edit_with_the_same_settings_and_seed(base, checkpoint):
+    item = sweep.load_items("toy:1", 12345, 16)[0]
+    image, seed = item.load(), 12345 * 1000 + 0
+    settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], sweep.METHODS)
+    # The rows the command wrote are edit_grid's outputs, measured.
+    de = DiffEdit.from_pretrained(str(checkpoint))
+    outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed)
+    mine = {sweep.row_key(r): r for r in sweep.rows_for(item, image, outputs, seed, STEPS, 7.5)}
+    assert_same_rows(mine, {k: r for k, r in rows_of(base).items() if r["index"] == 0})
+    # And edit_grid computes what separate edits compute. In float64: in float32 the batched decoding rounds
+    # differently from a batch of one (kernels depend on the batch size), ~5e-5 after guidance on this model.
+    de = DiffEdit.from_pretrained(str(checkpoint), dtype=torch.float64)
+    outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed)
+    checks = [Setting("diffedit", 1.0, "caption", 0.5, 2, 0.5),   # n = n_max: the same noises by construction
+              Setting("diffedit", 0.5, "caption", 0.25, 2, 0.5),
+              Setting("diffedit", 0.5, "caption", 0.5, 1, 0.5),   # n < n_max: the generator's prefix property
+              Setting("sdedit", 0.5, "caption"), Setting("encode-decode", 1.0, "caption")]
+    by_setting = {o.setting: o for o in outputs}
+    for s in checks:
+        kw = dict(ratio=s.ratio, steps=STEPS, guidance=7.5, seed=seed, method=s.method)
+        if s.method == "diffedit":
+            kw.update(threshold=s.threshold, n=s.n, strength=s.strength)
+        ref = de.edit(image, item.target, source=item.source, **kw)
+        got = by_setting[s]
+        assert (got.latents - ref.latents).abs().max().item() < 1e-10, s
+        if s.method == "diffedit":
+            assert torch.equal(got.mask, ref.mask_map > s.threshold), s
+            if s.n == 2:  # n_max: the same rows in the same batch, bit for bit
+                assert torch.equal(got.map, ref.mask_map), s
+            assert torch.allclose(got.map, ref.mask_map, rtol=0, atol=1e-10), s
+            assert np.array_equal(np.asarray(images.mask_to_pil(got.mask, image.size)), np.asarray(ref.mask)), s
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (1, 4, 16, 16), (1, 4, 64, 64)])
+def test_the_first_n_of_n_max_noises_are_the_n_noises_of_a_single_edit(shape):
+    """What makes a sweep row at n < n_max equal DiffEdit.edit(n=n): torch's CPU normal generator fills a
+    tensor of a multiple of 16 numbers in order, so a prefix of a larger draw is the smaller draw."""
+    big = torch.randn((10, *shape), generator=torch.Generator().manual_seed(5))
+    for n in (1, 2, 5):
+        assert torch.equal(big[:n], torch.randn((n, *shape), generator=torch.Generator().manual_seed(5)))
+
+
+def test_an_interrupted_sweep_resumes_computing_only_the_missing_rows(base, checkpoint, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(base, out)
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    keep = len(lines) // 2 - 1  # image 0 loses its last row, image 1 all of its rows
+    (out / "results.jsonl").write_text("".join(lines[:keep]) + lines[keep][: len(lines[keep]) // 2])  # + a torn line
+    missing = {}
+    for r in map(json.loads, lines[keep:]):
+        missing.setdefault(r["index"], []).append(Setting(r["method"], r["ratio"], r["reference"], r["threshold"],
+                                                          r["n"], r["strength"]))
+    assert sweep.run_sweep(parse(toy_argv(checkpoint, out))) == 0
+    cost = json.loads((out / "cost.json").read_text())
+    expected = sum(sweep.shared_cost(m, STEPS, 7.5) for m in missing.values())
+    assert cost["rows_computed_this_run"] == len(lines) - keep
+    assert cost["unet_evaluations_run"] == expected < 2 * SHARED_PER_IMAGE
+    resumed, first = rows_of(out), rows_of(base)
+    kept = {sweep.row_key(json.loads(line)) for line in lines[:keep]}
+    assert_same_rows({k: resumed[k] for k in kept}, {k: first[k] for k in kept})  # not recomputed: unchanged
+    # Image 1 is recomputed whole (the same batches as the first run: bit-identical); image 0's last row alone,
+    # in a smaller batch: the same up to float32 rounding (see the sweep.py docstring).
+    assert_same_rows(resumed, first, tol=1e-2)
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
+    # Nothing left: a third run computes nothing.
+    assert sweep.run_sweep(parse(toy_argv(checkpoint, out))) == 0
+    assert json.loads((out / "cost.json").read_text())["unet_evaluations_run"] == 0
+
+
+def test_resuming_with_other_fixed_settings_is_refused(base, checkpoint, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(base, out)
+    args = parse(toy_argv(checkpoint, out, "--steps", 5))
+    with pytest.raises(ValueError, match="--out .*steps 4 -> 5"):
+        sweep.run_sweep(args)
+
+
+def test_torchrun_with_two_processes_merges_to_the_single_process_rows(base, checkpoint, tmp_path):
+    out = tmp_path / "ddp"
+    argv = ["--noises" if a == "--n" else str(a) for a in toy_argv(checkpoint, out)]  # torchrun reads --n as its own
+    cmd = ["nice", "-n", "15", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "diffedit.sweep", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(out.glob("results.rank*.jsonl"))
+    assert_same_rows(rows_of(out), rows_of(base))
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["unet_evaluations_run"] == 2 * SHARED_PER_IMAGE  # summed over the ranks
+    assert (out / "index.html").is_file() and (out / "summary.csv").is_file()
+
+
+def _prompt_images(folder: Path) -> list[tuple[str, str, str]]:
+    rng = np.random.default_rng(0)
+    (folder / "img").mkdir()
+    rows = []
+    for i, (w, h) in enumerate([(16, 16), (20, 12)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "img" / f"p{i}.png")
+        rows.append((f"img/p{i}.png", f"a blue circle number {i}", f"a red square number {i}"))
+    return rows
+
+
+def test_prompts_files_csv_and_jsonl_give_the_same_rows(checkpoint, tmp_path):
+    records = _prompt_images(tmp_path)
+    (tmp_path / "p.csv").write_text("image,source,target\n" + "".join(f'{a},"{b}",{c}\n' for a, b, c in records))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(dict(image=a, source=b, target=c)) + "\n"
+                                              for a, b, c in records))
+    results = []
+    for name in ("p.csv", "p.jsonl"):
+        out = tmp_path / f"out_{name}"
+        argv = ["--images", tmp_path / name, "--ratio", "0.5", "--n", "1", "--steps", 2, "--method",
+                "diffedit,encode-decode", "--model", checkpoint, "--out", out, "-q", "--examples", 1]
+        assert sweep.run_sweep(parse(argv)) == 0
+        results.append(rows_of(out))
+        rows = list(results[-1].values())
+        assert len(rows) == 4 and {r["image"] for r in rows} == {"0:img/p0.png", "1:img/p1.png"}
+        assert all({"psnr", "ssim"} <= r.keys() and "iou" not in r and "success" not in r for r in rows)
+        assert all(("mask_area" in r) == (r["method"] == "diffedit") for r in rows)
+        page = (out / "index.html").read_text()
+        assert sweep.NO_LPIPS_CLIP in page and "examples/0_img_p0.png_input.png" in page
+    assert_same_rows(*results)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--images", "toy:2", "--seed", "0"], "--seed"),
+    (["--images", "toy:x"], "--images"),
+    (["--images", "no/such/prompts.csv"], "--images"),
+    (["--ratio", "0.5,abc"], "--ratio"),
+    (["--ratio", "1.5"], "--ratio"),
+    (["--ratio", "0"], "--ratio"),
+    (["--threshold", "0.5,"], "--threshold"),
+    (["--n", "0,2"], "--n"),
+    (["--n", "2.5"], "--n"),
+    (["--strength", "nan"], "--strength"),
+    (["--method", "diffedit,inpaint"], "--method"),
+    (["--reference", "none"], "--reference"),
+    (["--steps", "0"], "--steps"),
+])
+def test_bad_input_is_a_value_error_naming_the_flag(tmp_path, extra, flag):
+    argv = ["--images", "toy:2", "--out", tmp_path / "o", "--model", tmp_path / "never-loaded.safetensors", *extra]
+    with pytest.raises(ValueError, match=flag):
+        sweep.run_sweep(parse(argv))
+
+
+def test_bad_prompts_files_name_the_file_and_line(tmp_path):
+    (tmp_path / "bad.csv").write_text("image,text\nx.png,hello\n")
+    with pytest.raises(ValueError, match="--images .*image,source,target"):
+        sweep.load_items(str(tmp_path / "bad.csv"), 1, 64)
+    (tmp_path / "gone.jsonl").write_text(json.dumps({"image": "gone.png", "source": "a", "target": "b"}) + "\n")
+    with pytest.raises(ValueError, match="line 1: image not found"):
+        sweep.load_items(str(tmp_path / "gone.jsonl"), 1, 64)
+
+
+def test_main_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert sweep.main(["--images", "toy:2", "--ratio", "1.5", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--ratio" in err
+
+
+def test_a_torn_last_line_is_cut_and_complete_rows_are_kept(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert sweep.read_rows(path, repair=True) == [{"a": 1}, {"a": 2}]
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    path.write_text('{"a": 1}\n{"a": 2}')  # complete but unterminated: kept, and terminated
+    assert sweep.read_rows(path, repair=True) == [{"a": 1}, {"a": 2}]
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
