@@ -340,7 +340,12 @@ def run_demo(args) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_edit_parser, add_mask_parser, add_demo_parser]  # others append their add_<name>_parser here
+def add_sweep_parser(subparsers):
+    from .sweep import add_sweep_parser as add  # the sweep module owns its flags and its run function
+    add(subparsers)
+
+
+SUBCOMMANDS = [add_edit_parser, add_mask_parser, add_demo_parser, add_sweep_parser]  # others append their add_<name>_parser here
 
 
 def build_parser() -> argparse.ArgumentParser:
