@@ -584,7 +584,8 @@ def _check_fingerprint(out: Path, fp: dict):
             diff.append(f"largest --n {old['n_max']} -> {fp['n_max']} (rows use the first n of n_max noises)")
         if diff:
             raise ValueError(f"--out {out} holds a sweep made with other settings ({'; '.join(diff)}); resume it "
-                             "with the same --images/--seed/--steps/--guidance/--model/largest --n, or use another --out")
+                             "with the same --images/--seed/--steps/--guidance/--model/largest --n, "
+                             "or use another --out")
         fp = {**fp, "n_max": old.get("n_max") or fp["n_max"]}
     tmp = out / f"sweep.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(fp, indent=1) + "\n")
@@ -765,7 +766,8 @@ def write_html(out: Path, cfg: Config, rows, summary, cost, plots: dict, plot_no
              "image-rendering:pixelated} figure{display:inline-block;margin:4px;text-align:center;font-size:11px}"
              "</style></head><body><h1>diffedit sweep</h1>",
              f"<p>images <code>{esc(str(fp['images']))}</code> ({len(cfg.items)}), model <code>{esc(fp['model'])}"
-             f"</code>, {fp['steps']} DDIM steps, guidance {fp['guidance']:g}, seed {fp['seed']} (image i: seed*1000+i), "
+             f"</code>, {fp['steps']} DDIM steps, guidance {fp['guidance']:g}, seed {fp['seed']} "
+             "(image i: seed*1000+i), "
              f"{len(cfg.settings)} settings, {len(rows)} rows.</p>",
              "<h2>Cost (UNet sample evaluations)</h2><table>"
              f"<tr><th>this run, counted</th><td>{cost['unet_evaluations_run']}</td></tr>"

@@ -203,7 +203,8 @@ so outside the mask only the VAE's reconstruction error remains.</p>
 mask. <b>Encode-Decode</b> decodes the same DDIM encoding with Q and no mask (DiffEdit with M = 1). Both change
 the whole image; DiffEdit only the masked region.</p>
 {fig("result_diffedit.png", "DiffEdit")}{fig("result_sdedit.png", "SDEdit")}
-{fig("result_encode_decode.png", "Encode-Decode")}{fig("vae_reconstruction.png", "VAE reconstruction of the input (the ceiling)")}
+{fig("result_encode_decode.png", "Encode-Decode")}
+{fig("vae_reconstruction.png", "VAE reconstruction of the input (the ceiling)")}
 {fig("target_truth.png", "ground truth")}
 </body></html>
 """
