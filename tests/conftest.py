@@ -55,3 +55,19 @@ def report(name: str, err: float) -> None:
 def _seed_everything():
     seed_all(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random model exported like the toy model: LDM names, the architecture in the metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from diffedit.models import StableDiffusion, preset
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    state = {k: v.contiguous() for k, v in StableDiffusion(cfg).state_dict().items()}
+    save_file(state, str(path), metadata={"diffedit_config": json.dumps(cfg.to_dict())})
+    return path

@@ -3,7 +3,6 @@
 Bad input must end in one line ``diffedit: error: ...`` on stderr with exit status 2, before the model is
 loaded where the arguments alone show the problem, and the input image must never change."""
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -13,24 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from diffedit import cli, viz
-from diffedit.models import StableDiffusion, preset
 from diffedit.pipeline import DiffEdit
 
 FAST = ["--steps", "4", "--n", "2", "-q"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny random model exported like the toy model: LDM names, the architecture in the metadata."""
-    torch.manual_seed(0)
-    cfg = preset("tiny")
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    state = {k: v.contiguous() for k, v in StableDiffusion(cfg).state_dict().items()}
-    save_file(state, str(path), metadata={"diffedit_config": json.dumps(cfg.to_dict())})
-    return path
 
 
 @pytest.fixture
@@ -200,14 +186,14 @@ def test_value_errors_from_the_run_are_one_line_but_bugs_propagate(image, tmp_pa
 
 # --- it works ------------------------------------------------------------------------------------------------
 
-def test_a_tiny_edit_writes_the_image_mask_and_panel_at_the_input_size(checkpoint, image, tmp_path, capsys,
+def test_a_tiny_edit_writes_the_image_mask_and_panel_at_the_input_size(tiny_checkpoint, image, tmp_path, capsys,
                                                                       monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # the default --out goes to the current folder
     before = fingerprint(image)
     nested = tmp_path / "new" / "folders"
-    code, out, err = run(["edit", image, "--target", "a dog", "--source", "a cat", "--model", checkpoint,
+    code, out, err = run(["edit", image, "--target", "a dog", "--source", "a cat", "--model", tiny_checkpoint,
                           "--mask-out", nested / "mask.png", "--panel", nested / "panel.png", "--steps", "4",
                           "--n", "2"], capsys)
     assert code == 0, err
@@ -222,22 +208,22 @@ def test_a_tiny_edit_writes_the_image_mask_and_panel_at_the_input_size(checkpoin
         assert p.size[0] == 4 * tile[0] + 3 * 4 and p.size[1] > tile[1]
 
 
-def test_an_external_mask_and_the_baselines(checkpoint, image, tmp_path, capsys):
+def test_an_external_mask_and_the_baselines(tiny_checkpoint, image, tmp_path, capsys):
     Image.new("L", (37, 53), 0).save(tmp_path / "black.png")
-    code, _, err = run(["edit", image, "--target", "a dog", "--model", checkpoint, "--mask", tmp_path / "black.png",
+    code, _, err = run(["edit", image, "--target", "a dog", "--model", tiny_checkpoint, "--mask", tmp_path / "black.png",
                         "--out", tmp_path / "e.png", "--mask-out", tmp_path / "m.png", *FAST], capsys)
     assert code == 0, err
     with Image.open(tmp_path / "m.png") as m:
         assert m.size == (37, 53) and not np.asarray(m).any()
-    code, _, err = run(["edit", image, "--target", "a dog", "--model", checkpoint, "--method", "sdedit",
+    code, _, err = run(["edit", image, "--target", "a dog", "--model", tiny_checkpoint, "--method", "sdedit",
                         "--out", tmp_path / "s.jpg", "--panel", tmp_path / "sp.png", *FAST], capsys)
     assert code == 0, err
     with Image.open(tmp_path / "s.jpg") as s:
         assert s.size == (37, 53)
 
 
-def test_mask_writes_the_mask_and_the_heat_map(checkpoint, image, tmp_path, capsys):
-    code, out, err = run(["mask", image, "--target", "a dog", "--model", checkpoint, "--out", tmp_path / "m.png",
+def test_mask_writes_the_mask_and_the_heat_map(tiny_checkpoint, image, tmp_path, capsys):
+    code, out, err = run(["mask", image, "--target", "a dog", "--model", tiny_checkpoint, "--out", tmp_path / "m.png",
                           "--map-out", tmp_path / "d.png", "--steps", "4", "--n", "2"], capsys)
     assert code == 0, err
     assert out.count("wrote") == 2 and not (tmp_path / "cat_edited.png").exists()

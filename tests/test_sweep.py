@@ -18,10 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from diffedit import images, sweep
-from diffedit.models import StableDiffusion, preset
 from diffedit.pipeline import DiffEdit
 from diffedit.sweep import Setting
 
@@ -35,17 +33,6 @@ SEPARATE_PER_IMAGE = 2 * ((2 + 2 + 4) + (2 + 4 + 4)) + 2 * ((4 + 2 + 8) + (4 + 4
 METRIC_TOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny random model exported like the toy model (architecture in the metadata)."""
-    torch.manual_seed(0)
-    cfg = preset("tiny")
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    state = {k: v.contiguous() for k, v in StableDiffusion(cfg).state_dict().items()}
-    save_file(state, str(path), metadata={"diffedit_config": json.dumps(cfg.to_dict())})
-    return path
-
-
 def parse(argv) -> argparse.Namespace:
     """What the lead's cli.py will do: a subparsers registry with add_sweep_parser."""
     parser = argparse.ArgumentParser(prog="diffedit")
@@ -53,8 +40,8 @@ def parse(argv) -> argparse.Namespace:
     return parser.parse_args(["sweep", *map(str, argv)])
 
 
-def toy_argv(checkpoint, out, *extra):
-    return ["--images", "toy:2", *GRID, "--model", checkpoint, "--steps", STEPS, "--toy-size", 16, "--out", out,
+def toy_argv(tiny_checkpoint, out, *extra):
+    return ["--images", "toy:2", *GRID, "--model", tiny_checkpoint, "--steps", STEPS, "--toy-size", 16, "--out", out,
             "-q", *extra]
 
 
@@ -74,10 +61,10 @@ def assert_same_rows(a: dict, b: dict, tol: float = METRIC_TOL):
 
 
 @pytest.fixture(scope="module")
-def base(checkpoint, tmp_path_factory):
+def base(tiny_checkpoint, tmp_path_factory):
     """One sweep over 2 toy images x 12 settings, shared by the tests below."""
     out = tmp_path_factory.mktemp("base")
-    assert sweep.run_sweep(parse(toy_argv(checkpoint, out))) == 0
+    assert sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out))) == 0
     return out
 
 
@@ -110,18 +97,18 @@ def test_outputs_summary_plots_and_page(base):
     assert all(p in page for p in pngs), [p for p in pngs if p not in page]
 
 
-def test_a_sweep_row_is_the_single_edit_with_the_same_settings_and_seed(base, checkpoint):
+def test_a_sweep_row_is_the_single_edit_with_the_same_settings_and_seed(base, tiny_checkpoint):
     item = sweep.load_items("toy:1", 12345, 16)[0]
     image, seed = item.load(), 12345 * 1000 + 0
     settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], sweep.METHODS)
     # The rows the command wrote are edit_grid's outputs, measured.
-    de = DiffEdit.from_pretrained(str(checkpoint))
+    de = DiffEdit.from_pretrained(str(tiny_checkpoint))
     outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed)
     mine = {sweep.row_key(r): r for r in sweep.rows_for(item, image, outputs, seed, STEPS, 7.5)}
     assert_same_rows(mine, {k: r for k, r in rows_of(base).items() if r["index"] == 0})
     # And edit_grid computes what separate edits compute. In float64: in float32 the batched decoding rounds
     # differently from a batch of one (kernels depend on the batch size), ~5e-5 after guidance on this model.
-    de = DiffEdit.from_pretrained(str(checkpoint), dtype=torch.float64)
+    de = DiffEdit.from_pretrained(str(tiny_checkpoint), dtype=torch.float64)
     outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed)
     checks = [Setting("diffedit", 1.0, "caption", 0.5, 2, 0.5),   # n = n_max: the same noises by construction
               Setting("diffedit", 0.5, "caption", 0.25, 2, 0.5),
@@ -152,7 +139,7 @@ def test_the_first_n_of_n_max_noises_are_the_n_noises_of_a_single_edit(shape):
         assert torch.equal(big[:n], torch.randn((n, *shape), generator=torch.Generator().manual_seed(5)))
 
 
-def test_an_interrupted_sweep_resumes_computing_only_the_missing_rows(base, checkpoint, tmp_path):
+def test_an_interrupted_sweep_resumes_computing_only_the_missing_rows(base, tiny_checkpoint, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(base, out)
     lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
@@ -162,7 +149,7 @@ def test_an_interrupted_sweep_resumes_computing_only_the_missing_rows(base, chec
     for r in map(json.loads, lines[keep:]):
         missing.setdefault(r["index"], []).append(Setting(r["method"], r["ratio"], r["reference"], r["threshold"],
                                                           r["n"], r["strength"]))
-    assert sweep.run_sweep(parse(toy_argv(checkpoint, out))) == 0
+    assert sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out))) == 0
     cost = json.loads((out / "cost.json").read_text())
     expected = sum(sweep.shared_cost(m, STEPS, 7.5) for m in missing.values())
     assert cost["rows_computed_this_run"] == len(lines) - keep
@@ -175,21 +162,21 @@ def test_an_interrupted_sweep_resumes_computing_only_the_missing_rows(base, chec
     assert_same_rows(resumed, first, tol=1e-2)
     assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
     # Nothing left: a third run computes nothing.
-    assert sweep.run_sweep(parse(toy_argv(checkpoint, out))) == 0
+    assert sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out))) == 0
     assert json.loads((out / "cost.json").read_text())["unet_evaluations_run"] == 0
 
 
-def test_resuming_with_other_fixed_settings_is_refused(base, checkpoint, tmp_path):
+def test_resuming_with_other_fixed_settings_is_refused(base, tiny_checkpoint, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(base, out)
-    args = parse(toy_argv(checkpoint, out, "--steps", 5))
+    args = parse(toy_argv(tiny_checkpoint, out, "--steps", 5))
     with pytest.raises(ValueError, match="--out .*steps 4 -> 5"):
         sweep.run_sweep(args)
 
 
-def test_torchrun_with_two_processes_merges_to_the_single_process_rows(base, checkpoint, tmp_path):
+def test_torchrun_with_two_processes_merges_to_the_single_process_rows(base, tiny_checkpoint, tmp_path):
     out = tmp_path / "ddp"
-    argv = ["--noises" if a == "--n" else str(a) for a in toy_argv(checkpoint, out)]  # torchrun reads --n as its own
+    argv = ["--noises" if a == "--n" else str(a) for a in toy_argv(tiny_checkpoint, out)]  # torchrun reads --n as its own
     cmd = ["nice", "-n", "15", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffedit.sweep", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -212,7 +199,7 @@ def _prompt_images(folder: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def test_prompts_files_csv_and_jsonl_give_the_same_rows(checkpoint, tmp_path):
+def test_prompts_files_csv_and_jsonl_give_the_same_rows(tiny_checkpoint, tmp_path):
     records = _prompt_images(tmp_path)
     (tmp_path / "p.csv").write_text("image,source,target\n" + "".join(f'{a},"{b}",{c}\n' for a, b, c in records))
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(dict(image=a, source=b, target=c)) + "\n"
@@ -221,7 +208,7 @@ def test_prompts_files_csv_and_jsonl_give_the_same_rows(checkpoint, tmp_path):
     for name in ("p.csv", "p.jsonl"):
         out = tmp_path / f"out_{name}"
         argv = ["--images", tmp_path / name, "--ratio", "0.5", "--n", "1", "--steps", 2, "--method",
-                "diffedit,encode-decode", "--model", checkpoint, "--out", out, "-q", "--examples", 1]
+                "diffedit,encode-decode", "--model", tiny_checkpoint, "--out", out, "-q", "--examples", 1]
         assert sweep.run_sweep(parse(argv)) == 0
         results.append(rows_of(out))
         rows = list(results[-1].values())
