@@ -59,9 +59,8 @@ def edit_rows(de, n: int, seed: int, indices, ratio: float = 0.7, steps: int = 5
         recon = _to_pil(de, res.trajectory.latents[0], image.size)
         row = {"index": i, "kind": ed.kind, "vae_bg_psnr": metrics.psnr(_u8(recon), src, mask=~gt)}
         for m, out in outs.items():
-            row[m] = {"bg_psnr": metrics.psnr(out, src, mask=~gt), "target_psnr": metrics.psnr(out, tgt),
-                      "success": float(judge.edit_success(out, ed))}
-        row["diffedit"]["iou"] = metrics.iou(np.asarray(res.mask) > 127, gt)  # our mask, upsampled to pixels
+            pred = np.asarray(res.mask) > 127 if m == "diffedit" else None  # our mask, upsampled to pixels
+            row[m] = metrics.edit_metrics(out, src, tgt, gt, pred) | {"success": float(judge.edit_success(out, ed))}
         rows.append(row)
     return rows
 
