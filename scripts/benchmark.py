@@ -28,7 +28,8 @@ and reported next to the times.
 Timing: one warm-up run of each, then the median of --repeats runs (fewer if --budget-s would be exceeded: the
 number done is reported). Peak memory: CUDA: torch.cuda.max_memory_allocated() above the memory allocated before
 the run. CPU: the resident-set high-water mark (VmHWM in /proc/self/status, reset before each run by writing 5 to
-/proc/self/clear_refs) above the resident set before the run; tracemalloc would miss torch's allocations.
+/proc/self/clear_refs, after malloc_trim(0) hands the heap's free pages back) above the resident set before the run;
+tracemalloc would miss torch's allocations, and psutil has no peak on Linux.
 
 FLOP rate: the FLOPs of one UNet forward of a CFG pair (batch 2, the commonest call) counted by
 torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention), divided by its median wall time, against
@@ -103,16 +104,19 @@ def clip_tokenizer(folder: Path):
 
 @torch.no_grad()
 def random_sd(name: str, device, dtype, seed: int = 0) -> StableDiffusion:
-    """Our model with random weights, made on the device: matrices N(0, 1/fan_in), norm scales 1, biases small."""
+    """Our model with random weights, made on the device: matrices and kernels N(0, 1/fan_in) (activations stay
+    O(1) through the full-size networks), norms the identity, other vectors N(0, 0.02^2)."""
     with torch.device("meta"):
         model = StableDiffusion(preset(name))
     model.to_empty(device=device)
     gen = torch.Generator(device).manual_seed(seed)
+    norms = {id(p) for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+             for p in m.parameters()}
     for pname, p in model.named_parameters():
-        if p.ndim >= 2:
+        if id(p) in norms:
+            p.fill_(1.0 if pname.endswith("weight") else 0.0)
+        elif p.ndim >= 2:
             p.copy_(torch.randn(p.shape, generator=gen, device=device) * p[0].numel() ** -0.5)
-        elif pname.endswith("weight") and ("norm" in pname or "ln_" in pname):
-            p.fill_(1.0)
         else:
             p.copy_(0.02 * torch.randn(p.shape, generator=gen, device=device))
     return model.to(dtype).eval().requires_grad_(False)
@@ -224,6 +228,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            _malloc_trim()  # hand freed heap back, or reused pages would hide the run's peak from the RSS
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             except OSError:
@@ -254,6 +259,14 @@ def tune_malloc() -> str:
         return "glibc mallopt: mmap threshold 1 GiB, trim threshold 16 GiB" if ok else "glibc default (mallopt refused)"
     except (OSError, AttributeError):
         return "default (not glibc)"
+
+
+def _malloc_trim():
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def sync(device):
@@ -410,6 +423,7 @@ def main(argv=None):
     out = {"device": args.device, "dtype": str(dtype).removeprefix("torch."),
            "device_name": torch.cuda.get_device_name(device) if not cpu else platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_allocator": malloc,
+           "loadavg_start": list(os.getloadavg()),
            "note": ("CPU timings on a shared machine: other jobs (e.g. a training run) may hold cores, so compare "
                     "ratios and the matmul peak measured in this same run, not absolute times") if cpu else "",
            "cases": {}}
@@ -463,6 +477,15 @@ def main(argv=None):
     out["speedup_matched"] = main_case.get("speedup_matched")
     out["unet_flop_rate_fraction"] = main_case.get("unet_forward", {}).get("ours", {}).get("fraction_of_matmul")
     out["total_s"] = time.perf_counter() - start
+    out["loadavg_end"] = list(os.getloadavg())
+    out["definitions"] = {
+        "speedup_default": "t(diffusers: generate_mask + invert + __call__, defaults) / t(ours: paper-faithful edit)",
+        "speedup_matched": "t(diffusers) / t(ours, compat='diffusers'): same steps and CFG inversion; our mask "
+                           "pass still evaluates 2n rows where diffusers' evaluates 4n (expected_rows per run)",
+        "unet_flop_rate_fraction": "FLOPs of one UNet forward of a CFG pair (batch 2) / its median time, over the "
+                                   "median-of-5 rate of a large square matmul in the same dtype on the same device",
+        "rows": "UNet sample evaluations (latents through the UNet); calls: UNet invocations",
+        "peak_mem_mb": "peak memory above what was in use before the run (weights excluded)"}
     text = json.dumps(out, indent=2)
     if args.json:
         args.json.write_text(text + "\n")

@@ -2,8 +2,10 @@
 
 Phases: (1) the VAE (reconstruction MSE + a small KL), (2) the latent scale from the data (1 / std of the
 posterior means) and a cache of scaled latents, (3) the text encoder and UNet together with the epsilon
-loss, 10% empty captions so classifier-free guidance works, EMA weights. Resumable: the state of the
-current phase is saved every --save-every steps in --out and picked up by the same command.
+loss, 10% empty captions so classifier-free guidance works, EMA weights, (4) the VAE decoder alone, on the
+posterior means (the encoder, hence the latents the UNet learned, stay fixed; as SD's ft-MSE decoder).
+Phases 3 and 4 read only phase 2's output, so `--phases unet` and `--phases decoder` may run side by side.
+Resumable: the state of each phase is saved every --save-every steps in --out and picked up by the same command.
 The export (fp16 single-file safetensors) carries the architecture and this recipe in its metadata.
 
     python scripts/train_toy.py --out runs/toy --export diffedit/toy/toy.safetensors
@@ -42,17 +44,21 @@ def parse_args(argv=None):
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--unet-steps", type=int, default=10000)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--decoder-steps", type=int, default=0, help="phase 4: decoder fine-tuning steps (0: none)")
+    p.add_argument("--decoder-lr", type=float, default=3e-4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--phases", default="vae,unet,decoder",
+                   help="comma list of phases to train now (vae, unet, decoder); the latent cache is always made")
     return p.parse_args(argv)
 
 
 RECIPE_KEYS = ("n_scenes", "data_seed", "max_objects", "seed", "vae_steps", "vae_lr", "kl_weight", "unet_steps",
-               "lr", "batch", "uncond_prob", "ema")
+               "lr", "batch", "uncond_prob", "ema", "decoder_steps", "decoder_lr")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -177,6 +183,35 @@ def train_unet(args, sd, ema, latents, captions, device):
                               "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step + 1})
 
 
+def finetune_decoder(args, sd, images, device):
+    """Phase 4: the decoder alone learns to reconstruct from the posterior mean (the latent DiffEdit decodes)."""
+    path = args.out / "decoder_state.pt"
+    vae = sd.first_stage_model
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    step = 0
+    if path.exists():
+        st = torch.load(path, weights_only=False)
+        vae.load_state_dict(st["vae"]), opt.load_state_dict(st["opt"])
+        step = st["step"]
+    gen = torch.Generator().manual_seed(args.seed * 1000 + 13 + step)
+    bar = tqdm(range(step, args.decoder_steps), desc="decoder", initial=step, total=args.decoder_steps)
+    for step in bar:
+        idx = torch.randint(0, len(images), (args.batch,), generator=gen).numpy()
+        x = to_model_range(images[idx], device)
+        with torch.no_grad():
+            mean, _ = vae.encode(x)
+        mse = F.mse_loss(vae.decode(mean), x)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.decoder_steps, args.decoder_lr)
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        opt.step()
+        bar.set_postfix(psnr=f"{10 * math.log10(4 / mse.item()):.2f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.decoder_steps:
+            save_state(path, {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+
+
 def export(args, sd, ema, scale: float, path: Path):
     """fp16 single-file checkpoint in LDM names; architecture and recipe in the metadata."""
     state = torch.load(args.out / "unet_state.pt", weights_only=False) if (args.out / "unet_state.pt").exists() else None
@@ -189,6 +224,11 @@ def export(args, sd, ema, scale: float, path: Path):
     cfg["vae"]["scaling_factor"] = scale
     recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
     recipe["unet_steps_done"] = state["step"] if state else 0
+    decoder = args.out / "decoder_state.pt"
+    if decoder.exists():  # the fine-tuned decoder (its encoder is phase 1's, unchanged)
+        dec = torch.load(decoder, weights_only=False)
+        model.first_stage_model.load_state_dict(dec["vae"])
+        recipe["decoder_steps_done"] = dec["step"]
     history = args.out / "history.txt"  # interruptions and manual interventions, recorded by hand
     if history.exists():
         recipe["history"] = history.read_text()
@@ -220,13 +260,19 @@ def main(argv=None):
     sd = StableDiffusion(preset("toy")).to(device)
     ema = EMA(sd)
     images, captions = dataset(args)
-    if not args.export_only:
+    phases = set() if args.export_only else set(args.phases.split(","))
+    if phases - {"vae", "unet", "decoder"}:
+        raise SystemExit(f"--phases: unknown phase(s) {sorted(phases - {'vae', 'unet', 'decoder'})}; "
+                         "choose from vae, unet, decoder")
+    if "vae" in phases:
         train_vae(args, sd, images, device)
     elif (args.out / "vae_state.pt").exists():
         sd.first_stage_model.load_state_dict(torch.load(args.out / "vae_state.pt", weights_only=False)["vae"])
     cached = cache_latents(args, sd, images, device)
-    if not args.export_only:
+    if "unet" in phases:
         train_unet(args, sd, ema, cached["latents"], captions, device)
+    if "decoder" in phases and args.decoder_steps:
+        finetune_decoder(args, sd, images, device)
     if args.export:
         export(args, sd, ema, cached["scale"], args.export)
 

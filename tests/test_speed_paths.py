@@ -198,10 +198,11 @@ def test_vae_falls_back_to_float32_when_float16_overflows(caplog):
 # --- torch.compile --------------------------------------------------------------------------------------------------
 
 def _compiled_equals_eager(backend: str):
+    """max_batch=1: every UNet call has one shape, so one compilation (each new batch size would add one)."""
     torch.manual_seed(0)
-    eager = DiffEdit(StableDiffusion(preset("tiny")))
+    eager = DiffEdit(StableDiffusion(preset("tiny")), max_batch=1)
     torch.manual_seed(0)
-    compiled = DiffEdit(StableDiffusion(preset("tiny")))
+    compiled = DiffEdit(StableDiffusion(preset("tiny")), max_batch=1)
     try:
         compiled.compile(backend=backend)
         got = compiled.edit(picture(), "a red circle", "a photo", ratio=0.4, n=2, steps=5)
@@ -219,5 +220,5 @@ def test_compiled_unet_equals_eager_graph_capture():
 
 @pytest.mark.slow
 def test_compiled_unet_equals_eager_inductor():
-    """The default backend, inductor: generated C++ kernels on CPU (minutes on a busy 2-core machine)."""
+    """The default backend, inductor (with freezing): generated C++ kernels on CPU (minutes on a busy 2-core machine)."""
     _compiled_equals_eager("inductor")
