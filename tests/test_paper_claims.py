@@ -1,0 +1,58 @@
+"""scripts/paper_claims.py: the verdicts follow from the rows (synthetic rows with known answers)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("paper_claims", Path(__file__).parents[1] / "scripts" / "paper_claims.py")
+pc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pc)
+
+
+def rows(knob, values_per_image, metric="iou", method="diffedit"):
+    return [{"image": f"img{i}", "method": method, knob: k, metric: v}
+            for i, per in enumerate(values_per_image) for k, v in per.items()]
+
+
+def test_paired_difference_mean_and_standard_error_match_hand_computation():
+    r = rows("threshold", [{0.5: 0.6, 0.25: 0.5}, {0.5: 0.7, 0.25: 0.4}, {0.5: 0.5, 0.25: 0.5}])
+    got = pc.paired(r, "threshold", 0.5, 0.25, "iou")
+    # diffs 0.1, 0.3, 0.0: mean 0.1333, sample sd 0.1528, SE = sd / sqrt(3) = 0.0882
+    assert got["mean_diff"] == pytest.approx(0.4 / 3)
+    assert got["se"] == pytest.approx(0.0881917, rel=1e-5)
+    assert got["verdict"] == "within noise" and got["images"] == 3
+
+
+def test_paired_verdict_is_yes_no_or_within_noise_by_two_standard_errors():
+    better = rows("n", [{10: 0.6 + 0.01 * i, 1: 0.4} for i in range(5)])
+    assert pc.paired(better, "n", 10, 1, "iou")["verdict"] == "yes"
+    assert pc.paired(better, "n", 1, 10, "iou")["verdict"] == "no"
+
+
+def test_paired_ignores_other_methods_and_images_missing_a_side():
+    r = rows("strength", [{0.5: 0.9, 0.25: 0.1}, {0.5: 0.8}]) + rows("strength", [{0.5: 0.0, 0.25: 1.0}], method="sdedit")
+    got = pc.paired(r, "strength", 0.5, 0.25, "iou")
+    assert got["images"] == 1 and got["mean_diff"] == pytest.approx(0.8)
+
+
+def test_paired_without_comparable_rows_stops_with_a_message():
+    with pytest.raises(SystemExit, match="no diffedit rows with reference = 'caption' and 'empty' to compare"):
+        pc.paired(rows("reference", [{"caption": 0.5}]), "reference", "caption", "empty", "iou")
+
+
+def _curve(method, points):
+    return [{"image": "a", "method": method, "ratio": r, "bg_ssim": 1 - d, "success": s} for r, (d, s) in points.items()]
+
+
+def test_dominated_when_every_baseline_point_has_a_nearer_and_better_diffedit_point():
+    ours = _curve("diffedit", {0.5: (0.1, 0.5), 0.9: (0.2, 0.8)})
+    base = _curve("sdedit", {0.5: (0.3, 0.4), 0.9: (0.5, 0.8)})
+    got = pc.dominated(ours + base, "sdedit")
+    assert got["verdict"] == "yes" and got["points_dominated"] == 2
+
+
+def test_not_dominated_when_a_baseline_point_is_more_successful_than_every_diffedit_point():
+    ours = _curve("diffedit", {0.5: (0.1, 0.5), 0.9: (0.2, 0.8)})
+    base = _curve("sdedit", {0.5: (0.3, 0.4), 0.9: (0.5, 0.9)})
+    got = pc.dominated(ours + base, "sdedit")
+    assert got["verdict"] == "no" and got["points_dominated"] == 1 and got["points"] == 2
