@@ -251,6 +251,10 @@ class EMA(torch.nn.Module):
 
 def main(argv=None):
     args = parse_args(argv)
+    phases = set() if args.export_only else set(args.phases.split(","))
+    if phases - {"vae", "unet", "decoder"}:
+        raise SystemExit(f"--phases: unknown phase(s) {sorted(phases - {'vae', 'unet', 'decoder'})}; "
+                         "choose from vae, unet, decoder")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -260,10 +264,6 @@ def main(argv=None):
     sd = StableDiffusion(preset("toy")).to(device)
     ema = EMA(sd)
     images, captions = dataset(args)
-    phases = set() if args.export_only else set(args.phases.split(","))
-    if phases - {"vae", "unet", "decoder"}:
-        raise SystemExit(f"--phases: unknown phase(s) {sorted(phases - {'vae', 'unet', 'decoder'})}; "
-                         "choose from vae, unet, decoder")
     if "vae" in phases:
         train_vae(args, sd, images, device)
     elif (args.out / "vae_state.pt").exists():

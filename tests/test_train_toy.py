@@ -1,0 +1,45 @@
+"""scripts/train_toy.py end to end at a few steps: phases, resume, the decoder phase's fixed encoder, the export."""
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from diffedit.checkpoint import load_model
+
+spec = importlib.util.spec_from_file_location("train_toy", Path(__file__).parents[1] / "scripts" / "train_toy.py")
+tt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tt)
+
+SMALL = ["--n-scenes", "6", "--batch", "2", "--vae-steps", "2", "--unet-steps", "2", "--save-every", "1"]
+
+
+def test_phases_resume_and_export_a_checkpoint_the_loader_reads_strictly(tmp_path):
+    out, export = tmp_path / "run", tmp_path / "toy.safetensors"
+    tt.main(["--out", str(out), *SMALL])
+    assert torch.load(out / "unet_state.pt", weights_only=False)["step"] == 2
+    tt.main(["--out", str(out), *SMALL[:-4], "--unet-steps", "3", "--save-every", "1"])  # resumes at step 2
+    assert torch.load(out / "unet_state.pt", weights_only=False)["step"] == 3
+    vae_before = torch.load(out / "vae_state.pt", weights_only=False)["vae"]
+    tt.main(["--out", str(out), *SMALL[:-4], "--unet-steps", "3", "--save-every", "1", "--phases", "decoder",
+             "--decoder-steps", "2", "--export", str(export)])
+    decoder = torch.load(out / "decoder_state.pt", weights_only=False)
+    assert decoder["step"] == 2
+    for k, v in decoder["vae"].items():  # the encoder (hence the UNet's latents) is untouched, the decoder moved
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(v, vae_before[k]), k
+    assert any(not torch.equal(decoder["vae"][k], vae_before[k]) for k in decoder["vae"] if k.startswith("decoder."))
+    with safe_open(str(export), "pt") as f:
+        recipe = json.loads(f.metadata()["recipe"])
+    assert recipe["unet_steps_done"] == 3 and recipe["decoder_steps_done"] == 2 and recipe["decoder_steps"] == 2
+    model, cfg = load_model(str(export))
+    assert cfg.resolution == 64
+    got = model.first_stage_model.decoder.conv_in.weight
+    assert torch.allclose(got.float(), decoder["vae"]["decoder.conv_in.weight"].half().float())
+
+
+def test_unknown_phase_is_refused_with_the_allowed_names(tmp_path):
+    import pytest
+    with pytest.raises(SystemExit, match=r"--phases: unknown phase\(s\) \['vea'\]; choose from vae, unet, decoder"):
+        tt.main(["--out", str(tmp_path / "run"), *SMALL, "--phases", "vea"])
