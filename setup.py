@@ -12,7 +12,8 @@ setup(
     install_requires=["torch>=2.1", "einops", "open_clip_torch", "safetensors", "huggingface_hub", "numpy",
                       "pillow", "tqdm"],
     extras_require={
-        "test": ["pytest", "diffusers==0.42.1", "transformers", "scikit-image"],
+        "test": ["pytest", "diffusers==0.42.1", "transformers", "scikit-image", "lpips==0.1.4"],
+        "metrics": ["lpips==0.1.4"],  # LPIPS for diffedit sweep --lpips-weights (CLIP score uses open_clip)
         "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["diffedit=diffedit.cli:main"]},

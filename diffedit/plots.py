@@ -62,11 +62,12 @@ def tradeoff(rows, path, x: str | None = None, y: str | None = None):
     """Edit quality against distance to the input, one curve per method (and reference text), one point per
     encoding ratio r (labelled). DiffEdit's other knobs are fixed at the grid values closest to the paper's.
 
-    x defaults to 1 - bg SSIM (outside the ground-truth mask, toy world) or else 1 - SSIM to the input;
-    y to the edit success rate (toy judge) or else PSNR to the ground-truth target. Without any edit-quality
-    metric (a prompts file, no CLIP weights) there is nothing to plot: returns None."""
-    x = x or ("bg_ssim" if _has(rows, "bg_ssim") else "ssim")
-    y = y or next((k for k in ("success", "target_psnr") if _has(rows, k)), None)
+    x defaults to 1 - bg SSIM (outside the ground-truth mask, toy world), else LPIPS to the input (the paper's
+    axis, when computed), else 1 - SSIM to the input; y to the edit success rate (toy judge), else the CLIP score
+    with the target (the paper's), else PSNR to the ground-truth target. Without any edit-quality metric (a
+    prompts file, no CLIP weights) there is nothing to plot: returns None."""
+    x = x or next(k for k in ("bg_ssim", "lpips", "ssim") if _has(rows, k) or k == "ssim")
+    y = y or next((k for k in ("success", "clip_score", "target_psnr") if _has(rows, k)), None)
     if y is None or not _has(rows, x):
         return None
     plt = _pyplot()
@@ -91,7 +92,8 @@ def tradeoff(rows, path, x: str | None = None, y: str | None = None):
     names = {"bg_ssim": "1 - SSIM to the input outside the edit (ground-truth mask)",
              "ssim": "1 - SSIM to the input", "bg_psnr": "PSNR to the input outside the edit (dB)",
              "psnr": "PSNR to the input (dB)", "success": "edit success rate (toy judge)",
-             "target_psnr": "PSNR to the ground-truth target (dB)"}
+             "target_psnr": "PSNR to the ground-truth target (dB)", "lpips": "LPIPS to the input",
+             "clip_score": "CLIP score with the target text"}
     ax.set_xlabel(names.get(x, x))
     ax.set_ylabel(names.get(y, y))
     if rep["n"] is not None:

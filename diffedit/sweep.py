@@ -40,8 +40,9 @@ torchrun shards: a rank takes whole images) are bit-identical.
 
 Metrics per row (``metrics.edit_metrics``): PSNR / SSIM to the input and the mask area for any image; for the
 toy world also mask IoU with the ground-truth mask, bg PSNR / bg SSIM outside it, PSNR to the ground-truth
-target render and success (``toy/judge.py``). LPIPS and CLIP score are not implemented: they need network
-weights that cannot be downloaded here, so the sweep has no flags for them and says so in its report.
+target render and success (``toy/judge.py``). The paper's axes, LPIPS to the input and CLIP score with the
+target text (``perceptual.py``), are added when the user points --lpips-weights / --clip-weights at weights
+they have locally (nothing is downloaded); the report says which were computed.
 
 Outputs in --out: ``results.jsonl`` (one row per image x setting; append-only with a flush per row, so an
 interrupted sweep resumes without redoing finished rows; rows are keyed by image id + setting),
@@ -74,9 +75,23 @@ from .plots import METHOD_LABELS, PAPER, closest
 METHODS = ("diffedit", "sdedit", "encode-decode")
 REFERENCES = ("empty", "caption")
 KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference")
-METRICS = ("iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim")
+METRICS = ("iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips", "clip_score")
 NORMALIZATION = "clamp"  # the paper's: clip D at 3x its mean, rescale to [0, 1]
-NO_LPIPS_CLIP = "LPIPS/CLIP not computed: no local weights (not implemented; needs weights not downloadable here)"
+
+
+def perceptual_note(lpips_weights, clip_weights) -> str:
+    """What the report says about the metrics that need network weights the user must have locally."""
+    done = [name for name, w in (("LPIPS to the input", lpips_weights), ("CLIP score with the target", clip_weights))
+            if w]
+    hints = (("LPIPS: pass --lpips-weights (the torchvision AlexNet file alexnet-owt-7be5be79.pth)", lpips_weights),
+             ("CLIP score: pass --clip-weights and --clip-model (an open_clip checkpoint)", clip_weights))
+    missing = [hint for hint, w in hints if not w]
+    parts = ([f"computed: {', '.join(done)}"] if done else []) + (
+        [f"not computed, no local weights given ({'; '.join(missing)}; none can be downloaded here)"]
+        if missing else [])
+    return "Perceptual metrics " + "; ".join(parts)
+
+
 DEFAULTS = {"ratio": "0.7", "threshold": "0.5", "n": "10", "strength": "0.5", "reference": "caption",
             "method": "diffedit"}
 
@@ -334,9 +349,9 @@ def edit_grid(de, image, source: str, target: str, settings, steps: int = 50, gu
 
 
 def rows_for(item: Item, image, outputs: list[Output], seed: int, steps: int | None = None,
-             guidance: float | None = None) -> list[dict]:
+             guidance: float | None = None, scorers: dict | None = None) -> list[dict]:
     """One results row per output: the knobs, the fixed settings, and the metrics (toy ground truth when the
-    item has it)."""
+    item has it; ``scorers``: optional "lpips" (edit, input) and "clip_score" (edit, target text) callables)."""
     from . import metrics
     from .toy import judge
     src = np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -350,6 +365,10 @@ def rows_for(item: Item, image, outputs: list[Output], seed: int, steps: int | N
         m = metrics.edit_metrics(edited, src, tgt, gt, pred)
         if item.edit is not None:
             m["success"] = float(judge.edit_success(edited, item.edit))
+        if scorers and "lpips" in scorers:
+            m["lpips"] = scorers["lpips"](edited, src)
+        if scorers and "clip_score" in scorers:
+            m["clip_score"] = scorers["clip_score"](edited, item.target)
         rows.append({"image": item.id, "index": item.index, "kind": getattr(item.edit, "kind", None),
                      **out.setting.knobs(), "seed": seed, "steps": steps, "guidance": guidance,
                      **{k: m[k] for k in METRICS if k in m}})
@@ -480,6 +499,12 @@ def _add_arguments(p):
     g.add_argument("--max-batch", default="64", help="most rows per UNet call")
     g.add_argument("--toy-size", default="64", help="toy scene size in px (64: the toy model's; smaller for tests)")
     g.add_argument("--examples", default="4", help="images shown in index.html (input, D, mask, edits)")
+    g = p.add_argument_group("perceptual metrics (local weights only; the paper's axes)")
+    g.add_argument("--lpips-weights", default=None, metavar="PATH",
+                   help="torchvision AlexNet checkpoint (alexnet-owt-7be5be79.pth): adds lpips (to the input)")
+    g.add_argument("--clip-weights", default=None, metavar="PATH",
+                   help="open_clip checkpoint of --clip-model: adds clip_score (edit vs the target text)")
+    g.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name of --clip-weights")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
 
 
@@ -548,6 +573,7 @@ class Config:
     max_batch: int
     examples: int
     fingerprint: dict
+    perceptual: str = ""
 
 
 def parse_config(args) -> Config:
@@ -572,7 +598,8 @@ def parse_config(args) -> Config:
     fingerprint = {"images": images, "toy_size": toy_size if images.startswith("toy:") else None, "seed": seed,
                    "steps": steps, "guidance": guidance, "model": args.model, "n_max": n_draw,
                    "normalization": NORMALIZATION}
-    return Config(items, settings, steps, guidance, seed, n_draw, max_batch, examples, fingerprint)
+    return Config(items, settings, steps, guidance, seed, n_draw, max_batch, examples, fingerprint,
+                  perceptual_note(args.lpips_weights, args.clip_weights))
 
 
 def _check_fingerprint(out: Path, fp: dict):
@@ -651,6 +678,14 @@ def run_sweep(args) -> int:
     from .checkpoint import CheckpointError
     from .pipeline import DiffEdit
 
+    scorers = {}  # built before the model: a bad weights file stops the sweep before any work
+    if args.lpips_weights:
+        from .perceptual import LPIPS
+        scorers["lpips"] = LPIPS(args.lpips_weights)
+    if args.clip_weights:
+        from .perceptual import CLIPScore
+        scorers["clip_score"] = CLIPScore(args.clip_weights, args.clip_model)
+
     if world > 1:
         import datetime
 
@@ -690,7 +725,7 @@ def run_sweep(args) -> int:
                     seed = cfg.seed * 1000 + item.index
                     outputs = edit_grid(de, image, item.source, item.target, missing, cfg.steps, cfg.guidance,
                                         seed, cfg.n_draw or None, counter)
-                    for row in rows_for(item, image, outputs, seed, cfg.steps, cfg.guidance):
+                    for row in rows_for(item, image, outputs, seed, cfg.steps, cfg.guidance, scorers):
                         _append(f, row)
                     if item.index < cfg.examples:
                         _save_examples(out, item, image, outputs, rep)
@@ -751,7 +786,7 @@ def finalize(out: Path, cfg: Config, stats, quiet: bool = False):
         print(format_table(summary))
         saving = f" ({separate / run:.2f}x fewer)" if run else ""
         print(f"UNet sample evaluations this run: {run} (formula {planned}); as separate edits: {separate}{saving}")
-        print(NO_LPIPS_CLIP)
+        print(cfg.perceptual)
         if plot_note:
             print(f"plots: {plot_note}")
         print(f"wrote {out / 'results.jsonl'}, {out / 'summary.csv'}, {out / 'index.html'}")
@@ -775,7 +810,7 @@ def write_html(out: Path, cfg: Config, rows, summary, cost, plots: dict, plot_no
              f"<tr><th>this run's rows as separate edits</th><td>{cost['separate_edits_this_run']}</td></tr>"
              f"<tr><th>full grid, shared</th><td>{cost['full_grid_shared']}</td></tr>"
              f"<tr><th>full grid, separate edits</th><td>{cost['full_grid_separate']}</td></tr></table>"
-             f"<p>{esc(NO_LPIPS_CLIP)}.</p>", "<h2>Plots</h2>"]
+             f"<p>{esc(cfg.perceptual)}.</p>", "<h2>Plots</h2>"]
     if plot_note:
         parts.append(f"<p>{esc(plot_note)}</p>")
     for name, path in plots.items():

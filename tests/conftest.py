@@ -1,6 +1,7 @@
 """Shared helpers for the test suite: seeding, random re-initialisation, relative error."""
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -71,3 +72,33 @@ def tiny_checkpoint(tmp_path_factory):
     state = {k: v.contiguous() for k, v in StableDiffusion(cfg).state_dict().items()}
     save_file(state, str(path), metadata={"diffedit_config": json.dumps(cfg.to_dict())})
     return path
+
+
+@pytest.fixture(scope="session")
+def alexnet_file(tmp_path_factory):
+    """A random torchvision AlexNet saved under its hub file name (the LPIPS backbone), and the net."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.alexnet()
+    path = tmp_path_factory.mktemp("hub") / "alexnet-owt-7be5be79.pth"
+    torch.save(net.state_dict(), path)
+    return path, net
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """Two random-weight files of a tiny open_clip model registered as 'diffedit-test-clip'."""
+    import open_clip
+    folder = tmp_path_factory.mktemp("clipcfg")
+    (folder / "diffedit-test-clip.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}))
+    open_clip.add_model_config(folder)
+    files = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = open_clip.create_model("diffedit-test-clip")
+        files.append(folder / f"weights{seed}.pt")
+        torch.save(model.state_dict(), files[-1])
+    return files

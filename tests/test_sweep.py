@@ -89,7 +89,7 @@ def test_outputs_summary_plots_and_page(base):
     assert len(summary) == 1 + 12 and summary[0].startswith("method,ratio,threshold,n,strength,reference,count")
     assert all(line.split(",")[6] == "2" for line in summary[1:])
     page = (base / "index.html").read_text()
-    assert sweep.NO_LPIPS_CLIP in page
+    assert sweep.perceptual_note(None, None) in page
     pngs = sorted(p.relative_to(base).as_posix() for p in base.rglob("*.png"))
     for name in ("plots/tradeoff.png", "plots/mask_vs_threshold.png", "plots/mask_vs_n.png", "plots/example.png"):
         assert name in pngs
@@ -189,11 +189,11 @@ def test_torchrun_with_two_processes_merges_to_the_single_process_rows(base, tin
     assert (out / "index.html").is_file() and (out / "summary.csv").is_file()
 
 
-def _prompt_images(folder: Path) -> list[tuple[str, str, str]]:
+def _prompt_images(folder: Path, sizes=((16, 16), (20, 12))) -> list[tuple[str, str, str]]:
     rng = np.random.default_rng(0)
     (folder / "img").mkdir()
     rows = []
-    for i, (w, h) in enumerate([(16, 16), (20, 12)]):
+    for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "img" / f"p{i}.png")
         rows.append((f"img/p{i}.png", f"a blue circle number {i}", f"a red square number {i}"))
     return rows
@@ -216,7 +216,7 @@ def test_prompts_files_csv_and_jsonl_give_the_same_rows(tiny_checkpoint, tmp_pat
         assert all({"psnr", "ssim"} <= r.keys() and "iou" not in r and "success" not in r for r in rows)
         assert all(("mask_area" in r) == (r["method"] == "diffedit") for r in rows)
         page = (out / "index.html").read_text()
-        assert sweep.NO_LPIPS_CLIP in page and "examples/0_img_p0.png_input.png" in page
+        assert sweep.perceptual_note(None, None) in page and "examples/0_img_p0.png_input.png" in page
     assert_same_rows(*results)
 
 
@@ -264,3 +264,36 @@ def test_a_torn_last_line_is_cut_and_complete_rows_are_kept(tmp_path):
     path.write_text('{"a": 1}\n{"a": 2}')  # complete but unterminated: kept, and terminated
     assert sweep.read_rows(path, repair=True) == [{"a": 1}, {"a": 2}]
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+
+
+def test_local_lpips_and_clip_weights_add_both_metrics_to_every_row(tiny_checkpoint, alexnet_file, tiny_clip,
+                                                                       tmp_path):
+    pytest.importorskip("lpips")
+    from diffedit.perceptual import CLIPScore, LPIPS
+    records = _prompt_images(tmp_path, sizes=[(32, 32), (48, 32)])  # AlexNet (LPIPS) needs >= 32 px
+    (tmp_path / "p.csv").write_text("image,source,target\n" + "".join(f'{a},"{b}",{c}\n' for a, b, c in records))
+    out = tmp_path / "out"
+    argv = ["--images", tmp_path / "p.csv", "--ratio", "0.5", "--n", "1", "--steps", 2, "--method",
+            "diffedit,sdedit", "--model", tiny_checkpoint, "--out", out, "-q", "--examples", 1,
+            "--lpips-weights", alexnet_file[0], "--clip-weights", tiny_clip[0], "--clip-model", "diffedit-test-clip"]
+    assert sweep.run_sweep(parse(argv)) == 0
+    rows = list(rows_of(out).values())
+    assert len(rows) == 4 and all(r["lpips"] >= 0 and 0 <= r["clip_score"] <= 100 for r in rows)
+    # the example files hold the edit of the first image at the paper-closest DiffEdit setting: recompute on them
+    first = next(r for r in rows if r["index"] == 0 and r["method"] == "diffedit")
+    edit = Image.open(next((out / "examples").glob("0_*diffedit*.png")))
+    source = Image.open(out / "examples" / "0_img_p0.png_input.png")
+    assert first["lpips"] == pytest.approx(LPIPS(alexnet_file[0])(edit, source), rel=1e-5, abs=1e-7)
+    assert first["clip_score"] == pytest.approx(
+        CLIPScore(tiny_clip[0], "diffedit-test-clip")(edit, records[0][2]), rel=1e-5, abs=1e-5)
+    page = (out / "index.html").read_text()
+    assert "computed: LPIPS to the input, CLIP score with the target" in page
+
+
+def test_a_bad_weights_file_stops_the_sweep_in_one_line_before_any_work(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sweep.main(["--images", "toy:1", "--toy-size", "16", "--model", str(tiny_checkpoint), "--out", str(out),
+                       "--clip-weights", str(tmp_path / "none.bin")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--clip-weights" in err and "none.bin: no such file" in err
+    assert not (out / "results.jsonl").exists()
