@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--reference", choices=("caption", "empty"), default="caption", help="reference text R")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the edits (paper 7.5)")
     p.add_argument("--generation", type=int, default=0, help="also measure caption following on this many samples")
     p.add_argument("--model", default="toy")
     p.add_argument("--workers", type=int, default=1, help="processes (each one thread)")
@@ -45,9 +46,12 @@ def main(argv=None):
         p.error(f"--seed {args.seed} is the training seed; choose a held-out seed")
     if args.n < 1 or args.workers < 1:
         p.error("--n and --workers must be >= 1")
+    if not args.guidance >= 1.0:
+        p.error(f"--guidance must be >= 1 (1: no guidance), got {args.guidance}")
     t0 = time.time()
     w = args.workers
-    edit_kw = dict(n=args.n, seed=args.seed, ratio=args.ratio, steps=args.steps, reference=args.reference)
+    edit_kw = dict(n=args.n, seed=args.seed, ratio=args.ratio, steps=args.steps, reference=args.reference,
+                   guidance=args.guidance)
     jobs = [("edit", {**edit_kw, "indices": range(r, args.n, w)}) for r in range(w)]
     jobs += [("generate", dict(n=args.generation, seed=args.seed, steps=args.steps, indices=range(r, args.generation, w)))
              for r in range(w) if args.generation]
