@@ -81,15 +81,11 @@ NORMALIZATION = "clamp"  # the paper's: clip D at 3x its mean, rescale to [0, 1]
 
 def perceptual_note(lpips_weights, clip_weights) -> str:
     """What the report says about the metrics that need network weights the user must have locally."""
-    done = [name for name, w in (("LPIPS to the input", lpips_weights), ("CLIP score with the target", clip_weights))
-            if w]
-    hints = (("LPIPS: pass --lpips-weights (the torchvision AlexNet file alexnet-owt-7be5be79.pth)", lpips_weights),
-             ("CLIP score: pass --clip-weights and --clip-model (an open_clip checkpoint)", clip_weights))
-    missing = [hint for hint, w in hints if not w]
-    parts = ([f"computed: {', '.join(done)}"] if done else []) + (
-        [f"not computed, no local weights given ({'; '.join(missing)}; none can be downloaded here)"]
-        if missing else [])
-    return "Perceptual metrics " + "; ".join(parts)
+    metrics = (("LPIPS to the input", lpips_weights, "--lpips-weights, the torchvision AlexNet file"),
+               ("CLIP score with the target", clip_weights, "--clip-weights and --clip-model, an open_clip checkpoint"))
+    return "Perceptual metrics: " + "; ".join(
+        f"{name} computed" if given else f"{name} not computed (pass {how}; none can be downloaded here)"
+        for name, given, how in metrics)
 
 
 DEFAULTS = {"ratio": "0.7", "threshold": "0.5", "n": "10", "strength": "0.5", "reference": "caption",
@@ -597,7 +593,10 @@ def parse_config(args) -> Config:
     images = args.images if args.images.startswith("toy:") else str(Path(args.images).expanduser().resolve())
     fingerprint = {"images": images, "toy_size": toy_size if images.startswith("toy:") else None, "seed": seed,
                    "steps": steps, "guidance": guidance, "model": args.model, "n_max": n_draw,
-                   "normalization": NORMALIZATION}
+                   "normalization": NORMALIZATION,
+                   # rows with and without a perceptual metric must not mix (None: not computed)
+                   "lpips": "alexnet-v0.1" if args.lpips_weights else None,
+                   "clip_model": args.clip_model if args.clip_weights else None}
     return Config(items, settings, steps, guidance, seed, n_draw, max_batch, examples, fingerprint,
                   perceptual_note(args.lpips_weights, args.clip_weights))
 
@@ -666,6 +665,16 @@ def run_sweep(args) -> int:
     """The ``diffedit sweep`` command (also ``python -m diffedit.sweep`` / torchrun). Returns 0."""
     cfg = parse_config(args)
     rank, world = _dist_env()
+    device = args.device
+    if world > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    scorers = {}  # a bad weights file stops the sweep before any work or file
+    if args.lpips_weights:
+        from .perceptual import LPIPS
+        scorers["lpips"] = LPIPS(args.lpips_weights, device)
+    if args.clip_weights:
+        from .perceptual import CLIPScore
+        scorers["clip_score"] = CLIPScore(args.clip_weights, args.clip_model, device)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
@@ -678,13 +687,6 @@ def run_sweep(args) -> int:
     from .checkpoint import CheckpointError
     from .pipeline import DiffEdit
 
-    scorers = {}  # built before the model: a bad weights file stops the sweep before any work
-    if args.lpips_weights:
-        from .perceptual import LPIPS
-        scorers["lpips"] = LPIPS(args.lpips_weights)
-    if args.clip_weights:
-        from .perceptual import CLIPScore
-        scorers["clip_score"] = CLIPScore(args.clip_weights, args.clip_model)
 
     if world > 1:
         import datetime
@@ -704,9 +706,6 @@ def run_sweep(args) -> int:
         separate = sum(separate_cost(m, cfg.steps, cfg.guidance) for _, m in todo)
         counter = EvalCounter(None)
         if todo:
-            device = args.device
-            if world > 1 and device == "cuda":
-                device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
             try:
                 de = DiffEdit.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype),
                                               max_batch=cfg.max_batch)

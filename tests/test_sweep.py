@@ -287,7 +287,10 @@ def test_local_lpips_and_clip_weights_add_both_metrics_to_every_row(tiny_checkpo
     assert first["clip_score"] == pytest.approx(
         CLIPScore(tiny_clip[0], "diffedit-test-clip")(edit, records[0][2]), rel=1e-5, abs=1e-5)
     page = (out / "index.html").read_text()
-    assert "computed: LPIPS to the input, CLIP score with the target" in page
+    assert "LPIPS to the input computed; CLIP score with the target computed" in page
+    # resuming the same folder without the metrics would mix rows with and without them: refused
+    with pytest.raises(ValueError, match="lpips 'alexnet-v0.1' -> None; clip_model 'diffedit-test-clip' -> None"):
+        sweep.run_sweep(parse(argv[:-6]))
 
 
 def test_a_bad_weights_file_stops_the_sweep_in_one_line_before_any_work(tiny_checkpoint, tmp_path, capsys):
@@ -296,4 +299,4 @@ def test_a_bad_weights_file_stops_the_sweep_in_one_line_before_any_work(tiny_che
                        "--clip-weights", str(tmp_path / "none.bin")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--clip-weights" in err and "none.bin: no such file" in err
-    assert not (out / "results.jsonl").exists()
+    assert not out.exists()
