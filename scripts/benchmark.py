@@ -33,7 +33,8 @@ tracemalloc would miss torch's allocations, and psutil has no peak on Linux.
 
 FLOP rate: the FLOPs of one UNet forward of a CFG pair (batch 2, the commonest call) counted by
 torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention), divided by its median wall time, against
-the rate of a large square matmul in the same dtype on the same device (the practical peak), measured in the same run.
+the rate of a large square matmul in the same dtype on the same device (the practical peak), measured in the same run
+right after the case's forwards (a shared host's speed drifts over minutes; one rate from the start can halve the ratio).
 """
 from __future__ import annotations
 
@@ -457,9 +458,11 @@ def main(argv=None):
         res["setup_and_total_s"] = time.perf_counter() - t0
         res["warmup_steps"] = args.warmup_steps
         res["prompts"] = {"source": source, "target": target}
+        # the machine's speed drifts on a shared host: the peak is measured again next to this case's forwards
+        res["unet_forward"]["matmul_tflop_per_s"] = matmul_rate(device, dtype, mm_n) / 1e12
         for who in ("ours", "diffusers"):
             res["unet_forward"][who]["fraction_of_matmul"] = (res["unet_forward"][who]["tflop_per_s"]
-                                                               / out["matmul"]["tflop_per_s"])
+                                                               / res["unet_forward"]["matmul_tflop_per_s"])
         out["cases"][case] = res
         r = res["runs"]
         print(f"{case}: {image.size[0]} px, {steps} steps, {res['repeats_done']} repeats | "
@@ -483,7 +486,8 @@ def main(argv=None):
         "speedup_matched": "t(diffusers) / t(ours, compat='diffusers'): same steps and CFG inversion; our mask "
                            "pass still evaluates 2n rows where diffusers' evaluates 4n (expected_rows per run)",
         "unet_flop_rate_fraction": "FLOPs of one UNet forward of a CFG pair (batch 2) / its median time, over the "
-                                   "median-of-5 rate of a large square matmul in the same dtype on the same device",
+                                   "median-of-5 rate of a large square matmul in the same dtype on the same device, "
+                                   "measured right after the case's forwards",
         "rows": "UNet sample evaluations (latents through the UNet); calls: UNet invocations",
         "peak_mem_mb": "peak memory above what was in use before the run (weights excluded)"}
     text = json.dumps(out, indent=2)

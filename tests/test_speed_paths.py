@@ -220,5 +220,5 @@ def test_compiled_unet_equals_eager_graph_capture():
 
 @pytest.mark.slow
 def test_compiled_unet_equals_eager_inductor():
-    """The default backend, inductor (with freezing): generated C++ kernels on CPU (minutes on a busy 2-core machine)."""
+    """The default backend, inductor: generated C++ kernels on CPU (minutes on a busy 2-core machine)."""
     _compiled_equals_eager("inductor")

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Peak resident memory of one edit on the CPU (issue target: a 512 px SD1.5-size edit in under 8 GB).
+
+    python scripts/cpu_memory.py --size 512 --steps 2 [--max-batch 64] [--json PATH]
+
+An SD1.5-size model with random weights (scripts/benchmark.py's), fp32, the paper's defaults (r 0.8, n 10,
+strength 0.5, guidance 7.5). The peak is the mask pass (2n latents in batches of --max-batch), which the number of
+DDIM steps does not change, so few steps suffice. Reported: the process's resident set with the weights loaded, its
+high-water mark over the edit (VmHWM, reset through /proc/self/clear_refs) and the difference, in MiB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmark import SOURCE, TARGET, astronaut, random_sd
+from diffedit.pipeline import DiffEdit
+
+
+def status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"cpu_memory: /proc/self/status has no {field} (Linux only)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=512, help="image side in px (multiple of 64)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=64, help="most latents per UNet call")
+    p.add_argument("--preset", default="sd15", help="model preset (sd15; tiny for a smoke run)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.size < 64 or args.size % 64:
+        raise SystemExit(f"cpu_memory: --size must be a multiple of 64, got {args.size}")
+    torch.set_flush_denormal(True)
+    cpu = torch.device("cpu")
+    de = DiffEdit(random_sd(args.preset, cpu, torch.float32), device=cpu, dtype=torch.float32, max_batch=args.max_batch)
+    image = astronaut(args.size)
+    with_weights = status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident set
+    t0 = time.perf_counter()
+    de.edit(image, TARGET, SOURCE, ratio=0.8, n=10, strength=0.5, steps=args.steps, guidance=7.5, seed=0)
+    peak = status_mib("VmHWM")
+    out = {"preset": args.preset, "size": args.size, "steps": args.steps, "max_batch": args.max_batch,
+           "threads": torch.get_num_threads(), "rss_with_weights_mib": round(with_weights),
+           "peak_rss_mib": round(peak), "peak_above_weights_mib": round(peak - with_weights),
+           "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
