@@ -110,7 +110,7 @@ def _mask_metric(rows):
 
 def _mask_curves(rows, path, x_knob: str, line_knob: str):
     rows = [r for r in rows if r["method"] == "diffedit"]
-    if not rows:
+    if len({r[x_knob] for r in rows}) < 2:  # no curve to draw along a knob the grid did not vary
         return None
     metric = _mask_metric(rows)
     rep = representative(rows)
@@ -144,6 +144,29 @@ def mask_vs_n(rows, path):
     """DiffEdit's mask IoU with the ground truth (toy world; else the mask area) against n, one line per
     threshold."""
     return _mask_curves(rows, path, "n", "threshold")
+
+
+def mask_vs_strength(rows, path):
+    """DiffEdit's mask IoU with the ground truth (toy world; else the mask area) against the noise strength of the
+    mask pass, one line per reference text R, at the ratio, threshold and n closest to the paper's."""
+    rows = [r for r in rows if r["method"] == "diffedit"]
+    if len({r["strength"] for r in rows}) < 2 and len({r["reference"] for r in rows}) < 2:
+        return None
+    metric = _mask_metric(rows)
+    rep = representative(rows)
+    rows = [r for r in rows if r["ratio"] == rep["ratio"] and r["threshold"] == rep["threshold"]
+            and r["n"] == rep["n"] and r.get(metric) is not None]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for ref in sorted({r["reference"] for r in rows}):
+        pts = sorted((r for r in rows if r["reference"] == ref), key=lambda r: r["strength"])
+        ax.plot([r["strength"] for r in pts], [r[metric] for r in pts], "o-", label=f"R = {ref}")
+    ax.set_xlabel("noise strength of the mask pass")
+    ax.set_ylabel("mask IoU with the ground truth" if metric == "iou" else "mask area (fraction of the image)")
+    ax.set_title(f"threshold {rep['threshold']:g}, n {rep['n']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _save(fig, path)
 
 
 def example_figure(image, d_map, mask, path, title: str | None = None):

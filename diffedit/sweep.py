@@ -764,9 +764,11 @@ def finalize(out: Path, cfg: Config, stats, quiet: bool = False):
         from . import plots as P
         pdir = out / "plots"
         for name, fn in (("tradeoff", P.tradeoff), ("mask_vs_threshold", P.mask_vs_threshold),
-                         ("mask_vs_n", P.mask_vs_n)):
+                         ("mask_vs_n", P.mask_vs_n), ("mask_vs_strength", P.mask_vs_strength)):
             if (path := fn(summary, pdir / f"{name}.png")) is not None:
                 plots[name] = path
+            else:  # an earlier run's figure of a knob this grid no longer varies would mislead
+                (pdir / f"{name}.png").unlink(missing_ok=True)
         first = next((r for r in rows if r["index"] < cfg.examples), None)
         if first is not None:
             stem = out / "examples" / _stem(first["image"])

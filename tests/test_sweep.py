@@ -300,3 +300,14 @@ def test_a_bad_weights_file_stops_the_sweep_in_one_line_before_any_work(tiny_che
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--clip-weights" in err and "none.bin: no such file" in err
     assert not out.exists()
+
+
+def test_a_figure_the_grid_no_longer_supports_is_removed_not_left_stale(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "mask_vs_n.png").write_bytes(b"an earlier run's figure")
+    argv = ["--images", "toy:1", "--toy-size", 16, "--steps", 2, "--n", "2", "--model", tiny_checkpoint, "--out", out,
+            "-q"]
+    assert sweep.run_sweep(parse(argv)) == 0
+    assert not (out / "plots" / "mask_vs_n.png").exists()
+    assert "mask_vs_n.png" not in (out / "index.html").read_text()
