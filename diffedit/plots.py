@@ -108,27 +108,30 @@ def _mask_metric(rows):
     return "iou" if _has(rows, "iou") else "mask_area"
 
 
+_AXIS = {"threshold": "threshold", "n": "n (noises averaged into D)", "strength": "noise strength of the mask pass"}
+
+
 def _mask_curves(rows, path, x_knob: str, line_knob: str):
     rows = [r for r in rows if r["method"] == "diffedit"]
     if len({r[x_knob] for r in rows}) < 2:  # no curve to draw along a knob the grid did not vary
         return None
     metric = _mask_metric(rows)
     rep = representative(rows)
-    # The mask does not depend on r: one ratio's rows, at the strength and reference closest to the paper's.
-    rows = [r for r in rows if r["ratio"] == rep["ratio"] and r["strength"] == rep["strength"]
-            and r["reference"] == rep["reference"] and r.get(metric) is not None]
+    # Every other knob at the grid value closest to the paper's (the mask does not depend on r: one ratio's rows).
+    fixed = [k for k in ("ratio", "threshold", "n", "strength", "reference") if k not in (x_knob, line_knob)]
+    rows = [r for r in rows if all(r[k] == rep[k] for k in fixed) and r.get(metric) is not None]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for v in sorted({r[line_knob] for r in rows}):
         pts = sorted((r for r in rows if r[line_knob] == v), key=lambda r: r[x_knob])
-        ax.plot([r[x_knob] for r in pts], [r[metric] for r in pts], "o-", label=f"{line_knob} = {v:g}")
-    ax.set_xlabel({"threshold": "threshold", "n": "n (noises averaged into D)"}[x_knob])
+        ax.plot([r[x_knob] for r in pts], [r[metric] for r in pts], "o-", label=f"{line_knob} = {v}")
+    ax.set_xlabel(_AXIS[x_knob])
     ax.set_ylabel("mask IoU with the ground truth" if metric == "iou" else "mask area (fraction of the image)")
     if x_knob == "n":
         ax.set_xscale("log")
         ns = sorted({r["n"] for r in rows})
         ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_title(f"strength {rep['strength']:g}, reference {rep['reference']}", fontsize=9)
+    ax.set_title(", ".join(f"{k} {rep[k]}" for k in fixed if k != "ratio"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
@@ -148,25 +151,8 @@ def mask_vs_n(rows, path):
 
 def mask_vs_strength(rows, path):
     """DiffEdit's mask IoU with the ground truth (toy world; else the mask area) against the noise strength of the
-    mask pass, one line per reference text R, at the ratio, threshold and n closest to the paper's."""
-    rows = [r for r in rows if r["method"] == "diffedit"]
-    if len({r["strength"] for r in rows}) < 2 and len({r["reference"] for r in rows}) < 2:
-        return None
-    metric = _mask_metric(rows)
-    rep = representative(rows)
-    rows = [r for r in rows if r["ratio"] == rep["ratio"] and r["threshold"] == rep["threshold"]
-            and r["n"] == rep["n"] and r.get(metric) is not None]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for ref in sorted({r["reference"] for r in rows}):
-        pts = sorted((r for r in rows if r["reference"] == ref), key=lambda r: r["strength"])
-        ax.plot([r["strength"] for r in pts], [r[metric] for r in pts], "o-", label=f"R = {ref}")
-    ax.set_xlabel("noise strength of the mask pass")
-    ax.set_ylabel("mask IoU with the ground truth" if metric == "iou" else "mask area (fraction of the image)")
-    ax.set_title(f"threshold {rep['threshold']:g}, n {rep['n']}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return _save(fig, path)
+    mask pass, one line per reference text R."""
+    return _mask_curves(rows, path, "strength", "reference")
 
 
 def example_figure(image, d_map, mask, path, title: str | None = None):

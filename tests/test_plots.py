@@ -21,7 +21,7 @@ def test_mask_vs_strength_draws_one_line_per_reference(tmp_path):
 
 
 def test_no_figure_along_a_knob_the_grid_did_not_vary(tmp_path):
-    single = rows()
+    single = rows(references=("empty", "caption"))  # lines, but nothing along the x axis
     assert plots.mask_vs_strength(single, tmp_path / "s.png") is None
     assert plots.mask_vs_threshold(single, tmp_path / "t.png") is None
     assert plots.mask_vs_n(single, tmp_path / "n.png") is None
