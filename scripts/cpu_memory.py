@@ -5,8 +5,8 @@
 
 An SD1.5-size model with random weights (scripts/benchmark.py's), fp32, the paper's defaults (r 0.8, n 10,
 strength 0.5, guidance 7.5). The peak is the mask pass (2n latents in batches of --max-batch), which the number of
-DDIM steps does not change, so few steps suffice. Reported: the process's resident set with the weights loaded, its
-high-water mark over the edit (VmHWM, reset through /proc/self/clear_refs) and the difference, in MiB.
+DDIM steps does not change, so few steps suffice. Reported: the process's resident set with the weights loaded and
+the high-water mark over the edit above it (benchmark.PeakMemory: VmHWM, reset through /proc/self/clear_refs), in MiB.
 """
 from __future__ import annotations
 
@@ -17,15 +17,8 @@ from pathlib import Path
 
 import torch
 
-from benchmark import SOURCE, TARGET, astronaut, random_sd
+from benchmark import SOURCE, TARGET, PeakMemory, astronaut, random_sd
 from diffedit.pipeline import DiffEdit
-
-
-def status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit(f"cpu_memory: /proc/self/status has no {field} (Linux only)")
 
 
 def main(argv=None):
@@ -42,15 +35,14 @@ def main(argv=None):
     cpu = torch.device("cpu")
     de = DiffEdit(random_sd(args.preset, cpu, torch.float32), device=cpu, dtype=torch.float32, max_batch=args.max_batch)
     image = astronaut(args.size)
-    with_weights = status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident set
     t0 = time.perf_counter()
-    de.edit(image, TARGET, SOURCE, ratio=0.8, n=10, strength=0.5, steps=args.steps, guidance=7.5, seed=0)
-    peak = status_mib("VmHWM")
+    with PeakMemory(cpu) as mem:
+        de.edit(image, TARGET, SOURCE, ratio=0.8, n=10, strength=0.5, steps=args.steps, guidance=7.5, seed=0)
+    with_weights = mem.base / 2 ** 20
     out = {"preset": args.preset, "size": args.size, "steps": args.steps, "max_batch": args.max_batch,
            "threads": torch.get_num_threads(), "rss_with_weights_mib": round(with_weights),
-           "peak_rss_mib": round(peak), "peak_above_weights_mib": round(peak - with_weights),
-           "seconds": round(time.perf_counter() - t0, 1)}
+           "peak_rss_mib": round(with_weights + mem.peak_mb), "peak_above_weights_mib": round(mem.peak_mb),
+           "method": mem.method, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")

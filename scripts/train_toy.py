@@ -57,6 +57,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+PHASES = ("vae", "unet", "decoder")
 RECIPE_KEYS = ("n_scenes", "data_seed", "max_objects", "seed", "vae_steps", "vae_lr", "kl_weight", "unet_steps",
                "lr", "batch", "uncond_prob", "ema", "decoder_steps", "decoder_lr")
 
@@ -252,9 +253,8 @@ class EMA(torch.nn.Module):
 def main(argv=None):
     args = parse_args(argv)
     phases = set() if args.export_only else set(args.phases.split(","))
-    if phases - {"vae", "unet", "decoder"}:
-        raise SystemExit(f"--phases: unknown phase(s) {sorted(phases - {'vae', 'unet', 'decoder'})}; "
-                         "choose from vae, unet, decoder")
+    if unknown := sorted(phases - set(PHASES)):
+        raise SystemExit(f"--phases: unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
