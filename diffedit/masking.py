@@ -3,7 +3,8 @@
 x_0 is noised n times at strength s (default 0.5) with independent noises; the model predicts the noise
 under the query Q and the reference R. Where the texts disagree about the image, so do the estimates:
     D = mean over the n noises and the latent channels of |eps(x_t, Q) - eps(x_t, R)|.
-Extreme values are removed and D rescaled to [0, 1] per image, then binarised at a threshold (0.5).
+Extreme values (the top 2 % of D) are removed and D rescaled to [0, 1] per image, then binarised at a threshold
+(0.5).
 No classifier-free guidance is needed: with a shared unconditional branch the guided difference is
 g * (eps_Q - eps_R), which the rescaling cancels.
 """
@@ -15,6 +16,8 @@ import torch
 
 from . import ddim
 from .guidance import EpsFn, batched_eps
+
+NORMALIZATIONS = ("quantile", "clamp", "minmax", "clamp-mean")
 
 
 def strength_timestep(strength: float, steps: int) -> int:
@@ -29,27 +32,36 @@ def difference_map(eps_q: torch.Tensor, eps_r: torch.Tensor) -> torch.Tensor:
     return (eps_q - eps_r).abs().mean(dim=(0, 2))
 
 
-def normalize(d: torch.Tensor, mode: str = "clamp", clamp_ratio: float = 3.0) -> torch.Tensor:
+def normalize(d: torch.Tensor, mode: str = "quantile", clamp_ratio: float = 3.0, quantile: float = 0.98) -> torch.Tensor:
     """Remove extreme values and rescale each image's map to [0, 1] (Sec. 3.1).
 
-    ``clamp``: clip at clamp_ratio x the image's mean, then divide by the clipped map's maximum so it spans
-    [0, 1]; ``minmax``: (D - min) / (max - min). A map with no spread (D = 0) becomes all zeros, not NaN.
-    (diffusers divides by clamp_ratio x mean even when the maximum is below it: when the edit covers most
-    of the image, say a new background, its map never reaches the threshold and the mask comes out empty.)
-    ``clamp-mean``: that diffusers rule, per image (compat="diffusers" uses it in place of ``clamp``).
+    ``quantile`` (default): clip at the image's ``quantile``-quantile of D (the top 2 % are the extreme
+    values) and divide by it, so the bulk of a broad edit reaches 1 whatever a few outlying cells do;
+    ``clamp``: clip at clamp_ratio x the image's mean and divide by the clipped maximum (nothing is removed
+    when the mean exceeds max / clamp_ratio, as for a new background, and the mask then depends on its single
+    largest cell); ``minmax``: (D - min) / (max - min); ``clamp-mean``: diffusers' rule, divide by
+    clamp_ratio x mean even when the maximum is below it (compat="diffusers"; a broad edit's map may then
+    never reach the threshold). A map with no spread (D = 0) becomes all zeros, not NaN.
     """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     flat = d.flatten(1)
-    if mode == "clamp":
+    tiny = torch.finfo(d.dtype).tiny
+    if mode == "quantile":
+        hi = torch.quantile(flat, quantile, dim=1, keepdim=True)
+        hi = torch.where(hi > 0, hi, flat.amax(dim=1, keepdim=True))  # a change confined to < 2 % of the cells
+        out = torch.minimum(flat, hi) / hi.clamp(min=tiny)
+    elif mode == "clamp":
         hi = torch.minimum(clamp_ratio * flat.mean(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True))
-        out = torch.minimum(flat, hi) / hi.clamp(min=torch.finfo(d.dtype).tiny)
+        out = torch.minimum(flat, hi) / hi.clamp(min=tiny)
     elif mode == "minmax":
         lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-        out = (flat - lo) / (hi - lo).clamp(min=torch.finfo(d.dtype).tiny)
-    elif mode == "clamp-mean":  # diffusers' rule, for compat="diffusers": divide by clamp_ratio x mean regardless
+        out = (flat - lo) / (hi - lo).clamp(min=tiny)
+    elif mode == "clamp-mean":
         hi = clamp_ratio * flat.mean(dim=1, keepdim=True)
-        out = torch.minimum(flat, hi) / hi.clamp(min=torch.finfo(d.dtype).tiny)
+        out = torch.minimum(flat, hi) / hi.clamp(min=tiny)
     else:
-        raise ValueError(f"normalisation mode must be 'clamp', 'minmax' or 'clamp-mean', got {mode!r}")
+        raise ValueError(f"normalisation mode must be one of {', '.join(NORMALIZATIONS)}, got {mode!r}")
     return out.reshape(d.shape)
 
 

@@ -47,6 +47,11 @@ def _check(name, value, lo, hi, lo_open=False):
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
 
 
+def _check_normalization(mode):
+    if mode is not None and mode not in masking.NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(masking.NORMALIZATIONS)}, got {mode!r}")
+
+
 class DiffEdit:
     """DiffEdit on a Stable Diffusion model (or the embedded toy model)."""
 
@@ -161,10 +166,11 @@ class DiffEdit:
         return d, masking.binarize(d, threshold)
 
     def mask(self, image, target, source: str = "", n: int = 10, strength: float = 0.5, threshold: float = 0.5,
-             seed: int = 0, steps: int = 50, normalization: str = "clamp"):
+             seed: int = 0, steps: int = 50, normalization: str = "quantile"):
         """Step 1 alone: the mask for ``target`` against ``source`` (a list of targets gives a list)."""
         targets = _targets(target)
         _check("threshold", threshold, 0.0, 1.0)
+        _check_normalization(normalization)
         pil, x0 = self._prepare(image)
         cond, ref = self._embed(targets, [source])
         d, m = self._masks(x0, cond, ref, n, strength, steps, threshold, seed, normalization)
@@ -173,7 +179,7 @@ class DiffEdit:
 
     def edit(self, image, target, source: str = "", ratio: float = 0.7, threshold: float = 0.5, n: int = 10,
              strength: float = 0.5, steps: int = 50, guidance: float = 7.5, seed: int = 0, method: str = "diffedit",
-             mask=None, normalization: str = "clamp", compat: str | None = None, progress: bool = False):
+             mask=None, normalization: str | None = None, compat: str | None = None, progress: bool = False):
         """Edit ``image`` towards ``target`` (a list of targets shares one inversion and the reference half
         of the mask pass). ``mask``: a PIL mask at image size or a (h, w) tensor at latent size; skips step 1."""
         targets = _targets(target)
@@ -186,6 +192,7 @@ class DiffEdit:
             raise ValueError(f"steps and n must be >= 1, got steps={steps}, n={n}")
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+        _check_normalization(normalization)
         if mask is not None and method != "diffedit":
             raise ValueError(f"mask= is used by method 'diffedit' only; {method!r} edits without a mask")
         if compat == "diffusers":  # diffusers takes int(r * steps) grid steps where we round: 3.5 -> 3, not 4
@@ -212,8 +219,8 @@ class DiffEdit:
             bar.update(inversion)
             if method == "diffedit":
                 if mask is None:
-                    if compat == "diffusers" and normalization == "clamp":  # diffusers' clamp rule
-                        normalization = "clamp-mean"
+                    if normalization is None:  # diffusers' clamp rule under compat, else the paper's
+                        normalization = "clamp-mean" if compat == "diffusers" else "quantile"
                     d, m = self._masks(x0, cond, ref, n, strength, steps, threshold, seed, normalization)
                 else:
                     m = self._external_mask(mask, x0.shape[-2:]).expand(len(targets), -1, -1)

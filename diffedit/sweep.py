@@ -76,7 +76,7 @@ METHODS = ("diffedit", "sdedit", "encode-decode")
 REFERENCES = ("empty", "caption")
 KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference")
 METRICS = ("iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips", "clip_score")
-NORMALIZATION = "clamp"  # the paper's: clip D at 3x its mean, rescale to [0, 1]
+NORMALIZATION = "quantile"  # the paper's "remove extreme values" (the top 2 % of D), rescale to [0, 1]
 
 
 def perceptual_note(lpips_weights, clip_weights) -> str:

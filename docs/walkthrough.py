@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     save("eps_reference.png", heatmap(_signed(eps_r.mean(0)), size))
     save("eps_difference_one_noise.png", heatmap(_scaled((eps_q - eps_r).abs().mean(0)), size))
     d_raw = masking.noise_difference_maps(de.eps, noises, query, reference, de.max_batch)
-    d = masking.normalize(d_raw.float(), "clamp")
+    d = masking.normalize(d_raw.float())
     m = masking.binarize(d, threshold)
     save("d_raw.png", heatmap(_scaled(d_raw[0]), size))
     save("d.png", heatmap(d[0], size))
@@ -179,7 +179,7 @@ they disagree (the object or background the edit changes) they differ. Channel m
 {fig("eps_reference.png", "eps(x<sub>t</sub>, R), channel mean")}
 {fig("eps_difference_one_noise.png", "|eps<sub>Q</sub> - eps<sub>R</sub>|, one noise")}
 <p>One noise is noisy. D averages |eps<sub>Q</sub> - eps<sub>R</sub>| over the channels and over
-n = {args.n} noises (<code>masking.noise_difference_maps</code>), is clipped at 3x its mean and rescaled to
+n = {args.n} noises (<code>masking.noise_difference_maps</code>), is clipped at its 98th percentile and rescaled to
 [0, 1] (<code>masking.normalize</code>), and thresholded at {threshold:g} (<code>masking.binarize</code>):</p>
 {fig("d_raw.png", "D, averaged over n noises (raw)")}{fig("d.png", "D clipped and rescaled")}
 {fig("mask.png", "mask M = D &gt; threshold")}{fig("mask_overlay.png", "M over the input")}

@@ -3,8 +3,12 @@
 Phases: (1) the VAE (reconstruction MSE + a small KL), (2) the latent scale from the data (1 / std of the
 posterior means) and a cache of scaled latents, (3) the text encoder and UNet together with the epsilon
 loss, 10% empty captions so classifier-free guidance works, EMA weights, (4) the VAE decoder alone, on the
-posterior means (the encoder, hence the latents the UNet learned, stay fixed; as SD's ft-MSE decoder).
-Phases 3 and 4 read only phase 2's output, so `--phases unet` and `--phases decoder` may run side by side.
+posterior means (the encoder, hence the latents the UNet learned, stay fixed; as SD's ft-MSE decoder),
+(5) the decoder again, on spliced latents: a toy-world edit's target latents inside a latent-resolution mask
+that covers the edit, the source's outside (sometimes amplified inside, as guided sampling amplifies them),
+decoded to the target render. DiffEdit decodes exactly such splices; a decoder that never saw one lets the
+edited region tint the kept one (its GroupNorm statistics and mid-block attention are image-wide).
+Phases 3 to 5 read only phase 2's output (5 starts from 4's decoder), so `--phases unet` may run beside them.
 Resumable: the state of each phase is saved every --save-every steps in --out and picked up by the same command.
 The export (fp16 single-file safetensors) carries the architecture and this recipe in its metadata.
 
@@ -46,20 +50,25 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--decoder-steps", type=int, default=0, help="phase 4: decoder fine-tuning steps (0: none)")
     p.add_argument("--decoder-lr", type=float, default=3e-4)
+    p.add_argument("--splice-steps", type=int, default=0, help="phase 5: decoder steps on spliced edits (0: none)")
+    p.add_argument("--splice-lr", type=float, default=2e-4)
+    p.add_argument("--splice-gain", type=float, default=2.0,
+                   help="phase 5: half the splices amplify the edited latents by a factor drawn from [1, this]")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--phases", default="vae,unet,decoder",
-                   help="comma list of phases to train now (vae, unet, decoder); the latent cache is always made")
+    p.add_argument("--phases", default="vae,unet,decoder,splice",
+                   help="comma list of phases to train now (vae, unet, decoder, splice); the latent cache is always made")
     return p.parse_args(argv)
 
 
-PHASES = ("vae", "unet", "decoder")
+PHASES = ("vae", "unet", "decoder", "splice")
 RECIPE_KEYS = ("n_scenes", "data_seed", "max_objects", "seed", "vae_steps", "vae_lr", "kl_weight", "unet_steps",
-               "lr", "batch", "uncond_prob", "ema", "decoder_steps", "decoder_lr")
+               "lr", "batch", "uncond_prob", "ema", "decoder_steps", "decoder_lr", "splice_steps", "splice_lr",
+               "splice_gain")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -213,6 +222,62 @@ def finetune_decoder(args, sd, images, device):
             save_state(path, {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
 
 
+def splice_masks(source: np.ndarray, target: np.ndarray, factor: int, dilate: np.ndarray) -> torch.Tensor:
+    """(N, 1, h, w) float latent masks: every latent cell that holds a pixel the edit changes, grown by
+    ``dilate[i]`` cells (DiffEdit's masks overshoot), so the splice's true image is the target render."""
+    changed = torch.from_numpy(np.any(source != target, axis=-1)).float()[:, None]
+    cells = F.max_pool2d(changed, factor)
+    return torch.stack([F.max_pool2d(c[None], 2 * int(k) + 1, 1, int(k))[0] for c, k in zip(cells, dilate)])
+
+
+def splice_batch(args, vae, rng: np.random.Generator, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n fresh edits from the training distribution as (spliced posterior means, target images)."""
+    edits = [world.sample_edit(rng, max_objects=args.max_objects) for _ in range(n)]
+    src = world.render_batch([e.source for e in edits])
+    tgt = world.render_batch([e.target for e in edits])
+    x_s, x_t = to_model_range(src, device), to_model_range(tgt, device)
+    with torch.no_grad():
+        z_s, z_t = vae.encode(x_s)[0], vae.encode(x_t)[0]
+    m = splice_masks(src, tgt, x_s.shape[-1] // z_s.shape[-1], rng.integers(0, 2, n)).to(device)
+    gain = np.where(rng.random(n) < 0.5, 1.0, 1.0 + rng.random(n) * (args.splice_gain - 1.0))
+    gain = torch.tensor(gain, dtype=z_t.dtype, device=device)[:, None, None, None]
+    return m * gain * z_t + (1 - m) * z_s, x_t
+
+
+def finetune_splice(args, sd, images, device):
+    """Phase 5: the decoder learns to decode spliced edits (half of each batch) and plain posterior means."""
+    path = args.out / "splice_state.pt"
+    vae = sd.first_stage_model
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.splice_lr, weight_decay=0.0)
+    step = 0
+    if path.exists():
+        st = torch.load(path, weights_only=False)
+        vae.load_state_dict(st["vae"]), opt.load_state_dict(st["opt"])
+        step = st["step"]
+    gen = torch.Generator().manual_seed(args.seed * 1000 + 17 + step)
+    half = max(1, args.batch // 2)
+    bar = tqdm(range(step, args.splice_steps), desc="splice", initial=step, total=args.splice_steps)
+    for step in bar:
+        # edits from their own stream of the data seed (a list seed: never equal to an evaluation's int seed)
+        z, x = splice_batch(args, vae, np.random.default_rng([args.data_seed, 5, step]), half, device)
+        idx = torch.randint(0, len(images), (half,), generator=gen).numpy()
+        x_plain = to_model_range(images[idx], device)
+        with torch.no_grad():
+            z_plain = vae.encode(x_plain)[0]
+        splice_mse = F.mse_loss(vae.decode(z), x)
+        mse = F.mse_loss(vae.decode(z_plain), x_plain)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.splice_steps, args.splice_lr)
+        opt.zero_grad(set_to_none=True)
+        (splice_mse + mse).backward()
+        opt.step()
+        bar.set_postfix(psnr=f"{10 * math.log10(4 / mse.item()):.2f}",
+                        splice_psnr=f"{10 * math.log10(4 / splice_mse.item()):.2f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.splice_steps:
+            save_state(path, {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+
+
 def export(args, sd, ema, scale: float, path: Path):
     """fp16 single-file checkpoint in LDM names; architecture and recipe in the metadata."""
     state = torch.load(args.out / "unet_state.pt", weights_only=False) if (args.out / "unet_state.pt").exists() else None
@@ -225,11 +290,11 @@ def export(args, sd, ema, scale: float, path: Path):
     cfg["vae"]["scaling_factor"] = scale
     recipe = {k: getattr(args, k) for k in RECIPE_KEYS}
     recipe["unet_steps_done"] = state["step"] if state else 0
-    decoder = args.out / "decoder_state.pt"
-    if decoder.exists():  # the fine-tuned decoder (its encoder is phase 1's, unchanged)
-        dec = torch.load(decoder, weights_only=False)
-        model.first_stage_model.load_state_dict(dec["vae"])
-        recipe["decoder_steps_done"] = dec["step"]
+    for phase in ("decoder", "splice"):  # the fine-tuned decoders, in order (the encoder is phase 1's, unchanged)
+        if (args.out / f"{phase}_state.pt").exists():
+            dec = torch.load(args.out / f"{phase}_state.pt", weights_only=False)
+            model.first_stage_model.load_state_dict(dec["vae"])
+            recipe[f"{phase}_steps_done"] = dec["step"]
     history = args.out / "history.txt"  # interruptions and manual interventions, recorded by hand
     if history.exists():
         recipe["history"] = history.read_text()
@@ -273,6 +338,10 @@ def main(argv=None):
         train_unet(args, sd, ema, cached["latents"], captions, device)
     if "decoder" in phases and args.decoder_steps:
         finetune_decoder(args, sd, images, device)
+    elif (args.out / "decoder_state.pt").exists():  # phase 5 starts from phase 4's decoder
+        sd.first_stage_model.load_state_dict(torch.load(args.out / "decoder_state.pt", weights_only=False)["vae"])
+    if "splice" in phases and args.splice_steps:
+        finetune_splice(args, sd, images, device)
     if args.export:
         export(args, sd, ema, cached["scale"], args.export)
 

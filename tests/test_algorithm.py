@@ -1,4 +1,5 @@
 """The paper's three steps (inversion.py, masking.py, edit.py, guidance.py) on a tiny random model."""
+import numpy as np
 import pytest
 import torch
 
@@ -66,7 +67,7 @@ def test_identical_query_and_reference_give_an_empty_mask_not_nan(tiny64):
     _, eps, alpha_bar, ctx, x0 = tiny64
     noises = masking.noised_latents(x0, 3, 0.5, 50, alpha_bar, torch.Generator().manual_seed(0))
     d = masking.noise_difference_maps(eps, noises, ctx[1:2], ctx[1:2])
-    for mode in ("clamp", "minmax"):
+    for mode in masking.NORMALIZATIONS:
         dn = masking.normalize(d, mode)
         assert torch.equal(dn, torch.zeros_like(dn)), mode
         assert not masking.binarize(dn).any()
@@ -84,7 +85,7 @@ def test_difference_map_equals_plain_reimplementation_of_the_formula(tiny64):
             acc += (model.unet(x_t, torch.tensor([481]), q) - model.unet(x_t, torch.tensor([481]), ctx[:1])).abs()[0].sum(0)
         expected = acc / (n * 4)
         assert torch.allclose(d[k], expected, rtol=1e-10, atol=0)
-        dn = masking.normalize(d[k:k + 1])[0]
+        dn = masking.normalize(d[k:k + 1], "clamp")[0]
         hi = min(3 * expected.mean(), expected.max())
         assert torch.allclose(dn, expected.clamp(max=hi) / hi, rtol=1e-10, atol=0)
         assert dn.max() == 1
@@ -95,8 +96,44 @@ def test_difference_map_equals_plain_reimplementation_of_the_formula(tiny64):
 def test_clamp_normalisation_reaches_one_when_the_edit_covers_most_of_the_image():
     d = torch.ones(1, 8, 8, dtype=torch.float64)
     d[0, :2] = 0.1  # a large region of high difference (a background edit): max(D) < 3 mean(D)
-    m = masking.binarize(masking.normalize(d))
-    assert m[0, 2:].all() and not m[0, :2].any()
+    for mode in ("quantile", "clamp"):
+        m = masking.binarize(masking.normalize(d, mode))
+        assert m[0, 2:].all() and not m[0, :2].any(), mode
+
+
+def test_quantile_normalisation_equals_numpy_percentile_clip_and_rescale():
+    d = torch.rand(3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) ** 3
+    for q in (0.98, 0.9, 1.0):
+        got = masking.normalize(d, "quantile", quantile=q)
+        for i in range(3):
+            hi = np.quantile(d[i].numpy(), q)  # numpy's default linear interpolation, as torch.quantile
+            assert np.allclose(got[i].numpy(), np.minimum(d[i].numpy(), hi) / hi, rtol=1e-12, atol=0)
+        assert (got.flatten(1).amax(1) == 1).all()
+
+
+def test_quantile_normalisation_keeps_a_broad_edit_whole_despite_a_few_extreme_cells():
+    # a new background: D is broad (0.6) but peaks in 4 of 256 cells (1.6 %); clamp divides by the peak and
+    # cuts the broad region below the threshold, the 98th percentile ignores the peak
+    d = torch.full((1, 16, 16), 0.6, dtype=torch.float64)
+    d[0, 6:10, 6:10] = 0.05  # the kept object
+    d[0, 0, :4] = 1.5
+    broad = d[0] >= 0.6
+    assert masking.binarize(masking.normalize(d, "quantile"))[0].eq(broad).all()
+    assert not masking.binarize(masking.normalize(d, "clamp"))[0, 8:].any()
+
+
+def test_quantile_normalisation_of_an_edit_smaller_than_the_clipped_share_falls_back_to_the_maximum():
+    d = torch.zeros(1, 16, 16, dtype=torch.float64)
+    d[0, 3, 4:6] = torch.tensor([0.2, 0.4])  # 2 cells of 256: the 98th percentile is 0
+    got = masking.normalize(d, "quantile")
+    assert got[0, 3, 5] == 1 and got[0, 3, 4] == 0.5 and got.sum() == 1.5
+
+
+def test_unknown_normalisation_or_quantile_is_refused_by_name():
+    with pytest.raises(ValueError, match="normalisation mode must be one of quantile, clamp, minmax, clamp-mean"):
+        masking.normalize(torch.ones(1, 4, 4), "percentile")
+    with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\], got 1.5"):
+        masking.normalize(torch.ones(1, 4, 4), quantile=1.5)
 
 
 def test_normalisation_is_per_image_so_masks_do_not_depend_on_the_batch():

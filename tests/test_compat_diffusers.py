@@ -10,7 +10,7 @@ What compat mode reproduces (and the paper-faithful default does not):
   * int(fraction * steps) grid steps for the inversion / decoding ratio and for the mask's strength, where the
     default rounds (ratio 0.7 at 5 steps: 3 steps, not 4);
   * the mask's clamp rule: divide by 3 x mean even when the map's maximum is below it ("clamp-mean"); the
-    default "clamp" divides by the maximum there (broad edits would otherwise get shrunken or empty masks).
+    default "quantile" divides by D's 98th percentile (broad edits would otherwise get shrunken or empty masks).
 Pitfalls of the diffusers pipeline, documented here and deliberately NOT reproduced:
   * ``generate_mask`` unpacks ``encode_prompt``'s (positive, negative) as (negative, positive), so its "guided"
     estimates are eps_text + g (eps_neg - eps_text). With equal negative prompts the difference of the two is
@@ -259,7 +259,7 @@ def test_mask_matches_diffusers_generate_mask_with_the_same_noises(models, spies
     assert torch.equal(ours.binary, ref_binary.bool()), f"closest value to the threshold is {margin:.2e} away"
     assert 0 < ours.binary.sum() < ours.binary.numel()  # a real mask: neither empty nor full
     # Where the map's maximum is below clamp_ratio x mean (broad edits) diffusers' rule never reaches 1 and its
-    # mask shrinks, possibly to nothing; our default "clamp" divides by the maximum there instead. Compat must
+    # mask shrinks, possibly to nothing; our "clamp" divides by the maximum there instead. Compat must
     # follow diffusers: a clamp ratio 1.5 x max / mean puts this image in that regime.
     ratio = 1.5 * (d.max() / d.mean()).item()
     wide = torch.from_numpy(pipe.generate_mask(image=pil, source_prompt=SOURCE, target_prompt=TARGET,
@@ -270,7 +270,7 @@ def test_mask_matches_diffusers_generate_mask_with_the_same_noises(models, spies
     compat_rule = masking.binarize(masking.normalize(d[None], "clamp-mean", ratio))[0]
     default_rule = masking.binarize(masking.normalize(d[None], "clamp", ratio))[0]
     print(f"[compat] clamp ratio {ratio:.2f}: diffusers' mask {int(wide.sum())} pixels, clamp-mean "
-          f"{int(compat_rule.sum())}, our default clamp {int(default_rule.sum())}")
+          f"{int(compat_rule.sum())}, our clamp {int(default_rule.sum())}")
     assert torch.equal(compat_rule, wide) and not torch.equal(default_rule, wide)
 
 
@@ -364,7 +364,7 @@ def whole_edits(models):
 
 def test_compat_edit_equals_a_whole_diffusers_edit_with_its_defaults(whole_edits):
     ref, ours = whole_edits["diffusers"], whole_edits["ours-diffusers"]
-    assert ours["normalization"] == ["clamp-mean"] and whole_edits["ours-None"]["normalization"] == ["clamp"]
+    assert ours["normalization"] == ["clamp-mean"] and whole_edits["ours-None"]["normalization"] == ["quantile"]
     assert torch.equal(ours["mask"], ref["mask"]) and 0 < ref["mask"].sum() < ref["mask"].numel()
     # here max D < 3 mean D: the default "clamp" rule gives another mask, so compat needs diffusers' rule
     paper_mask = whole_edits["ours-None"]["mask"]

@@ -157,6 +157,7 @@ def test_an_external_mask_skips_estimation_and_black_keeps_x0_exactly(de, monkey
     (dict(strength=0), "strength"), (dict(steps=0), "steps"), (dict(method="foo"), "method"),
     (dict(target=""), "target"), (dict(target="  "), "target"), (dict(target=[]), "target"),
     (dict(target=["a dog", ""]), "target"), (dict(mask=torch.zeros(3, 3)), "mask"),
+    (dict(normalization="percentile"), "normalization"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(de, kwargs, named):
     call = dict(target="a dog", steps=2, n=1) | kwargs

@@ -1,12 +1,14 @@
-"""scripts/train_toy.py end to end at a few steps: phases, resume, the decoder phase's fixed encoder, the export."""
+"""scripts/train_toy.py end to end at a few steps: phases, resume, the decoder phases' fixed encoder, the export."""
 import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from diffedit.checkpoint import load_model
+from diffedit.toy import world
 
 spec = importlib.util.spec_from_file_location("train_toy", Path(__file__).parents[1] / "scripts" / "train_toy.py")
 tt = importlib.util.module_from_spec(spec)
@@ -41,5 +43,40 @@ def test_phases_resume_and_export_a_checkpoint_the_loader_reads_strictly(tmp_pat
 
 def test_unknown_phase_is_refused_with_the_allowed_names(tmp_path):
     import pytest
-    with pytest.raises(SystemExit, match=r"--phases: unknown phase\(s\) \['vea'\]; choose from vae, unet, decoder"):
+    with pytest.raises(SystemExit, match=r"--phases: unknown phase\(s\) \['vea'\]; choose from vae, unet, decoder, splice"):
         tt.main(["--out", str(tmp_path / "run"), *SMALL, "--phases", "vea"])
+
+
+def test_splice_masks_cover_every_changed_pixel_so_the_spliced_image_is_the_target_render():
+    eds = world.edits(12, 99)
+    src = world.render_batch([e.source for e in eds])
+    tgt = world.render_batch([e.target for e in eds])
+    for grow in (0, 1):
+        m = tt.splice_masks(src, tgt, 4, np.full(len(eds), grow))
+        assert m.shape == (12, 1, 16, 16)
+        pixels = m.repeat_interleave(4, -2).repeat_interleave(4, -1)[:, 0, :, :, None].numpy()
+        assert np.array_equal(np.where(pixels > 0, tgt, src), tgt)  # nothing the edit changed lies outside
+        cells = torch.from_numpy(np.stack([e.mask() for e in eds])).float()[:, None]
+        any_cell = torch.nn.functional.max_pool2d(cells, 4)
+        assert torch.equal(m >= any_cell, torch.ones_like(m, dtype=torch.bool))
+        assert (m.sum() > any_cell.sum()) == bool(grow)  # dilation grows the mask by whole cells
+
+
+def test_splice_phase_moves_only_the_decoder_and_the_export_records_it(tmp_path):
+    out, export = tmp_path / "run", tmp_path / "toy.safetensors"
+    tt.main(["--out", str(out), *SMALL, "--phases", "vae,unet,decoder", "--decoder-steps", "1"])
+    decoder = torch.load(out / "decoder_state.pt", weights_only=False)["vae"]
+    tt.main(["--out", str(out), *SMALL, "--decoder-steps", "1", "--phases", "splice", "--splice-steps", "2",
+             "--export", str(export)])
+    spliced = torch.load(out / "splice_state.pt", weights_only=False)
+    assert spliced["step"] == 2
+    for k, v in spliced["vae"].items():  # starts from phase 4's decoder; the encoder is phase 1's
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(v, decoder[k]), k
+    assert any(not torch.equal(spliced["vae"][k], decoder[k]) for k in decoder if k.startswith("decoder."))
+    with safe_open(str(export), "pt") as f:
+        recipe = json.loads(f.metadata()["recipe"])
+    assert recipe["splice_steps_done"] == 2 and recipe["decoder_steps_done"] == 1 and recipe["splice_gain"] == 2.0
+    model, _ = load_model(str(export))
+    got = model.first_stage_model.decoder.conv_in.weight
+    assert torch.allclose(got.float(), spliced["vae"]["decoder.conv_in.weight"].half().float())
