@@ -22,6 +22,7 @@ from pathlib import Path
 PROG = "diffedit"
 DTYPES = ("float32", "float16", "bfloat16")
 METHODS = ("diffedit", "sdedit", "encode-decode")  # = pipeline.METHODS (not imported: keeps --help fast)
+NORMALIZATIONS = ("quantile", "clamp", "minmax", "clamp-mean")  # = masking.NORMALIZATIONS (likewise)
 
 
 class UsageError(Exception):
@@ -74,6 +75,8 @@ def _add_mask_args(p):
     g.add_argument("--n", type=int, default=10, help="number of noises averaged into D, >= 1")
     g.add_argument("--strength", type=float, default=0.5, help="noise level of the mask pass, in (0, 1]")
     g.add_argument("--seed", type=int, default=0, help="random seed (mask noises, SDEdit noise)")
+    g.add_argument("--normalization", default="quantile", choices=NORMALIZATIONS,
+                   help="removing D's extremes before rescaling (quantile: clip at the 98th percentile)")
     return g
 
 
@@ -250,7 +253,7 @@ def run_edit(args) -> int:
     de = _load_pipeline(args)
     result = de.edit(image, args.target, source=args.source, ratio=args.ratio, threshold=args.threshold, n=args.n,
                      strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                     method=args.method, mask=mask, progress=not args.quiet)
+                     method=args.method, mask=mask, normalization=args.normalization, progress=not args.quiet)
     _save(result.image, outs["--out"], args.quiet)
     if "--mask-out" in outs:
         _save(result.mask, outs["--mask-out"], args.quiet)
@@ -288,7 +291,7 @@ def run_mask(args) -> int:
     outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--map-out": args.map_out})
     de = _load_pipeline(args)
     result = de.mask(image, args.target, source=args.source, n=args.n, strength=args.strength,
-                     threshold=args.threshold, seed=args.seed, steps=args.steps)
+                     threshold=args.threshold, seed=args.seed, steps=args.steps, normalization=args.normalization)
     _save(result.image, outs["--out"], args.quiet)
     if "--map-out" in outs:
         from .viz import heatmap

@@ -231,15 +231,34 @@ def test_mask_writes_the_mask_and_the_heat_map(tiny_checkpoint, image, tmp_path,
         assert m.size == d.size == (37, 53) and m.mode == "L" and d.mode == "RGB"
 
 
+def test_cli_choices_are_the_library_ones():  # duplicated in cli.py so that --help imports no torch
+    from diffedit import masking, pipeline
+    assert cli.NORMALIZATIONS == masking.NORMALIZATIONS and cli.METHODS == pipeline.METHODS
+
+
+def test_mask_normalization_flag_reaches_the_pipeline(tiny_checkpoint, image, tmp_path, capsys, monkeypatch):
+    from diffedit import masking
+    seen, normalize = [], masking.normalize
+    monkeypatch.setattr(masking, "normalize", lambda d, mode="quantile", *a: seen.append(mode) or normalize(d, mode, *a))
+    for mode in ("clamp", "quantile"):
+        code, _, err = run(["mask", image, "--target", "a dog", "--model", tiny_checkpoint, "--out",
+                            tmp_path / f"{mode}.png", "--steps", "4", "--n", "2", "--normalization", mode], capsys)
+        assert code == 0, err
+    assert seen == ["clamp", "quantile"]
+    code, _, err = run(["mask", image, "--target", "a dog", "--normalization", "percentile"], capsys)
+    assert code == 2 and "--normalization" in err and "quantile" in err
+
+
 def test_help_lists_every_flag_with_its_default(capsys):
     code, out, _ = run(["edit", "--help"], capsys)
     assert code == 0
     for flag in ["--target", "--source", "--model", "--out", "--mask-out", "--panel", "--ratio", "--threshold",
                  "--n", "--strength", "--steps", "--guidance", "--seed", "--method", "--mask", "--device",
-                 "--dtype", "--prediction-type"]:
+                 "--dtype", "--prediction-type", "--normalization"]:
         assert f"{flag} " in out, flag
     for default in ["(default: 0.7)", "(default: 0.5)", "(default: 10)", "(default: 50)", "(default: 7.5)",
-                    "(default: toy)", "(default: diffedit)", "(default: float32)", "(default: cpu)"]:
+                    "(default: toy)", "(default: diffedit)", "(default: float32)", "(default: cpu)",
+                    "(default: quantile)"]:
         assert default in out, default
     code, out, _ = run(["mask", "--help"], capsys)
     assert code == 0 and "--map-out" in out and "--ratio" not in out
