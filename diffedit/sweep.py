@@ -76,7 +76,7 @@ METHODS = ("diffedit", "sdedit", "encode-decode")
 REFERENCES = ("empty", "caption")
 KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference")
 METRICS = ("iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips", "clip_score")
-NORMALIZATION = "quantile"  # the paper's "remove extreme values" (the top 2 % of D), rescale to [0, 1]
+NORMALIZATIONS = ("quantile", "clamp", "minmax")  # masking.normalize's rules (quantile: the default, the paper's)
 
 
 def perceptual_note(lpips_weights, clip_weights) -> str:
@@ -270,12 +270,13 @@ def _ordered(values):
 
 
 def edit_grid(de, image, source: str, target: str, settings, steps: int = 50, guidance: float = 7.5,
-              seed: int = 0, n_draw: int | None = None, eps=None) -> list[Output]:
+              seed: int = 0, n_draw: int | None = None, eps=None, normalization: str = "quantile") -> list[Output]:
     """Edit one image (PIL) towards ``target`` at every setting, sharing the work (see the module docstring).
 
     ``source`` is the text of reference "caption" ("empty" is ""); ``n_draw`` the number of mask noises
     drawn (default: the largest n of ``settings``; rows use the first n); ``eps`` the eps function to call
-    (default ``de.eps``; pass an ``EvalCounter`` to count). Returns one Output per setting, in order."""
+    (default ``de.eps``; pass an ``EvalCounter`` to count); ``normalization`` the rule that removes D's
+    extremes (``masking.normalize``). Returns one Output per setting, in order."""
     import torch
 
     from . import images, masking
@@ -316,7 +317,7 @@ def edit_grid(de, image, source: str, target: str, settings, steps: int = 50, gu
                         d = masking.difference_map(e[-1][:s.n, None], e[j][:s.n, None])
                     else:  # the query is the reference: D = 0 by definition
                         d = x0.new_zeros(1, *x0.shape[-2:])
-                    maps[mk] = masking.normalize(d.float(), NORMALIZATION)[0]
+                    maps[mk] = masking.normalize(d.float(), normalization)[0]
                 masks[s] = masking.binarize(maps[mk], s.threshold)
 
         # Steps 2 and 3: one inversion to the largest ratio; per ratio one batched masked decoding.
@@ -489,6 +490,8 @@ def _add_arguments(p):
     g = p.add_argument_group("fixed settings")
     g.add_argument("--steps", default="50", help="DDIM steps of the full grid (paper 50)")
     g.add_argument("--guidance", default="7.5", help="classifier-free guidance scale (paper 7.5)")
+    g.add_argument("--normalization", default="quantile", choices=NORMALIZATIONS,
+                   help="how D's extremes are removed before the rescaling (quantile: clip at its 98th percentile)")
     g.add_argument("--model", default="toy", help='"toy", a .safetensors/.ckpt file, a diffusers folder or a hub id')
     g.add_argument("--device", default="cpu", help="torch device (under torchrun, cuda means cuda:LOCAL_RANK)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
@@ -570,6 +573,7 @@ class Config:
     examples: int
     fingerprint: dict
     perceptual: str = ""
+    normalization: str = "quantile"
 
 
 def parse_config(args) -> Config:
@@ -593,12 +597,12 @@ def parse_config(args) -> Config:
     images = args.images if args.images.startswith("toy:") else str(Path(args.images).expanduser().resolve())
     fingerprint = {"images": images, "toy_size": toy_size if images.startswith("toy:") else None, "seed": seed,
                    "steps": steps, "guidance": guidance, "model": args.model, "n_max": n_draw,
-                   "normalization": NORMALIZATION,
+                   "normalization": args.normalization,
                    # rows with and without a perceptual metric must not mix (None: not computed)
                    "lpips": "alexnet-v0.1" if args.lpips_weights else None,
                    "clip_model": args.clip_model if args.clip_weights else None}
     return Config(items, settings, steps, guidance, seed, n_draw, max_batch, examples, fingerprint,
-                  perceptual_note(args.lpips_weights, args.clip_weights))
+                  perceptual_note(args.lpips_weights, args.clip_weights), args.normalization)
 
 
 def _check_fingerprint(out: Path, fp: dict):
@@ -610,7 +614,7 @@ def _check_fingerprint(out: Path, fp: dict):
             diff.append(f"largest --n {old['n_max']} -> {fp['n_max']} (rows use the first n of n_max noises)")
         if diff:
             raise ValueError(f"--out {out} holds a sweep made with other settings ({'; '.join(diff)}); resume it "
-                             "with the same --images/--seed/--steps/--guidance/--model/largest --n, "
+                             "with the same --images/--seed/--steps/--guidance/--normalization/--model/largest --n, "
                              "or use another --out")
         fp = {**fp, "n_max": old.get("n_max") or fp["n_max"]}
     tmp = out / f"sweep.json.tmp{os.getpid()}"
@@ -723,7 +727,7 @@ def run_sweep(args) -> int:
                     image = item.load()
                     seed = cfg.seed * 1000 + item.index
                     outputs = edit_grid(de, image, item.source, item.target, missing, cfg.steps, cfg.guidance,
-                                        seed, cfg.n_draw or None, counter)
+                                        seed, cfg.n_draw or None, counter, cfg.normalization)
                     for row in rows_for(item, image, outputs, seed, cfg.steps, cfg.guidance, scorers):
                         _append(f, row)
                     if item.index < cfg.examples:

@@ -172,6 +172,21 @@ def test_resuming_with_other_fixed_settings_is_refused(base, tiny_checkpoint, tm
     args = parse(toy_argv(tiny_checkpoint, out, "--steps", 5))
     with pytest.raises(ValueError, match="--out .*steps 4 -> 5"):
         sweep.run_sweep(args)
+    with pytest.raises(ValueError, match="--out .*normalization 'quantile' -> 'clamp'"):
+        sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out, "--normalization", "clamp")))
+
+
+def test_a_sweep_with_another_normalization_gives_the_single_edit_masks_of_that_rule(tiny_checkpoint):
+    item = sweep.load_items("toy:1", 12345, 16)[0]
+    image, seed = item.load(), 12345 * 1000
+    de = DiffEdit.from_pretrained(str(tiny_checkpoint), dtype=torch.float64)
+    settings = sweep.grid([0.5], [0.3, 0.5], [2], [0.5], ["caption"], ["diffedit"])
+    for rule in ("clamp", "minmax", "quantile"):
+        outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed, normalization=rule)
+        for o in outputs:
+            ref = de.edit(image, item.target, source=item.source, ratio=0.5, threshold=o.setting.threshold, n=2,
+                          steps=STEPS, seed=seed, normalization=rule)
+            assert torch.equal(o.map, ref.mask_map) and torch.equal(o.mask, ref.mask_map > o.setting.threshold), rule
 
 
 def test_torchrun_with_two_processes_merges_to_the_single_process_rows(base, tiny_checkpoint, tmp_path):
