@@ -193,17 +193,22 @@ def train_unet(args, sd, ema, latents, captions, device):
                               "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step + 1})
 
 
+def decoder_optimizer(vae, path: Path, lr: float) -> tuple[torch.optim.Optimizer, int]:
+    """AdamW over the decoder alone (post_quant_conv and decoder), resumed from ``path`` when it exists."""
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if not path.exists():
+        return opt, 0
+    st = torch.load(path, weights_only=False)
+    vae.load_state_dict(st["vae"]), opt.load_state_dict(st["opt"])
+    return opt, st["step"]
+
+
 def finetune_decoder(args, sd, images, device):
     """Phase 4: the decoder alone learns to reconstruct from the posterior mean (the latent DiffEdit decodes)."""
     path = args.out / "decoder_state.pt"
     vae = sd.first_stage_model
-    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    step = 0
-    if path.exists():
-        st = torch.load(path, weights_only=False)
-        vae.load_state_dict(st["vae"]), opt.load_state_dict(st["opt"])
-        step = st["step"]
+    opt, step = decoder_optimizer(vae, path, args.decoder_lr)
     gen = torch.Generator().manual_seed(args.seed * 1000 + 13 + step)
     bar = tqdm(range(step, args.decoder_steps), desc="decoder", initial=step, total=args.decoder_steps)
     for step in bar:
@@ -248,13 +253,7 @@ def finetune_splice(args, sd, images, device):
     """Phase 5: the decoder learns to decode spliced edits (half of each batch) and plain posterior means."""
     path = args.out / "splice_state.pt"
     vae = sd.first_stage_model
-    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.splice_lr, weight_decay=0.0)
-    step = 0
-    if path.exists():
-        st = torch.load(path, weights_only=False)
-        vae.load_state_dict(st["vae"]), opt.load_state_dict(st["opt"])
-        step = st["step"]
+    opt, step = decoder_optimizer(vae, path, args.splice_lr)
     gen = torch.Generator().manual_seed(args.seed * 1000 + 17 + step)
     half = max(1, args.batch // 2)
     bar = tqdm(range(step, args.splice_steps), desc="splice", initial=step, total=args.splice_steps)
