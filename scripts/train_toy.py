@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from diffedit import ddim
+from diffedit import ddim, metrics
 from diffedit.models import StableDiffusion, preset, tokenize
 from diffedit.toy import world
 
@@ -230,8 +230,8 @@ def finetune_decoder(args, sd, images, device):
 def splice_masks(source: np.ndarray, target: np.ndarray, factor: int, dilate: np.ndarray) -> torch.Tensor:
     """(N, 1, h, w) float latent masks: every latent cell that holds a pixel the edit changes, grown by
     ``dilate[i]`` cells (DiffEdit's masks overshoot), so the splice's true image is the target render."""
-    changed = torch.from_numpy(np.any(source != target, axis=-1)).float()[:, None]
-    cells = F.max_pool2d(changed, factor)
+    changed = np.any(source != target, axis=-1)
+    cells = torch.from_numpy(np.stack([metrics.downsample_mask(c, factor, "any") for c in changed])).float()[:, None]
     return torch.stack([F.max_pool2d(c[None], 2 * int(k) + 1, 1, int(k))[0] for c, k in zip(cells, dilate)])
 
 

@@ -17,6 +17,25 @@ spec.loader.exec_module(tt)
 SMALL = ["--n-scenes", "6", "--batch", "2", "--vae-steps", "2", "--unet-steps", "2", "--save-every", "1"]
 
 
+def assert_only_the_decoder_moved(before: dict, after: dict):
+    """The encoder (hence the UNet's latents) is bit-identical, the decoder has moved."""
+    for k, v in after.items():
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("decoder."))
+
+
+def exported(export: Path, decoder_state: dict) -> dict:
+    """The export's recipe, after checking it loads strictly and carries ``decoder_state``'s decoder."""
+    with safe_open(str(export), "pt") as f:
+        recipe = json.loads(f.metadata()["recipe"])
+    model, cfg = load_model(str(export))
+    assert cfg.resolution == 64
+    got = model.first_stage_model.decoder.conv_in.weight
+    assert torch.allclose(got.float(), decoder_state["decoder.conv_in.weight"].half().float())
+    return recipe
+
+
 def test_phases_resume_and_export_a_checkpoint_the_loader_reads_strictly(tmp_path):
     out, export = tmp_path / "run", tmp_path / "toy.safetensors"
     tt.main(["--out", str(out), *SMALL])
@@ -28,17 +47,9 @@ def test_phases_resume_and_export_a_checkpoint_the_loader_reads_strictly(tmp_pat
              "--decoder-steps", "2", "--export", str(export)])
     decoder = torch.load(out / "decoder_state.pt", weights_only=False)
     assert decoder["step"] == 2
-    for k, v in decoder["vae"].items():  # the encoder (hence the UNet's latents) is untouched, the decoder moved
-        if k.startswith(("encoder.", "quant_conv.")):
-            assert torch.equal(v, vae_before[k]), k
-    assert any(not torch.equal(decoder["vae"][k], vae_before[k]) for k in decoder["vae"] if k.startswith("decoder."))
-    with safe_open(str(export), "pt") as f:
-        recipe = json.loads(f.metadata()["recipe"])
+    assert_only_the_decoder_moved(vae_before, decoder["vae"])
+    recipe = exported(export, decoder["vae"])
     assert recipe["unet_steps_done"] == 3 and recipe["decoder_steps_done"] == 2 and recipe["decoder_steps"] == 2
-    model, cfg = load_model(str(export))
-    assert cfg.resolution == 64
-    got = model.first_stage_model.decoder.conv_in.weight
-    assert torch.allclose(got.float(), decoder["vae"]["decoder.conv_in.weight"].half().float())
 
 
 def test_unknown_phase_is_refused_with_the_allowed_names(tmp_path):
@@ -70,13 +81,6 @@ def test_splice_phase_moves_only_the_decoder_and_the_export_records_it(tmp_path)
              "--export", str(export)])
     spliced = torch.load(out / "splice_state.pt", weights_only=False)
     assert spliced["step"] == 2
-    for k, v in spliced["vae"].items():  # starts from phase 4's decoder; the encoder is phase 1's
-        if k.startswith(("encoder.", "quant_conv.")):
-            assert torch.equal(v, decoder[k]), k
-    assert any(not torch.equal(spliced["vae"][k], decoder[k]) for k in decoder if k.startswith("decoder."))
-    with safe_open(str(export), "pt") as f:
-        recipe = json.loads(f.metadata()["recipe"])
+    assert_only_the_decoder_moved(decoder, spliced["vae"])  # starts from phase 4's decoder
+    recipe = exported(export, spliced["vae"])
     assert recipe["splice_steps_done"] == 2 and recipe["decoder_steps_done"] == 1 and recipe["splice_gain"] == 2.0
-    model, _ = load_model(str(export))
-    got = model.first_stage_model.decoder.conv_in.weight
-    assert torch.allclose(got.float(), spliced["vae"]["decoder.conv_in.weight"].half().float())
