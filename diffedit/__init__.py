@@ -1,4 +1,13 @@
 """diffedit: DiffEdit (Couairon et al., ICLR 2023) on hand-written Stable Diffusion networks."""
-from .pipeline import DiffEdit, EditResult, MaskResult
+__all__ = ["DiffEdit", "EditResult", "MaskResult", "EditSettings"]
 
-__all__ = ["DiffEdit", "EditResult", "MaskResult"]
+
+def __getattr__(name):
+    # Lazy, so that ``import diffedit.cli`` and ``diffedit --help`` do not import torch.
+    if name in ("DiffEdit", "EditResult", "MaskResult"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    if name == "EditSettings":
+        from .settings import EditSettings
+        return EditSettings
+    raise AttributeError(f"module 'diffedit' has no attribute {name!r}")

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
+from .settings import KNOBS, METHODS, NORMALIZATIONS, EditSettings, SettingsError
+
 PROG = "diffedit"
 DTYPES = ("float32", "float16", "bfloat16")
-METHODS = ("diffedit", "sdedit", "encode-decode")  # = pipeline.METHODS (not imported: keeps --help fast)
-NORMALIZATIONS = ("quantile", "clamp", "minmax", "clamp-mean")  # = masking.NORMALIZATIONS (likewise)
 
 
 class UsageError(Exception):
@@ -67,37 +66,40 @@ def _add_model_args(p):
                    help="override what the UNet predicts (default: what the checkpoint says or is detected)")
 
 
+def _add_knob(group, name: str, help: str | None = None):
+    """A flag ``--name`` for a knob of ``settings.KNOBS``: its type, default, choices and range in the help."""
+    k = KNOBS[name]
+    text = f"{help or k.help}, {k.range_text()}" if k.choices is None else (help or k.help)
+    if k.choices is not None:
+        group.add_argument(f"--{name}", default=k.default, choices=k.choices, help=text)
+    else:
+        group.add_argument(f"--{name}", type=k.kind, default=k.default, help=text)
+
+
 def _add_mask_args(p):
     g = p.add_argument_group("mask estimation (DiffEdit step 1)")
     g.add_argument("--source", default="", metavar="TEXT",
                    help='the reference text R describing the input ("" = unconditional)')
-    g.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold of D, in [0, 1]")
-    g.add_argument("--n", type=int, default=10, help="number of noises averaged into D, >= 1")
-    g.add_argument("--strength", type=float, default=0.5, help="noise level of the mask pass, in (0, 1]")
-    g.add_argument("--seed", type=int, default=0, help="random seed (mask noises, SDEdit noise)")
-    g.add_argument("--normalization", default="quantile", choices=NORMALIZATIONS,
-                   help="removing D's extremes before rescaling (quantile: clip at the 98th percentile)")
+    for name in ("threshold", "n", "strength", "seed", "normalization"):
+        _add_knob(g, name)
     return g
 
 
-def _check_range(args, name: str, lo, hi, lo_open: bool = False):
-    value = getattr(args, name.replace("-", "_"))
-    ok = (lo < value if lo_open else lo <= value) and value <= hi
-    if not ok or math.isnan(value):
-        bracket = "(" if lo_open else "["
-        raise UsageError(f"--{name} must be in {bracket}{lo}, {hi}], got {value}")
+def _settings(args) -> EditSettings:
+    """The edit's settings from the flags (those a subcommand has); errors name the flag."""
+    given = {k: getattr(args, k) for k in KNOBS if hasattr(args, k)}
+    try:
+        return EditSettings(**given)
+    except SettingsError as e:
+        raise UsageError(e.message_for(f"--{e.field}")) from None
 
 
-def _check_common(args):
+def _check_common(args) -> EditSettings:
     if not args.target or not args.target.strip():
         raise UsageError("--target must be a non-empty text")
-    _check_range(args, "threshold", 0, 1)
-    _check_range(args, "strength", 0, 1, lo_open=True)
-    if args.n < 1:
-        raise UsageError(f"--n (number of noises) must be >= 1, got {args.n}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    s = _settings(args)
     _check_device(args.device)
+    return s
 
 
 def _check_device(name: str):
@@ -207,10 +209,8 @@ def add_edit_parser(subparsers):
     p.add_argument("--panel", default=None, metavar="PATH", help="also write a panel: input | D | mask | edit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no 'wrote' lines")
     g = p.add_argument_group("editing")
-    g.add_argument("--method", default="diffedit", choices=METHODS, help="the editing method")
-    g.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r (how far to noise), in (0, 1]")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps of the full grid, >= 1")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale, >= 0")
+    for name in ("method", "ratio", "steps", "guidance"):
+        _add_knob(g, name)
     g.add_argument("--mask", default=None, metavar="PATH",
                    help="an external mask image (white = edit): skips mask estimation")
     _add_mask_args(p)
@@ -237,11 +237,8 @@ def _load_mask(path: str, size: tuple[int, int]):
 
 
 def run_edit(args) -> int:
-    _check_common(args)
-    _check_range(args, "ratio", 0, 1, lo_open=True)
-    if not args.guidance >= 0 or math.isinf(args.guidance):
-        raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-    if args.method != "diffedit" and (args.mask or args.mask_out):
+    s = _check_common(args)
+    if s.method != "diffedit" and (args.mask or args.mask_out):
         flag = "--mask" if args.mask else "--mask-out"
         raise UsageError(f"{flag} only applies to --method diffedit (--method {args.method} uses no mask)")
     image = _load_input(args.image)
@@ -251,9 +248,9 @@ def run_edit(args) -> int:
     mask = _load_mask(args.mask, image.size) if args.mask else None
 
     de = _load_pipeline(args)
-    result = de.edit(image, args.target, source=args.source, ratio=args.ratio, threshold=args.threshold, n=args.n,
-                     strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                     method=args.method, mask=mask, normalization=args.normalization, progress=not args.quiet)
+    result = de.edit(image, args.target, source=args.source, ratio=s.ratio, threshold=s.threshold, n=s.n,
+                     strength=s.strength, steps=s.steps, guidance=s.guidance, seed=s.seed, method=s.method,
+                     mask=mask, normalization=s.normalization, progress=not args.quiet)
     _save(result.image, outs["--out"], args.quiet)
     if "--mask-out" in outs:
         _save(result.mask, outs["--mask-out"], args.quiet)
@@ -277,7 +274,7 @@ def add_mask_parser(subparsers):
                    help="where to write the mask (default: ./<image stem>_mask.png)")
     p.add_argument("--map-out", default=None, metavar="PATH", help="also write the continuous map D as a heat map")
     p.add_argument("-q", "--quiet", action="store_true", help="no 'wrote' lines")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the grid the strength is read on, >= 1")
+    _add_knob(p, "steps", "DDIM steps of the grid the strength is read on")
     _add_mask_args(p)
     _add_model_args(p)
     p.set_defaults(run=run_mask)
@@ -285,21 +282,19 @@ def add_mask_parser(subparsers):
 
 
 def run_mask(args) -> int:
-    _check_common(args)
+    s = _check_common(args)
     image = _load_input(args.image)
     default_out = Path.cwd() / f"{Path(args.image).stem}_mask.png"
     outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--map-out": args.map_out})
     de = _load_pipeline(args)
-    result = de.mask(image, args.target, source=args.source, n=args.n, strength=args.strength,
-                     threshold=args.threshold, seed=args.seed, steps=args.steps, normalization=args.normalization)
+    result = de.mask(image, args.target, source=args.source, n=s.n, strength=s.strength, threshold=s.threshold,
+                     seed=s.seed, steps=s.steps, normalization=s.normalization)
     _save(result.image, outs["--out"], args.quiet)
     if "--map-out" in outs:
         from .viz import heatmap
         _save(heatmap(result.map, image.size), outs["--map-out"], args.quiet)
     return 0
 
-
-# --- the registry --------------------------------------------------------------------------------------
 
 # --- diffedit demo -------------------------------------------------------------------------------------
 
@@ -312,8 +307,8 @@ def add_demo_parser(subparsers):
     p.add_argument("--out", default="demo", metavar="DIR", help="folder for the pictures (created if missing)")
     p.add_argument("--index", type=int, default=9, metavar="I",
                    help="which held-out edit to show (any integer >= 0; each draws a different scene and edit)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the mask estimation")
+    _add_knob(p, "steps")
+    _add_knob(p, "seed")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no 'wrote' lines")
     _add_model_args(p)
     p.set_defaults(run=run_demo)
@@ -323,8 +318,7 @@ def run_demo(args) -> int:
     from .toy import world
     if args.index < 0:
         raise UsageError(f"--index must be >= 0, got {args.index}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    s = _settings(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
@@ -332,7 +326,7 @@ def run_demo(args) -> int:
     from PIL import Image
     image = Image.fromarray(ed.source.render())
     de = _load_pipeline(args)
-    result = de.edit(image, ed.target_caption, source=ed.source_caption, steps=args.steps, seed=args.seed,
+    result = de.edit(image, ed.target_caption, source=ed.source_caption, steps=s.steps, seed=s.seed,
                      progress=not args.quiet)
     from .viz import panel
     if not args.quiet:

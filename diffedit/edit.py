@@ -5,8 +5,8 @@ negative prompt R). After each step from t to t_prev it keeps the input outside 
 at the SAME level:  y_{t_prev} = M * y_{t_prev} + (1 - M) * x_{t_prev};  the last step blends with x_0.
     SDEdit (Meng et al., 2022): noise x_0 to r with fresh noise, decode with Q, no mask.
     Encode-Decode: DDIM-encode x_0 to r, decode with Q, no mask (DiffEdit with M = 1).
-``compat="diffusers"`` reproduces the diffusers pipeline's blending, one step late: after the step to
-t_prev it blends with the encoded latent at t, so the final background is x at the first grid timestep.
+``blend_late=True`` reproduces the diffusers pipeline's blending, one step late: after the step to t_prev it
+blends with the encoded latent at t, so the final background is x at the first grid timestep.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import torch
 from . import ddim
 from .guidance import EpsFn, guided_eps
 from .inversion import Trajectory, num_encoding_steps
-
-COMPAT_MODES = (None, "diffusers")
 
 
 def ddim_sample(eps: EpsFn, y: torch.Tensor, levels: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
@@ -40,17 +38,15 @@ def ddim_sample(eps: EpsFn, y: torch.Tensor, levels: torch.Tensor, cond: torch.T
 
 @torch.no_grad()
 def masked_decode(eps: EpsFn, trajectory: Trajectory, cond: torch.Tensor, uncond: torch.Tensor, guidance: float,
-                  alpha_bar: torch.Tensor, mask: torch.Tensor | None = None, compat: str | None = None,
+                  alpha_bar: torch.Tensor, mask: torch.Tensor | None = None, blend_late: bool = False,
                   max_batch: int = 64, callback=None) -> torch.Tensor:
     """DiffEdit decoding of K edits of one image from its trajectory (latents (k+1, 1, C, h, w)) -> (K, C, h, w).
 
     cond: (K, L, D) query embeddings; uncond: (1 or K, L, D) reference (negative prompt) embeddings;
     mask: (K, 1, h, w) in [0, 1]; None decodes without a mask (Encode-Decode).
     """
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
     xs = trajectory.latents[:, 0]
-    keep = xs[1:] if compat == "diffusers" else xs  # diffusers blends with the level before the step
+    keep = xs[1:] if blend_late else xs
     y = xs[-1].expand(cond.shape[0], *xs.shape[1:])
     return ddim_sample(eps, y, trajectory.timesteps, cond, uncond, guidance, alpha_bar, keep, mask, max_batch,
                        callback)

@@ -48,7 +48,7 @@ def ddim_encode(eps: EpsFn, x0: torch.Tensor, context: torch.Tensor, ratio: floa
                 max_batch: int = 64) -> Trajectory:
     """DDIM inversion x_0 -> x_r (Sec. 3.2). Each step from level t_prev to t evaluates eps at (x_prev, t),
     the usual convention (as diffusers' DDIMInverseScheduler). ``guidance`` > 1 with ``uncond`` gives the
-    CFG inversion of diffusers' pipeline (compat mode only; the paper inverts without guidance)."""
+    CFG inversion of diffusers' pipeline (its recipe only; the paper inverts without guidance)."""
     k = num_encoding_steps(ratio, steps)
     grid = ddim.timesteps(steps)[:k].to(x0.device)
     levels = torch.cat([grid.new_tensor([-1]), grid])

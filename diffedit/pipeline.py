@@ -15,15 +15,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import ddim, images, masking
-from .edit import COMPAT_MODES, ddim_sample, masked_decode, sdedit
+from .edit import ddim_sample, masked_decode, sdedit
 from .guidance import eps_model
 from .inversion import Trajectory, ddim_encode, num_encoding_steps
 from .models import ModelConfig, StableDiffusion, tokenize
 from .models.unet import CrossAttention
+from .settings import METHODS, EditSettings
 
 log = logging.getLogger(__name__)
-
-METHODS = ("diffedit", "sdedit", "encode-decode")
 
 
 @dataclass
@@ -40,16 +39,6 @@ class EditResult:
     mask_map: torch.Tensor | None         # D rescaled to [0, 1], latent resolution; None if not estimated
     trajectory: Trajectory | None         # the DDIM encoding (None for SDEdit)
     latents: torch.Tensor = field(repr=False, default=None)  # the edited latent y_0, (C, h, w)
-
-
-def _check(name, value, lo, hi, lo_open=False):
-    if not ((lo < value) if lo_open else (lo <= value)) or not value <= hi:
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
-
-
-def _check_normalization(mode):
-    if mode is not None and mode not in masking.NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {', '.join(masking.NORMALIZATIONS)}, got {mode!r}")
 
 
 class DiffEdit:
@@ -158,22 +147,22 @@ class DiffEdit:
         return ddim_encode(self.eps, x0, self.encode_prompt([""]), ratio, steps, self.alpha_bar,
                            max_batch=self.max_batch)
 
-    def _masks(self, x0, queries, reference, n, strength, steps, threshold, seed, normalization):
-        gen = torch.Generator().manual_seed(seed)
-        noises = masking.noised_latents(x0, n, strength, steps, self.alpha_bar, gen)
+    def _masks(self, x0, queries, reference, s: EditSettings):
+        gen = torch.Generator().manual_seed(s.seed)
+        noises = masking.noised_latents(x0, s.n, s.strength, s.steps, self.alpha_bar, gen)
         d = masking.noise_difference_maps(self.eps, noises, queries, reference, self.max_batch)
-        d = masking.normalize(d.float(), normalization)
-        return d, masking.binarize(d, threshold)
+        d = masking.normalize(d.float(), s.mask_normalization)
+        return d, masking.binarize(d, s.threshold)
 
     def mask(self, image, target, source: str = "", n: int = 10, strength: float = 0.5, threshold: float = 0.5,
              seed: int = 0, steps: int = 50, normalization: str = "quantile"):
         """Step 1 alone: the mask for ``target`` against ``source`` (a list of targets gives a list)."""
         targets = _targets(target)
-        _check("threshold", threshold, 0.0, 1.0)
-        _check_normalization(normalization)
+        s = EditSettings(n=n, strength=strength, threshold=threshold, seed=seed, steps=steps,
+                         normalization=normalization)
         pil, x0 = self._prepare(image)
         cond, ref = self._embed(targets, [source])
-        d, m = self._masks(x0, cond, ref, n, strength, steps, threshold, seed, normalization)
+        d, m = self._masks(x0, cond, ref, s)
         out = [MaskResult(d[i].cpu(), m[i].cpu(), images.mask_to_pil(m[i], pil.size)) for i in range(len(targets))]
         return out if isinstance(target, (list, tuple)) else out[0]
 
@@ -181,51 +170,44 @@ class DiffEdit:
              strength: float = 0.5, steps: int = 50, guidance: float = 7.5, seed: int = 0, method: str = "diffedit",
              mask=None, normalization: str | None = None, compat: str | None = None, progress: bool = False):
         """Edit ``image`` towards ``target`` (a list of targets shares one inversion and the reference half
-        of the mask pass). ``mask``: a PIL mask at image size or a (h, w) tensor at latent size; skips step 1."""
+        of the mask pass). ``mask``: a PIL mask at image size or a (h, w) tensor at latent size; skips step 1.
+        ``compat``: a recipe name of ``settings.RECIPES`` (None: the paper's)."""
         targets = _targets(target)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        _check("ratio", ratio, 0.0, 1.0, lo_open=True)
-        _check("threshold", threshold, 0.0, 1.0)
-        _check("strength", strength, 0.0, 1.0, lo_open=True)
-        if steps < 1 or n < 1:
-            raise ValueError(f"steps and n must be >= 1, got steps={steps}, n={n}")
-        if compat not in COMPAT_MODES:
-            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-        _check_normalization(normalization)
-        if mask is not None and method != "diffedit":
-            raise ValueError(f"mask= is used by method 'diffedit' only; {method!r} edits without a mask")
-        if compat == "diffusers":  # diffusers takes int(r * steps) grid steps where we round: 3.5 -> 3, not 4
-            ratio = _diffusers_fraction("ratio", ratio, steps)
-            if method == "diffedit" and mask is None:  # the level of the mask's noises
-                strength = _diffusers_fraction("strength", strength, steps)
+        s = EditSettings(method=method, ratio=ratio, steps=steps, guidance=guidance, threshold=threshold, n=n,
+                         strength=strength, normalization=normalization, seed=seed, compat=compat)
+        if mask is not None and s.method != "diffedit":
+            raise ValueError(f"mask= is used by method 'diffedit' only; {s.method!r} edits without a mask")
+        recipe = s.recipe
+        if recipe.floor_grid:  # diffusers takes int(r * steps) grid steps where we round: 3.5 -> 3, not 4
+            s = s.replace(ratio=_floor_fraction("ratio", s.ratio, s.steps))
+            if s.method == "diffedit" and mask is None:  # the level of the mask's noises
+                s = s.replace(strength=_floor_fraction("strength", s.strength, s.steps))
         pil, x0 = self._prepare(image)
         cond, ref, empty = self._embed(targets, [source], [""])  # one text-encoder call, each text once
-        k = num_encoding_steps(ratio, steps)
-        inversion = 0 if method == "sdedit" else k * (1 if compat is None else 2)  # CFG inversion: 2 passes a step
-        bar = tqdm(total=inversion + k, desc=method, disable=not progress, leave=False)
+        k = num_encoding_steps(s.ratio, s.steps)
+        inversion = 0 if s.method == "sdedit" else k * (2 if recipe.inversion_guidance else 1)  # CFG: 2 rows a step
+        bar = tqdm(total=inversion + k, desc=s.method, disable=not progress, leave=False)
         step = lambda *_: bar.update(1)
         d = m = None
-        if method == "sdedit":
-            y0 = sdedit(self.eps, x0, cond, ref, ratio, steps, guidance, self.alpha_bar,
-                        torch.Generator().manual_seed(seed), self.max_batch, step)
+        if s.method == "sdedit":
+            y0 = sdedit(self.eps, x0, cond, ref, s.ratio, s.steps, s.guidance, self.alpha_bar,
+                        torch.Generator().manual_seed(s.seed), self.max_batch, step)
             trajectory = None
         else:
-            if compat == "diffusers":  # diffusers inverts with CFG under the source prompt
-                trajectory = ddim_encode(self.eps, x0, ref, ratio, steps, self.alpha_bar, guidance, empty,
+            if recipe.inversion_guidance:  # CFG under the source prompt
+                trajectory = ddim_encode(self.eps, x0, ref, s.ratio, s.steps, self.alpha_bar, s.guidance, empty,
                                          self.max_batch)
             else:
-                trajectory = ddim_encode(self.eps, x0, empty, ratio, steps, self.alpha_bar, max_batch=self.max_batch)
+                trajectory = ddim_encode(self.eps, x0, empty, s.ratio, s.steps, self.alpha_bar,
+                                         max_batch=self.max_batch)
             bar.update(inversion)
-            if method == "diffedit":
+            if s.method == "diffedit":
                 if mask is None:
-                    if normalization is None:  # diffusers' clamp rule under compat, else the paper's
-                        normalization = "clamp-mean" if compat == "diffusers" else "quantile"
-                    d, m = self._masks(x0, cond, ref, n, strength, steps, threshold, seed, normalization)
+                    d, m = self._masks(x0, cond, ref, s)
                 else:
                     m = self._external_mask(mask, x0.shape[-2:]).expand(len(targets), -1, -1)
             blend = None if m is None else m[:, None].to(x0.dtype)
-            y0 = masked_decode(self.eps, trajectory, cond, ref, guidance, self.alpha_bar, blend, compat,
+            y0 = masked_decode(self.eps, trajectory, cond, ref, s.guidance, self.alpha_bar, blend, recipe.blend_late,
                                self.max_batch, step)
         bar.close()
         decoded = self.decode_latents(y0)
@@ -256,7 +238,7 @@ class DiffEdit:
         return images.to_pil(self.decode_latents(y0)[0])
 
 
-def _diffusers_fraction(name: str, fraction: float, steps: int) -> float:
+def _floor_fraction(name: str, fraction: float, steps: int) -> float:
     """The fraction of the grid diffusers' ``get_timesteps`` uses: int(fraction * steps) / steps (ours rounds)."""
     k = int(fraction * steps)
     if k < 1:

@@ -45,13 +45,16 @@ class Knob:
     hi: float | None = None
     lo_open: bool = False
     choices: tuple | None = None
+    limit: str | None = None  # why ``hi`` is there when it bounds cost, not meaning
 
     def range_text(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+        lo, hi = (f"{v:g}" if self.kind is float and v is not None else str(v) for v in (self.lo, self.hi))
+        if self.hi is None or self.limit:
+            low = f"{'>' if self.lo_open else '>='} {lo}"
+            return low if self.hi is None else f"{low} and at most {hi} ({self.limit})"
+        return f"in {'(' if self.lo_open else '['}{lo}, {hi}]"
 
     def check(self, value):
         """The value, converted to the knob's type; SettingsError naming the knob if it is not allowed."""
@@ -74,15 +77,18 @@ class Knob:
 _KNOBS = (
     Knob("method", str, "diffedit", "diffedit", "the editing method", choices=METHODS),
     Knob("ratio", float, 0.7, "swept (0.8 in the ablations)", "encoding ratio r (how far to noise)", 0, 1, True),
-    Knob("steps", int, 50, 50, "DDIM steps of the full grid", 1, MAX_STEPS),
-    Knob("guidance", float, 7.5, 7.5, "classifier-free guidance scale", 0, 100),
+    Knob("steps", int, 50, 50, "DDIM steps of the full grid", 1, MAX_STEPS,
+         limit=f"the schedule has {MAX_STEPS} timesteps"),
+    Knob("guidance", float, 7.5, 7.5, "classifier-free guidance scale", 0),
     Knob("threshold", float, 0.5, 0.5, "binarisation threshold of the rescaled map D", 0, 1),
-    Knob("n", int, 10, 10, "number of noises averaged into D", 1, MAX_N),
+    Knob("n", int, 10, 10, "number of noises averaged into D", 1, MAX_N,
+         limit="the mask pass runs 2n UNet evaluations per image; the paper uses 10"),
     Knob("strength", float, 0.5, 0.5, "noise level of the mask pass", 0, 1, True),
     Knob("normalization", str, "quantile", "unnamed ('remove extreme values')",
-         "how D's extremes are removed before rescaling (quantile: clip at the 98th percentile)",
+         "removing D's extremes before rescaling (quantile: clip at the 98th percentile)",
          choices=NORMALIZATIONS),
-    Knob("seed", int, 0, None, "random seed (mask noises, SDEdit noise)", 0, 2 ** 63 - 1),
+    Knob("seed", int, 0, None, "random seed (mask noises, SDEdit noise)", 0, 2 ** 63 - 1,
+         limit="the generator's seed range"),
 )
 KNOBS = {k.name: k for k in _KNOBS}
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffedit import ddim, masking
+from diffedit import ddim, masking, settings
 from diffedit.edit import masked_decode, sdedit
 from diffedit.guidance import batched_eps, eps_model, guided_eps
 from diffedit.inversion import ddim_encode, num_encoding_steps
@@ -165,7 +165,7 @@ def test_all_zero_mask_returns_exactly_x0_and_all_one_mask_equals_encode_decode(
     assert torch.equal(ones, plain)
 
 
-def test_blending_happens_at_the_same_level_and_one_step_late_in_compat_mode(tiny64):
+def test_blending_happens_at_the_same_level_and_one_step_late_in_the_diffusers_recipe(tiny64):
     _, eps, alpha_bar, ctx, x0 = tiny64
     traj = ddim_encode(eps, x0, ctx[:1], 0.5, 10, alpha_bar)
     half = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
@@ -178,13 +178,13 @@ def test_blending_happens_at_the_same_level_and_one_step_late_in_compat_mode(tin
     for i, y in seen.items():
         assert torch.equal(y[..., 4:], traj.latents[last - i - 1][..., 4:])
     late = {}
-    out = masked_decode(eps, traj, ctx[1:2], ctx[:1], 7.5, alpha_bar, half, compat="diffusers",
-                        callback=lambda i, y: late.setdefault(i, y.clone()))
+    out = masked_decode(eps, traj, ctx[1:2], ctx[:1], 7.5, alpha_bar, half,
+                        blend_late=settings.recipe("diffusers").blend_late, callback=lambda i, y: late.setdefault(i, y.clone()))
     for i, y in late.items():
         assert torch.equal(y[..., 4:], traj.latents[last - i][..., 4:])
     assert torch.equal(out[..., 4:], traj.latents[1][..., 4:])  # diffusers never puts x_0 back
     with pytest.raises(ValueError, match="compat"):
-        masked_decode(eps, traj, ctx[1:2], ctx[:1], 7.5, alpha_bar, half, compat="a1111")
+        settings.recipe("a1111")
 
 
 def test_batched_pass_equals_row_by_row_and_cfg_combines_both_halves():

@@ -78,6 +78,8 @@ BAD = [  # (argv with IMG / T placeholders, words the one-line message must cont
     (["edit", "IMG", "--target", "a dog", "--threshold", "1.5"], ["--threshold", "[0, 1]"]),
     (["edit", "IMG", "--target", "a dog", "--strength", "0"], ["--strength", "(0, 1]"]),
     (["edit", "IMG", "--target", "a dog", "--n", "0"], ["--n", ">= 1"]),
+    (["edit", "IMG", "--target", "a dog", "--n", "100000"], ["--n", "at most 256", "100000"]),
+    (["edit", "IMG", "--target", "a dog", "--steps", "5000"], ["--steps", "at most 1000", "5000"]),
     (["edit", "IMG", "--target", "a dog", "--steps", "0"], ["--steps", ">= 1"]),
     (["edit", "IMG", "--target", "a dog", "--steps", "2.5"], ["--steps", "invalid int"]),
     (["edit", "IMG", "--target", "a dog", "--guidance", "-1"], ["--guidance", ">= 0"]),
@@ -231,7 +233,7 @@ def test_mask_writes_the_mask_and_the_heat_map(tiny_checkpoint, image, tmp_path,
         assert m.size == d.size == (37, 53) and m.mode == "L" and d.mode == "RGB"
 
 
-def test_cli_choices_are_the_library_ones():  # duplicated in cli.py so that --help imports no torch
+def test_cli_choices_are_the_library_ones():  # one definition, in the torch-free settings module
     from diffedit import masking, pipeline
     assert cli.NORMALIZATIONS == masking.NORMALIZATIONS and cli.METHODS == pipeline.METHODS
 

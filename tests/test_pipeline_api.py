@@ -158,6 +158,7 @@ def test_an_external_mask_skips_estimation_and_black_keeps_x0_exactly(de, monkey
     (dict(target=""), "target"), (dict(target="  "), "target"), (dict(target=[]), "target"),
     (dict(target=["a dog", ""]), "target"), (dict(mask=torch.zeros(3, 3)), "mask"),
     (dict(normalization="percentile"), "normalization"),
+    (dict(n=100000), "n"), (dict(steps=5000), "steps"), (dict(compat="a1111"), "compat"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(de, kwargs, named):
     call = dict(target="a dog", steps=2, n=1) | kwargs
