@@ -21,7 +21,7 @@ from pathlib import Path
 from .settings import KNOBS, METHODS, NORMALIZATIONS, EditSettings, SettingsError
 
 PROG = "diffedit"
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 class UsageError(Exception):
@@ -61,7 +61,8 @@ def _add_model_args(p):
     g.add_argument("--model", default="toy", metavar="NAME",
                    help='"toy", a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id')
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
-    g.add_argument("--dtype", default="float32", choices=DTYPES, help="precision of the networks")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="precision of the networks (auto: bf16 on a CPU with native bf16, fp16 on CUDA, else fp32)")
     g.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                    help="override what the UNet predicts (default: what the checkpoint says or is detected)")
 
@@ -170,16 +171,11 @@ def _check_outputs(image: str, outputs: dict[str, str | None]) -> dict[str, Path
     return out
 
 
-def _dtype(name: str):
-    import torch
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 def _load_pipeline(args):
     from .checkpoint import CheckpointError
     from .pipeline import DiffEdit
     try:
-        return DiffEdit.from_pretrained(args.model, device=args.device, dtype=_dtype(args.dtype),
+        return DiffEdit.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                         prediction_type=args.prediction_type)
     except CheckpointError as e:
         raise UsageError(f"--model: {e}" if args.model in str(e) else f"--model {args.model}: {e}") from None

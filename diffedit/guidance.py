@@ -16,13 +16,19 @@ from . import ddim
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def eps_model(unet: Callable, prediction_type: str, alpha_bar: torch.Tensor) -> EpsFn:
-    """Wrap the UNet so it always returns eps: v-prediction models are converted with alpha_bar_t."""
+def eps_model(unet: Callable, prediction_type: str, alpha_bar: torch.Tensor, dtype: torch.dtype | None = None) -> EpsFn:
+    """Wrap the UNet so it always returns eps: v-prediction models are converted with alpha_bar_t.
+
+    ``dtype``: the UNet's dtype, if it differs from the latents' (a bf16 UNet under float32 latents): inputs
+    are cast to it and the estimate back to the latents' dtype, so the DDIM arithmetic never runs in bf16."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
     def eps(x, t, context):
-        out = unet(x, t, context)
+        if dtype is None or dtype == x.dtype:
+            out = unet(x, t, context)
+        else:
+            out = unet(x.to(dtype), t, context.to(dtype)).to(x.dtype)
         if prediction_type == "epsilon":
             return out
         ab = ddim.alpha_bar_at(t, alpha_bar).to(x.device, x.dtype).reshape(-1, 1, 1, 1)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import ddim, images, masking
+from . import ddim, images, masking, precision
 from .edit import ddim_sample, masked_decode, sdedit
 from .guidance import eps_model
 from .inversion import Trajectory, ddim_encode, num_encoding_steps
@@ -44,18 +44,26 @@ class EditResult:
 class DiffEdit:
     """DiffEdit on a Stable Diffusion model (or the embedded toy model)."""
 
-    def __init__(self, model: StableDiffusion, device="cpu", dtype=torch.float32, prediction_type=None,
+    def __init__(self, model: StableDiffusion, device="cpu", dtype=None, prediction_type=None,
                  max_batch: int = 64, compile: bool = False, attention_dtype="auto"):
-        """``attention_dtype``: the dtype the UNet's attention runs in; "auto" is float32 for an SD2 or
+        """``dtype``: the networks' dtype (None: the model's own; "auto": ``precision.resolve_dtype``); the
+        model is cast to it.
+        Latents and the DDIM arithmetic stay in ``latent_dtype`` (float32; float64 for float64 networks).
+        ``attention_dtype``: the dtype the UNet's attention runs in; "auto" is float32 for an SD2 or
         v-prediction model in float16 (SD2.1 768-v overflows in fp16 attention: NaN, black images), else
         the activations' dtype. ``compile``: ``torch.compile`` the UNet (see ``compile()``)."""
-        self.model = model.eval().requires_grad_(False)
+        if dtype == "auto":
+            log.info("networks in %s (dtype auto: %s; dtype float32 forces fp32)",
+                     *(str(v).removeprefix("torch.") for v in precision.auto_dtype(device)))
+        dtype = next(model.parameters()).dtype if dtype is None else precision.resolve_dtype(dtype, device)
+        self.model = model.to(dtype).eval().requires_grad_(False)
         self.cfg: ModelConfig = model.cfg
         self.device, self.dtype = torch.device(device), dtype
+        self.latent_dtype = precision.latent_dtype(dtype)
         self.prediction_type = prediction_type or self.cfg.prediction_type
         self.max_batch = max_batch
         self.alpha_bar = ddim.alphas_cumprod(dtype=torch.float64).to(self.device)
-        self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar)
+        self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar, dtype)
         unet_factor = 2 ** (len(self.cfg.unet.channel_mult) - 1)
         self.multiple = self.cfg.vae.downsampling * unet_factor  # image sides must be multiples of this
         if attention_dtype == "auto":
@@ -70,11 +78,12 @@ class DiffEdit:
             self.compile()
 
     @classmethod
-    def from_pretrained(cls, source: str = "toy", device="cpu", dtype=torch.float32, prediction_type=None,
+    def from_pretrained(cls, source: str = "toy", device="cpu", dtype="auto", prediction_type=None,
                         max_batch: int = 64, compile: bool = False, attention_dtype="auto") -> "DiffEdit":
         """Load a single file (.safetensors / .ckpt), a diffusers folder, a hub repo id, or "toy"."""
         from .checkpoint import load_model
-        model, cfg = load_model(source, device=device, dtype=dtype, prediction_type=prediction_type)
+        model, cfg = load_model(source, device=device, dtype=precision.resolve_dtype(dtype, device),
+                                prediction_type=prediction_type)
         return cls(model, device, dtype, cfg.prediction_type, max_batch, compile, attention_dtype)
 
     def compile(self, **options) -> "DiffEdit":
@@ -106,8 +115,8 @@ class DiffEdit:
         x = images.to(self.device, self.dtype)
         mean, _ = self.model.first_stage_model.encode(x)
         if self._overflowed(mean):
-            mean = self._vae_float32().encode(images.to(self.device, torch.float32))[0].to(self.dtype)
-        return mean * self.cfg.vae.scaling_factor
+            mean = self._vae_float32().encode(images.to(self.device, torch.float32))[0]
+        return mean.to(self.latent_dtype) * self.cfg.vae.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -231,7 +240,7 @@ class DiffEdit:
         """Plain text-to-image with classifier-free guidance (DDIM from pure noise)."""
         side = (size or self.cfg.resolution) // self.cfg.vae.downsampling
         shape = (1, self.cfg.unet.in_channels, side, side)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.dtype)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.latent_dtype)
         levels = torch.cat([torch.tensor([-1]), ddim.timesteps(steps)]).to(self.device)
         cond, uncond = self._embed([prompt], [""])
         y0 = ddim_sample(self.eps, noise, levels, cond, uncond, guidance, self.alpha_bar, max_batch=self.max_batch)

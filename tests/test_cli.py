@@ -259,7 +259,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
                  "--dtype", "--prediction-type", "--normalization"]:
         assert f"{flag} " in out, flag
     for default in ["(default: 0.7)", "(default: 0.5)", "(default: 10)", "(default: 50)", "(default: 7.5)",
-                    "(default: toy)", "(default: diffedit)", "(default: float32)", "(default: cpu)",
+                    "(default: toy)", "(default: diffedit)", "(default: auto)", "(default: cpu)",
                     "(default: quantile)"]:
         assert default in out, default
     code, out, _ = run(["mask", "--help"], capsys)
