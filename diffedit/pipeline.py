@@ -45,13 +45,15 @@ class DiffEdit:
     """DiffEdit on a Stable Diffusion model (or the embedded toy model)."""
 
     def __init__(self, model: StableDiffusion, device="cpu", dtype=None, prediction_type=None,
-                 max_batch: int = 64, compile: bool = False, attention_dtype="auto"):
+                 max_batch: int = 64, compile: bool = False, attention_dtype="auto", channels_last="auto"):
         """``dtype``: the networks' dtype (None: the model's own; "auto": ``precision.resolve_dtype``); the
         model is cast to it.
         Latents and the DDIM arithmetic stay in ``latent_dtype`` (float32; float64 for float64 networks).
         ``attention_dtype``: the dtype the UNet's attention runs in; "auto" is float32 for an SD2 or
         v-prediction model in float16 (SD2.1 768-v overflows in fp16 attention: NaN, black images), else
-        the activations' dtype. ``compile``: ``torch.compile`` the UNet (see ``compile()``)."""
+        the activations' dtype. ``channels_last``: the UNet's weights in channels-last layout; "auto" is on for
+        bf16 on a CPU, where oneDNN's convolutions run faster in it (1.17x per SD1.5 UNet row; 0.90x in fp32).
+        ``compile``: ``torch.compile`` the UNet (see ``compile()``)."""
         if dtype == "auto":
             log.info("networks in %s (dtype auto: %s; dtype float32 forces fp32)",
                      *(str(v).removeprefix("torch.") for v in precision.auto_dtype(device)))
@@ -73,18 +75,23 @@ class DiffEdit:
         for m in self.model.unet.modules():
             if isinstance(m, CrossAttention):
                 m.attention_dtype = attention_dtype
+        if channels_last == "auto":
+            channels_last = dtype == torch.bfloat16 and self.device.type == "cpu"
+        if channels_last:
+            self.model.unet.to(memory_format=torch.channels_last)
         self._vae32 = None  # a float32 copy of the VAE, made the first time float16 overflows
         if compile:
             self.compile()
 
     @classmethod
     def from_pretrained(cls, source: str = "toy", device="cpu", dtype="auto", prediction_type=None,
-                        max_batch: int = 64, compile: bool = False, attention_dtype="auto") -> "DiffEdit":
+                        max_batch: int = 64, compile: bool = False, attention_dtype="auto",
+                        channels_last="auto") -> "DiffEdit":
         """Load a single file (.safetensors / .ckpt), a diffusers folder, a hub repo id, or "toy"."""
         from .checkpoint import load_model
         model, cfg = load_model(source, device=device, dtype=precision.resolve_dtype(dtype, device),
                                 prediction_type=prediction_type)
-        return cls(model, device, dtype, cfg.prediction_type, max_batch, compile, attention_dtype)
+        return cls(model, device, dtype, cfg.prediction_type, max_batch, compile, attention_dtype, channels_last)
 
     def compile(self, **options) -> "DiffEdit":
         """``torch.compile`` the UNet in place (``nn.Module.compile``: parameter names stay the checkpoint's);
