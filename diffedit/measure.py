@@ -1,15 +1,252 @@
-"""Measuring tools shared by the sweep, the benchmark scripts and the tests (torch-only; no diffusers)."""
+"""Measuring tools shared by the sweep, the benchmark scripts and the tests (torch only; no diffusers).
+
+Counting: one rule in ``Rows`` (a call adds its first tensor's batch size); ``EvalCounter`` applies it to an eps
+function, ``ModuleCounter`` to any module's forward (ours or diffusers'). Also: random full-size weights, peak memory,
+interleaved median timing, the matmul rate (a dtype's practical peak) and FLOP counts. Importing this module loads no
+torch (the sweep's command-line parser imports it); the functions import it when called.
+"""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import statistics
+import time
+from pathlib import Path
 
-class EvalCounter:
+
+# --- counting UNet evaluations ------------------------------------------------------------------------------------
+
+class Rows:
+    """Rows (batch entries; for a UNet, sample evaluations) and calls; ``on_rows(n)`` is told of every call."""
+
+    def __init__(self, on_rows=None):
+        self.rows = self.calls = 0
+        self.on_rows = on_rows
+
+    def add(self, x) -> None:
+        self.rows += x.shape[0]
+        self.calls += 1
+        if self.on_rows is not None:
+            self.on_rows(x.shape[0])
+
+    def reset(self) -> None:
+        self.rows = self.calls = 0
+
+    def get(self) -> dict:
+        return {"rows": self.rows, "calls": self.calls}
+
+
+class EvalCounter(Rows):
     """Wraps an eps function; ``count`` = UNet sample evaluations (batch rows) run through it."""
 
     def __init__(self, eps, on_rows=None):
-        self.eps, self.count, self.on_rows = eps, 0, on_rows
+        super().__init__(on_rows)
+        self.eps = eps
+
+    @property
+    def count(self) -> int:
+        return self.rows
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.rows = value
 
     def __call__(self, x, t, context):
-        self.count += x.shape[0]
-        if self.on_rows is not None:
-            self.on_rows(x.shape[0])
+        self.add(x)
         return self.eps(x, t, context)
+
+
+class ModuleCounter(Rows):
+    """Counts the forward calls of modules (a pre-hook: the first tensor argument's batch size); a context manager
+    that removes its hooks on exit (or call ``remove``)."""
+
+    def __init__(self, *modules, on_rows=None):
+        super().__init__(on_rows)
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in modules]
+
+    def _hook(self, module, args, kwargs):
+        self.add(next(a for a in (*args, *kwargs.values()) if hasattr(a, "shape")))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+# --- random full-size weights -------------------------------------------------------------------------------------
+
+def random_model(name: str, device="cpu", dtype=None, seed: int = 0):
+    """A preset's StableDiffusion with random weights, built on the device (meta first: no CPU init pass).
+    Matrices and kernels N(0, 1/fan_in) (activations stay O(1) through the full-size networks), norms the
+    identity, other vectors N(0, 0.02^2)."""
+    import torch
+    from .models import StableDiffusion, preset
+    with torch.device("meta"):
+        model = StableDiffusion(preset(name))
+    model.to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(seed)
+    norms = {id(p) for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+             for p in m.parameters()}
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if id(p) in norms:
+                p.fill_(1.0 if pname.endswith("weight") else 0.0)
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) * p[0].numel() ** -0.5)
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen, device=device))
+    return model.to(dtype or torch.float32).eval().requires_grad_(False)
+
+
+# --- memory -------------------------------------------------------------------------------------------------------
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def tune_malloc() -> str:
+    """Keep large freed blocks in glibc's heap instead of returning them to the OS. By default every buffer above
+    32 MB is mmapped and unmapped per call, and oneDNN reorders each big conv weight (59 MB for a 1280-channel 3x3
+    conv) into a fresh buffer on every call: half the UNet's CPU time went to page faults (measured: sys time equal
+    to user time, 1.8 M minor faults per forward at 8 x 8 latents; 2.3x faster with this). Process-wide: it helps
+    ours and diffusers' alike. The same from the shell: MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=..."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return "default (not glibc)"
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 2 ** 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 34) == 1
+    return "glibc mallopt: mmap threshold 1 GiB, trim threshold 16 GiB" if ok else "glibc default (mallopt refused)"
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it began, in MiB (``peak_mb``; ``base`` in bytes).
+
+    CUDA: torch.cuda.max_memory_allocated(). CPU: the resident-set high-water mark (VmHWM in /proc/self/status,
+    reset by writing 5 to /proc/self/clear_refs after malloc_trim(0) hands the heap's free pages back); tracemalloc
+    would miss torch's allocations, and psutil has no peak on Linux."""
+
+    def __init__(self, device):
+        import torch
+        self.device = torch.device(device)
+        self.method = "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "/proc/self/status VmHWM"
+
+    def __enter__(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        libc = _libc()
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)  # hand freed heap back, or reused pages would hide the block's peak from the RSS
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            self.method = "/proc/self/status VmHWM (not resettable here: a process-wide high-water mark)"
+        self.base = (_status_kb("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = (_status_kb("VmHWM") or 0) * 1024
+        self.peak_mb = max(0, peak - self.base) / 2 ** 20
+
+
+# --- time, rates, FLOPs -------------------------------------------------------------------------------------------
+
+def sync(device) -> None:
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device="cpu") -> float:
+    """Wall seconds of one call, the device synchronised on both sides."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, device="cpu", repeats: int = 3, warmup: int = 1, deadline: float | None = None,
+                around=None) -> dict[str, list[float]]:
+    """Times each of ``fns`` (name -> callable) ``repeats`` times in alternation, after ``warmup`` untimed calls
+    of each: a change in a shared machine's load hits all of them alike. Stops early when one more round (as long
+    as the last) would pass ``deadline`` (a time.perf_counter() value). ``around(name)``: a context manager
+    entered around each timed call (peak memory, counters)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for done in range(repeats):
+        last = sum(ts[-1] for ts in times.values()) if done else 0.0
+        if done and deadline is not None and time.perf_counter() + last > deadline:
+            break
+        for k, fn in fns.items():
+            with around(k) if around else contextlib.nullcontext():
+                times[k].append(timed(fn, device))
+    return times
+
+
+def median_time(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    return statistics.median(interleaved({"fn": fn}, device, repeats, warmup)["fn"])
+
+
+def matmul_rate(device="cpu", dtype=None, n: int = 2048) -> float:
+    """FLOP/s of an n^3 square matmul in ``dtype`` on ``device`` (median of 5): the dtype's practical peak."""
+    import torch
+    a, b = (torch.randn(n, n, device=device).to(dtype or torch.float32) for _ in range(2))
+    return 2 * n ** 3 / median_time(lambda: a @ b, device, 5)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of ``fn`` (torch.utils.flop_counter: matmuls, convolutions, attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def flop_rate(fn, device="cpu", repeats: int = 3) -> dict:
+    """FLOPs of one call, its median time and the rate in TFLOP/s."""
+    import torch
+    flops = count_flops(fn)
+    with torch.no_grad():
+        t = median_time(fn, device, repeats)
+    return {"flops": flops, "time_s": t, "tflop_per_s": flops / t / 1e12}
+
+
+def unet_inputs(cfg, batch: int = 2, side: int = 16, device="cpu", dtype=None, t: int = 481):
+    """Random inputs of one UNet forward (``cfg``: a UNetConfig): latents (batch, C, side, side), timesteps,
+    context (batch, 77, context_dim). Batch 2 is a classifier-free guidance pair, the commonest call."""
+    import torch
+    dtype = dtype or torch.float32
+    x = torch.randn(batch, cfg.in_channels, side, side, device=device).to(dtype)
+    c = torch.randn(batch, 77, cfg.context_dim, device=device).to(dtype)
+    return x, torch.full((batch,), t, device=device), c

@@ -3,10 +3,11 @@
 
     python scripts/cpu_memory.py --size 512 --steps 2 [--max-batch 64] [--json PATH]
 
-An SD1.5-size model with random weights (scripts/benchmark.py's), fp32, the paper's defaults (r 0.8, n 10,
-strength 0.5, guidance 7.5). The peak is the mask pass (2n latents in batches of --max-batch), which the number of
-DDIM steps does not change, so few steps suffice. Reported: the process's resident set with the weights loaded and
-the high-water mark over the edit above it (benchmark.PeakMemory: VmHWM, reset through /proc/self/clear_refs), in MiB.
+An SD1.5-size model with random weights (diffedit.measure.random_model), fp32, the paper's defaults (r 0.8, n 10,
+strength 0.5, guidance 7.5) on the astronaut (oracles.astronaut). The peak is the mask pass (2n latents in batches
+of --max-batch), which the number of DDIM steps does not change, so few steps suffice. Reported: the process's
+resident set with the weights loaded and the high-water mark over the edit above it (measure.PeakMemory: VmHWM,
+reset through /proc/self/clear_refs), in MiB.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from benchmark import SOURCE, TARGET, PeakMemory, astronaut, random_sd
+import oracles
+from diffedit.measure import PeakMemory, random_model
 from diffedit.pipeline import DiffEdit
 
 
@@ -33,11 +35,12 @@ def main(argv=None):
         raise SystemExit(f"cpu_memory: --size must be a multiple of 64, got {args.size}")
     torch.set_flush_denormal(True)
     cpu = torch.device("cpu")
-    de = DiffEdit(random_sd(args.preset, cpu, torch.float32), device=cpu, dtype=torch.float32, max_batch=args.max_batch)
-    image = astronaut(args.size)
+    de = DiffEdit(random_model(args.preset, cpu, torch.float32), device=cpu, max_batch=args.max_batch)
+    image = oracles.astronaut(args.size)
     t0 = time.perf_counter()
     with PeakMemory(cpu) as mem:
-        de.edit(image, TARGET, SOURCE, ratio=0.8, n=10, strength=0.5, steps=args.steps, guidance=7.5, seed=0)
+        de.edit(image, oracles.TARGET, oracles.SOURCE, ratio=0.8, n=10, strength=0.5, steps=args.steps, guidance=7.5,
+                seed=0)
     with_weights = mem.base / 2 ** 20
     out = {"preset": args.preset, "size": args.size, "steps": args.steps, "max_batch": args.max_batch,
            "threads": torch.get_num_threads(), "rss_with_weights_mib": round(with_weights),

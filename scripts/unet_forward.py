@@ -3,9 +3,9 @@
 
     python scripts/unet_forward.py [--preset sd15] [--latent 16] [--batch 2] [--compile inductor|freezing|none]
 
-Random weights (scripts/benchmark.py's). Eager and compiled calls alternate, so a change in the machine's load hits
-both; the report gives each one's median, the speedup and the FLOP rate (torch.utils.flop_counter) over the rate of
-a large square matmul measured in the same run.
+Random weights (diffedit.measure.random_model). Eager and compiled calls alternate (measure.interleaved), so a change
+in the machine's load hits both; the report gives each one's median, the speedup and the FLOP rate
+(measure.count_flops) over the rate of a large square matmul measured in the same run (measure.matmul_rate).
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmark import matmul_rate, random_sd, tune_malloc
+from diffedit.measure import count_flops, interleaved, matmul_rate, random_model, tune_malloc, unet_inputs
 
 
 def main(argv=None):
@@ -31,34 +30,27 @@ def main(argv=None):
     cpu = torch.device("cpu")
     torch.set_flush_denormal(True)
     tune_malloc()
-    sd = random_sd(args.preset, cpu, torch.float32)
+    sd = random_model(args.preset, cpu, torch.float32)
     unet = sd.unet
-    x = torch.randn(args.batch, sd.cfg.unet.in_channels, args.latent, args.latent)
-    t = torch.full((args.batch,), 481)
-    c = torch.randn(args.batch, 77, sd.cfg.unet.context_dim)
+    x, t, c = unet_inputs(sd.cfg.unet, args.batch, args.latent)
     out = {"preset": args.preset, "latent": args.latent, "batch": args.batch, "threads": torch.get_num_threads()}
+    flops = count_flops(lambda: unet(x, t, c))  # also the eager warm-up
     with torch.no_grad():
-        with FlopCounterMode(display=False) as fc:
-            want = unet(x, t, c)
         variants = {"eager": lambda: unet(x, t, c)}
         if args.compile != "none":
+            want = unet(x, t, c)
             compiled = torch.compile(unet, options={"freezing": True} if args.compile == "freezing" else None)
             t0 = time.perf_counter()
             got = compiled(x, t, c)
             out["compile_s"] = round(time.perf_counter() - t0, 1)
             out["compiled_rel_err"] = ((got - want).norm() / want.norm()).item()
             variants[args.compile] = lambda: compiled(x, t, c)
-        times = {k: [] for k in variants}
-        for _ in range(args.repeats):
-            for k, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved(variants, cpu, args.repeats, warmup=0)
     peak = matmul_rate(cpu, torch.float32, 2048)
     for k, ts in times.items():
         med = statistics.median(ts)
         out[k] = {"median_s": round(med, 4), "times_s": [round(v, 4) for v in ts],
-                  "fraction_of_matmul": round(fc.get_total_flops() / med / peak, 3)}
+                  "fraction_of_matmul": round(flops / med / peak, 3)}
     if args.compile != "none":
         out["speedup"] = round(out["eager"]["median_s"] / out[args.compile]["median_s"], 3)
     out["matmul_tflop_per_s"] = round(peak / 1e12, 4)

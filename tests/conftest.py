@@ -1,4 +1,4 @@
-"""Shared helpers for the test suite: seeding, random re-initialisation, relative error."""
+"""Shared helpers for the test suite: seeding, random re-initialisation, relative error, oracle fixtures."""
 from __future__ import annotations
 
 import json
@@ -72,6 +72,14 @@ def tiny_checkpoint(tmp_path_factory):
     state = {k: v.contiguous() for k, v in StableDiffusion(cfg).state_dict().items()}
     save_file(state, str(path), metadata={"diffedit_config": json.dumps(cfg.to_dict())})
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_clip_tokenizer(tmp_path_factory):
+    """transformers' CLIPTokenizer for SD1, built offline from open_clip's BPE (``oracles.clip_tokenizer``)."""
+    pytest.importorskip("transformers")
+    import oracles
+    return oracles.clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 @pytest.fixture(scope="session")

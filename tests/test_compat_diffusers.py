@@ -28,28 +28,26 @@ Tolerances: fp32 throughout; relative errors (||a - b|| / ||b||) below 1e-4.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import randomize_, rel_err, report
-from test_ddim import SD_SCHEDULER
-from test_tokenizer import hf_clip_tokenizer  # noqa: F401  (fixture: transformers CLIPTokenizer, built offline)
+from oracles import SD_SCHEDULER, SOURCE, TARGET, astronaut, diffedit_pipeline
 
 from diffedit import ddim, images, masking
 from diffedit.edit import masked_decode
 from diffedit.inversion import Trajectory, ddim_encode, num_encoding_steps
+from diffedit.measure import ModuleCounter
 from diffedit.pipeline import DiffEdit
+from diffedit.settings import recipe
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 from diffusers.pipelines.deprecated.stable_diffusion_diffedit import (  # noqa: E402
     pipeline_stable_diffusion_diffedit as dd_module)
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-SOURCE, TARGET = "a photo of an astronaut", "a photo of a robot in a spacesuit"
 STEPS, RATIO, GUIDANCE, N, STRENGTH, SEED = 10, 0.8, 7.5, 2, 0.5, 0
 K = num_encoding_steps(RATIO, STEPS)  # 8 = int(0.8 * 10) too: diffusers' count
 SIDE = 32  # image side (a multiple of de.multiple = 4); latents 16 x 16
@@ -64,18 +62,6 @@ TEXT = dict(hidden_size=32, intermediate_size=128, num_attention_heads=2, num_hi
             pad_token_id=49407)
 
 
-def astronaut(side: int = SIDE, crop=(0, 0, 512, 512)) -> Image.Image:
-    """A real photograph (skimage's astronaut), downsized: structure at every scale, not noise."""
-    try:
-        from skimage import data
-        pil = Image.fromarray(data.astronaut())
-    except ImportError:  # a synthetic stand-in: rings and a gradient
-        yy, xx = np.mgrid[0:512, 0:512] / 512.0
-        rgb = np.stack([np.sin(20 * np.hypot(xx - .5, yy - .5)), xx, yy], -1) * 127.5 + 127.5
-        pil = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
-    return pil.crop(crop).resize((side, side), Image.LANCZOS)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, hf_clip_tokenizer):
     """diffusers' pipeline on random tiny modules, and our DiffEdit loaded from the same weights on disk."""
@@ -87,13 +73,8 @@ def models(tmp_path_factory, hf_clip_tokenizer):
     for sub, net in (("unet", unet), ("vae", vae), ("text_encoder", text)):
         net.save_pretrained(root / sub)
     DDIMScheduler(**SD_SCHEDULER).save_pretrained(root / "scheduler")
-    scheduler = DDIMScheduler.from_pretrained(root / "scheduler")
-    pipe = dd_module.StableDiffusionDiffEditPipeline(
-        vae=vae, text_encoder=text, tokenizer=hf_clip_tokenizer, unet=unet, scheduler=scheduler,
-        inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    de = DiffEdit.from_pretrained(str(root))
+    pipe = diffedit_pipeline(unet, vae, text, hf_clip_tokenizer, DDIMScheduler.from_pretrained(root / "scheduler"))
+    de = DiffEdit.from_pretrained(str(root), dtype=torch.float32)  # the fp32 oracle's precision
     assert SIDE % de.multiple == 0
     return pipe, de
 
@@ -112,7 +93,7 @@ def x0_of(de, pil) -> torch.Tensor:
 
 def test_cfg_inversion_matches_diffusers_invert_at_every_level(models, posterior_mean):
     pipe, de = models
-    pil = astronaut()
+    pil = astronaut(SIDE)
     x0 = x0_of(de, pil)
     with torch.no_grad():  # same x_0: our posterior mean vs diffusers' scaled posterior mean, from the same pixels
         ref_x0 = pipe.vae.encode(pipe.image_processor.preprocess(pil)).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -144,7 +125,7 @@ def box_mask(h: int, w: int) -> torch.Tensor:
 
 def test_compat_decoding_matches_diffusers_call_and_default_decoding_ends_on_x0(models, posterior_mean):
     pipe, de = models
-    pil = astronaut()
+    pil = astronaut(SIDE)
     x0 = x0_of(de, pil)
     inv = pipe.invert(prompt=SOURCE, image=pil, inpaint_strength=RATIO, num_inference_steps=STEPS,
                       guidance_scale=GUIDANCE).latents
@@ -157,7 +138,8 @@ def test_compat_decoding_matches_diffusers_call_and_default_decoding_ends_on_x0(
     traj = Trajectory(torch.cat([x0[None], inv[0].flip(0)[:, None]]), levels, STEPS)
     cond, ref_emb = de.encode_prompt([TARGET]), de.encode_prompt([SOURCE])
     blend = mask[None, None]
-    ours = masked_decode(de.eps, traj, cond, ref_emb, GUIDANCE, de.alpha_bar, blend, compat="diffusers")
+    ours = masked_decode(de.eps, traj, cond, ref_emb, GUIDANCE, de.alpha_bar, blend,
+                         blend_late=recipe("diffusers").blend_late)
     err = rel_err(ours, ref)
     report("compat masked decoding vs diffusers __call__ (output_type='latent')", err)
     assert ours.shape == ref.shape == x0.shape and err < 1e-4
@@ -235,7 +217,7 @@ def test_mask_matches_diffusers_generate_mask_with_the_same_noises(models, spies
     seeded generator: with sampling off, diffusers' one ``randn_tensor`` call draws the numbers ours does."""
     pipe, de = models
     spy, their_noises = spies
-    pil = astronaut()
+    pil = astronaut(SIDE)
     ref_binary = torch.from_numpy(diffusers_mask(pipe, pil))[0]  # (h, w) ints 0 / 1
     draws, d = our_raw_map(de, pil)
     assert len(their_noises) == 1 and torch.equal(their_noises[0], draws)
@@ -279,7 +261,7 @@ def test_diffusers_mask_of_an_image_depends_on_the_rest_of_the_batch_ours_does_n
     image's mask changes although its own map D does not. masking.normalize clamps each image at its own mean."""
     pipe, de = models
     spy, _ = spies
-    first, second = astronaut(), astronaut(crop=(256, 256, 512, 512))  # the face; the bottom-right quarter
+    first, second = astronaut(SIDE), astronaut(SIDE, crop=(256, 256, 512, 512))  # the face; the bottom-right quarter
     alone = torch.from_numpy(diffusers_mask(pipe, first))[0]
     batch = pipe.generate_mask(image=[first, second], source_prompt=[SOURCE] * 2, target_prompt=[TARGET] * 2,
                                num_maps_per_mask=N, mask_encode_strength=STRENGTH, mask_thresholding_ratio=3.0,
@@ -306,21 +288,6 @@ def test_diffusers_mask_of_an_image_depends_on_the_rest_of_the_batch_ours_does_n
 
 # --- 4. a whole edit: equal results, and the cost ------------------------------------------------------------------
 
-class Counter:
-    """Wraps a module's method: counts calls and rows (the batch size of the first argument)."""
-
-    def __init__(self, monkeypatch, owner, name):
-        self.calls = self.rows = 0
-        method = getattr(owner, name)
-
-        def counted(x, *args, **kwargs):
-            self.calls += 1
-            self.rows += x.shape[0]
-            return method(x, *args, **kwargs)
-
-        monkeypatch.setattr(owner, name, counted)
-
-
 def diffusers_edit(pipe, pil, steps=STEPS, ratio=RATIO, strength=STRENGTH) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole diffusers edit as its docs chain it (generate_mask -> invert -> __call__), all else default
     (guidance 7.5 everywhere, clamp ratio 3); returns the binary latent mask and the edited latent."""
@@ -341,19 +308,18 @@ def our_edit(de, pil, compat, steps=STEPS, ratio=RATIO, strength=STRENGTH):
 @pytest.fixture(scope="module")
 def whole_edits(models):
     """One default diffusers edit, our compat edit and our paper-faithful edit, with every UNet evaluation and
-    VAE encoding counted (sum of batch sizes, and calls)."""
+    VAE encoding counted (sum of batch sizes, and calls: ``measure.ModuleCounter`` on the UNets and VAE encoders)."""
     pipe, de = models
-    pil = astronaut()
+    pil = astronaut(SIDE)
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
-        unet, vae = Counter(mp, pipe.unet, "forward"), Counter(mp, pipe.vae, "encode")
-        mask, latents = diffusers_edit(pipe, pil)
+        with ModuleCounter(pipe.unet) as unet, ModuleCounter(pipe.vae.encoder) as vae:
+            mask, latents = diffusers_edit(pipe, pil)
         out["diffusers"] = dict(mask=mask, latents=latents, unet=unet.rows, vae_calls=vae.calls, vae_rows=vae.rows)
     for compat in ("diffusers", None):
-        with pytest.MonkeyPatch.context() as mp:
-            unet = Counter(mp, de.model.unet, "forward")
-            vae = Counter(mp, de.model.first_stage_model, "encode")
+        with pytest.MonkeyPatch.context() as mp, ModuleCounter(de.model.unet) as unet, \
+                ModuleCounter(de.model.first_stage_model.encoder) as vae:
             modes, normalize = [], masking.normalize
             mp.setattr(masking, "normalize", lambda d, mode="clamp", *a: modes.append(mode) or normalize(d, mode, *a))
             r = our_edit(de, pil, compat)
@@ -406,7 +372,7 @@ def test_compat_counts_grid_steps_as_diffusers_does_int_not_round(models, poster
     """diffusers takes int(r * steps) grid steps for the inversion and decoding and int(s * steps) for the mask
     level; the paper-faithful path rounds. With r * steps = 3.5 and s * steps = 1.5 they disagree: compat floors."""
     pipe, de = models
-    pil = astronaut()
+    pil = astronaut(SIDE)
     steps, ratio, strength = 5, 0.7, 0.3
     ref_mask, ref = diffusers_edit(pipe, pil, steps, ratio, strength)
     ours = our_edit(de, pil, "diffusers", steps, ratio, strength)

@@ -20,6 +20,7 @@ from diffedit import ddim, masking
 from diffedit.edit import masked_decode, sdedit
 from diffedit.guidance import eps_model
 from diffedit.inversion import ddim_encode
+from diffedit.measure import EvalCounter, ModuleCounter
 from diffedit.models import ModelConfig, StableDiffusion, UNetConfig, preset
 from diffedit.models.unet import CrossAttention, UNetModel
 from diffedit.models.vae import AttnBlock
@@ -51,8 +52,8 @@ def test_sampling_loops_make_no_host_sync():
         traj = ddim_encode(eps, x0, ctx[:1], 0.8, 10, alpha_bar)
         traj = ddim_encode(eps, x0, ctx[:1], 0.8, 10, alpha_bar, guidance=7.5, uncond=ctx[:1], max_batch=1)
         mask = torch.ones(2, 1, 8, 8, device=dev)
-        for compat in (None, "diffusers"):
-            y0 = masked_decode(eps, traj, ctx[1:], ctx[:1], 7.5, alpha_bar, mask, compat, max_batch=3)
+        for blend_late in (False, True):
+            y0 = masked_decode(eps, traj, ctx[1:], ctx[:1], 7.5, alpha_bar, mask, blend_late, max_batch=3)
             assert y0.shape == (2, 4, 8, 8) and y0.is_meta
         sdedit(eps, x0, ctx[1:], ctx[:1], 0.5, 10, 7.5, alpha_bar, torch.Generator().manual_seed(0))
         noises = masking.noised_latents(x0, 3, 0.5, 10, alpha_bar, torch.Generator().manual_seed(0))
@@ -112,6 +113,18 @@ def test_prompts_are_encoded_once_per_edit(tiny_de, monkeypatch):
             assert calls == [2 if source == "" else 3], (compat, source, calls)
 
 
+def test_eval_counter_and_module_counter_count_the_same_rows(tiny_de, monkeypatch):
+    """The eps wrapper (the sweep's) and the forward pre-hook (the benchmark's, on any module) agree: an edit at
+    n = 2, k = round(0.4 * 5) = 2 costs 2n + k + 2k = 10 UNet rows; the hook is gone after the block."""
+    counted = EvalCounter(tiny_de.eps)
+    monkeypatch.setattr(tiny_de, "eps", counted)
+    with ModuleCounter(tiny_de.model.unet) as hooked:
+        tiny_de.edit(picture(), "a red circle", "a photo", ratio=0.4, n=2, steps=5)
+    assert counted.count == counted.rows == hooked.rows == 10 and counted.calls == hooked.calls
+    tiny_de.edit(picture(), "a red circle", "a photo", ratio=0.4, n=2, steps=5)
+    assert hooked.rows == 10 and counted.count == 20
+
+
 # --- VAE attention chunked over queries -----------------------------------------------------------------------------
 
 def test_chunked_vae_attention_equals_unchunked():
@@ -167,7 +180,7 @@ def test_float16_edit_of_a_tiny_sd2_768_v_model_has_no_nan():
     assert rel_err(out16.float(), out32) < 1e-2
     for compat in (None, "diffusers"):
         result = de.edit(picture(), "a red circle", "a photo", ratio=0.8, n=2, steps=5, compat=compat)
-        assert result.latents.dtype == torch.float16
+        assert result.latents.dtype == de.latent_dtype == torch.float32  # fp16 networks, fp32 latents
         assert torch.isfinite(result.latents).all() and torch.isfinite(result.trajectory.latents).all()
         assert torch.isfinite(result.mask_map).all()
 
@@ -187,7 +200,7 @@ def test_vae_falls_back_to_float32_when_float16_overflows(caplog):
     with caplog.at_level(logging.WARNING, logger="diffedit.pipeline"):
         out, lat = de.decode_latents(z), de.encode_image(1e5 * img)
     assert "overflowed in float16" in caplog.text and de._vae32 is not None
-    assert out.dtype == lat.dtype == torch.float16
+    assert out.dtype == torch.float16 and lat.dtype == de.latent_dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(lat).all()
     assert rel_err(out.float(), ref_img) < 1e-2 and rel_err(lat.float(), ref_z) < 1e-2
     caplog.clear()

@@ -1,20 +1,16 @@
 """Our ``tokenize`` against the two reference tokenizers SD uses.
 
 SD1 (ldm FrozenCLIPEmbedder): transformers' ``CLIPTokenizer`` with padding="max_length", max_length=77,
-truncation=True, pad = end-of-text. Built offline from open_clip's copy of the OpenAI BPE vocabulary, the
-same way the HF CLIP tokenizer files were made. SD2 (FrozenOpenCLIPEmbedder): ``open_clip.tokenize`` (pad 0).
+truncation=True, pad = end-of-text, built offline from open_clip's copy of the OpenAI BPE vocabulary (the
+``hf_clip_tokenizer`` fixture: ``oracles.clip_tokenizer``). SD2 (FrozenOpenCLIPEmbedder): ``open_clip.tokenize``
+(pad 0).
 """
 from __future__ import annotations
-
-import gzip
-import json
-import os
 
 import open_clip  # heavy import at collection, not inside the first test's timing
 import pytest
 import torch
-from open_clip.tokenizer import SimpleTokenizer, bytes_to_unicode
-from transformers import CLIPTokenizer
+from open_clip.tokenizer import SimpleTokenizer
 
 from diffedit.models import preset, tokenize
 from diffedit.models.text import EOT, SOT
@@ -32,21 +28,11 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_clip_tokenizer(tmp_path_factory):
-    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    tok = CLIPTokenizer.from_pretrained(str(folder), pad_token="<|endoftext|>", model_max_length=77)
+def test_offline_clip_tokenizer_has_the_clip_vocabulary(hf_clip_tokenizer):
+    """The oracle (``oracles.clip_tokenizer``, the conftest fixture) has CLIP's 49408 tokens and special ids."""
+    tok = hf_clip_tokenizer
+    assert len(tok) == 49408
     assert tok.bos_token_id == SOT and tok.eos_token_id == EOT and tok.pad_token_id == EOT
-    return tok
 
 
 def test_long_prompt_really_is_too_long():

@@ -1,0 +1,131 @@
+"""The reference implementations the tests and the benchmark compare against (never imported by ``diffedit``).
+
+One copy each of: SD's DDIM scheduler config, the astronaut photograph and its edit's captions, transformers' CLIP
+tokenizer built offline, diffusers' DiffEdit pipeline on given modules, and the "twin": that pipeline on a DiffEdit's
+own weights.
+diffusers, transformers, open_clip and skimage are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1)
+SOURCE, TARGET = "a photo of an astronaut", "a photo of a robot in a spacesuit"  # the astronaut's edit
+
+
+def astronaut(side: int, crop=(0, 0, 512, 512)):
+    """skimage's astronaut (a real 512 px photograph: structure at every scale, not noise), cropped, resized to
+    side x side; without skimage a synthetic stand-in (rings and a gradient)."""
+    import numpy as np
+    from PIL import Image
+    try:
+        from skimage import data
+        pil = Image.fromarray(data.astronaut())
+    except ImportError:
+        yy, xx = np.mgrid[0:512, 0:512] / 512.0
+        rgb = np.stack([np.sin(20 * np.hypot(xx - .5, yy - .5)), xx, yy], -1) * 127.5 + 127.5
+        pil = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    return pil.crop(crop).resize((side, side), Image.LANCZOS)
+
+
+def clip_tokenizer(folder: Path):
+    """transformers' CLIPTokenizer (SD1's) built offline in ``folder`` from open_clip's copy of the OpenAI BPE, the
+    way the HF CLIP tokenizer files were made: 256 bytes, the same with </w>, the merges, start and end of text."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    return CLIPTokenizer.from_pretrained(str(folder), pad_token="<|endoftext|>", model_max_length=77)
+
+
+def diffedit_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
+    """diffusers' (deprecated) StableDiffusionDiffEditPipeline on these modules, the inverse scheduler built from
+    the sampler's config (SD_SCHEDULER unless given), no safety checker, no progress bars."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+    from diffusers.pipelines.deprecated.stable_diffusion_diffedit import StableDiffusionDiffEditPipeline
+    scheduler = scheduler or DDIMScheduler(**SD_SCHEDULER)
+    pipe = StableDiffusionDiffEditPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _ldm_yaml(cfg) -> dict:
+    """The parts of an LDM yaml config diffusers' single-file converters read, from our ModelConfig."""
+    u, v = cfg.unet, cfg.vae
+    heads = {"num_head_channels": u.num_head_channels} if u.num_head_channels > 0 else {"num_heads": u.num_heads}
+    unet = dict(in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
+                attention_resolutions=list(u.attention_resolutions), num_res_blocks=u.num_res_blocks,
+                channel_mult=list(u.channel_mult), transformer_depth=u.transformer_depth, context_dim=u.context_dim,
+                use_linear_in_transformer=u.use_linear_in_transformer, **heads)
+    ddconfig = dict(in_channels=v.in_channels, out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult),
+                    num_res_blocks=v.num_res_blocks, z_channels=v.z_channels, attn_resolutions=[])
+    return {"model": {"params": {"scale_factor": v.scaling_factor, "unet_config": {"params": unet},
+                                 "first_stage_config": {"params": {"embed_dim": v.embed_dim, "ddconfig": ddconfig}}}}}
+
+
+def _text_twin(de):
+    """transformers' CLIPTextModel with our SD1 text encoder's weights (loaded by name)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    t = de.cfg.text
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=t.width, intermediate_size=t.width * t.mlp_ratio,
+                                        num_attention_heads=t.heads, num_hidden_layers=t.layers,
+                                        vocab_size=t.vocab_size, max_position_embeddings=t.context_length,
+                                        projection_dim=t.projection_dim, hidden_act="quick_gelu",
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    ours = de.model.cond_stage_model.transformer.state_dict()
+    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5.x drops the prefix
+        ours = {k.removeprefix("text_model."): x for k, x in ours.items()}
+    res = text.load_state_dict(ours, strict=False)
+    if res.unexpected_keys or any("position_ids" not in k for k in res.missing_keys):
+        raise RuntimeError(f"text encoder keys: {res}")
+    return text.to(de.device, de.dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def diffusers_twin(de, tok_dir: Path):
+    """diffusers' DiffEdit pipeline on a DiffEdit's OWN weights: the UNet and VAE state dicts through diffusers'
+    single-file converters (tensors shared with ours, ``assign=True``: no second copy), the SD1 text encoder by
+    name; ``tok_dir`` receives the tokenizer files."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    cfg = de.cfg
+    if cfg.text.kind != "openai":
+        raise ValueError("the twin is built for SD1-style (OpenAI CLIP) models only")
+    yaml, ckpt = _ldm_yaml(cfg), dict(de.model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ucfg = create_unet_diffusers_config_from_ldm(yaml, ckpt)
+        vcfg = create_vae_diffusers_config_from_ldm(yaml, ckpt, image_size=cfg.resolution)
+    ucfg["norm_num_groups"], vcfg["norm_num_groups"] = cfg.unet.norm_groups, cfg.vae.norm_groups
+    vcfg["scaling_factor"] = cfg.vae.scaling_factor
+    nets = {}
+    for key, cls, config, sd in (("unet", UNet2DConditionModel, ucfg, convert_ldm_unet_checkpoint(ckpt, ucfg)),
+                                 ("vae", AutoencoderKL, vcfg, convert_ldm_vae_checkpoint(ckpt, vcfg))):
+        with torch.device("meta"):
+            net = cls(**config)
+        net.load_state_dict({k: t.to(de.dtype) for k, t in sd.items()}, strict=True, assign=True)
+        left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"diffusers {key}: tensors left on meta: {left[:3]}")
+        nets[key] = net.eval().requires_grad_(False)
+    return diffedit_pipeline(nets["unet"], nets["vae"], _text_twin(de), clip_tokenizer(tok_dir))
