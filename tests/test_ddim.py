@@ -3,11 +3,10 @@ import pytest
 import torch
 
 from diffedit import ddim
+from oracles import SD_SCHEDULER
 
 diffusers = pytest.importorskip("diffusers")
 
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                    set_alpha_to_one=False, steps_offset=1)
 
 
 def test_schedule_and_grid_equal_diffusers_sd_config():
