@@ -11,8 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffedit import checkpoint
-from diffedit.checkpoint import CheckpointError, detect_prediction_type, load_model
+from diffedit.checkpoint import CheckpointError, detect_prediction_type, load, load_model, sources
+from diffedit.checkpoint.diffusers_folder import network_configs
+from diffedit.checkpoint.diffusers_names import ldm_names
+from diffedit.checkpoint.layout import ZERO_FILL
+from diffedit.checkpoint.single_file import infer_config
 from diffedit.models import ModelConfig, StableDiffusion, TextConfig, UNetConfig, VAEConfig, preset
 
 # Small models with the originals' choices for what shapes cannot tell (32 norm groups, 8 UNet heads for SD1,
@@ -85,7 +88,7 @@ def test_single_file_without_metadata_reads_architecture_from_shapes_and_ignores
 def test_architecture_read_from_shapes_of_a_full_size_checkpoint_is_the_preset(name):
     with torch.device("meta"):  # shapes only: no memory
         shapes = {k: tuple(v.shape) for k, v in StableDiffusion(preset(name)).state_dict().items()}
-    cfg = checkpoint._infer_config(Path(f"{name}.safetensors"), shapes)
+    cfg = infer_config(Path(f"{name}.safetensors"), shapes)
     assert (cfg.unet, cfg.vae, cfg.text) == (preset(name).unet, preset(name).vae, preset(name).text)
 
 
@@ -137,7 +140,7 @@ def test_sd2_file_prediction_type_detected_from_unet_behaviour_and_logged(tmp_pa
 
 
 def test_explicit_prediction_type_overrides_detection_and_the_file(tmp_path, tiny, monkeypatch, caplog):
-    monkeypatch.setattr(checkpoint, "detect_prediction_type", lambda *a, **k: pytest.fail("detection ran"))
+    monkeypatch.setattr(load, "detect_prediction_type", lambda *a, **k: pytest.fail("detection ran"))
     with caplog.at_level(logging.INFO, logger="diffedit.checkpoint"):
         _, cfg = load_model(sd2_file_with_constant_output(tmp_path, -5.0), prediction_type="epsilon")
     assert (cfg.prediction_type, cfg.resolution) == ("epsilon", 512)
@@ -273,17 +276,17 @@ def test_full_size_diffusers_configs_and_names_map_onto_the_preset(name):
                 "text_encoder": CLIPTextModel(CLIPTextConfig(**FULL_SIZE[name]["text"]))}
     configs = [json.loads(nets[k].config.to_json_string() if k == "text_encoder" else json.dumps(nets[k].config))
                for k in ("unet", "vae", "text_encoder")]
-    unet, vae_cfg, text = checkpoint._configs(Path(name), *configs)
+    unet, vae_cfg, text = network_configs(Path(name), *configs)
     want = preset(name)
     assert (unet, vae_cfg) == (want.unet, want.vae)
     # diffusers' SD2 text encoder stops one layer early, so all its layers run
     layers = want.text.layers - want.text.skip_last_layer
     assert text == dataclasses.replace(want.text, layers=layers, skip_last_layer=False)
-    renamed = checkpoint._ldm_names({k: {n: (tuple(v.shape), None) for n, v in net.state_dict().items()}
-                                     for k, net in nets.items()}, unet, vae_cfg, text)
+    renamed = ldm_names({k: {n: (tuple(v.shape), None) for n, v in net.state_dict().items()}
+                         for k, net in nets.items()}, unet, vae_cfg, text)
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in StableDiffusion(ModelConfig(unet, vae_cfg, text)).state_dict().items()
-                if k not in checkpoint._ZERO_FILL}
+                if k not in ZERO_FILL}
     assert renamed.keys() == ours.keys()
     for k, (found, _) in renamed.items():  # the VAE attention's linear weights become 1x1 convs
         assert found == ours[k] or ("attn_1" in k and found + (1, 1) == ours[k]), k
@@ -325,18 +328,18 @@ def test_repo_id_neither_cached_nor_downloadable_is_a_clear_error(offline_hub):
 def test_missing_file_and_toy_not_built(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"no such file or folder: .*nothing\.safetensors"):
         load_model(tmp_path / "nothing.safetensors")
-    assert checkpoint._toy_path().parts[-3:] == ("diffedit", "toy", "toy.safetensors")
-    monkeypatch.setattr(checkpoint, "_toy_path", lambda: tmp_path / "toy.safetensors")
+    assert sources.toy_path().parts[-3:] == ("diffedit", "toy", "toy.safetensors")
+    monkeypatch.setattr(sources, "toy_path", lambda: tmp_path / "toy.safetensors")
     with pytest.raises(CheckpointError, match=r"toy\.safetensors is not built yet: run python scripts/train_toy\.py"):
         load_model("toy")
 
 
 def test_toy_resolves_to_the_packaged_file(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_toy_path", lambda: tiny[1])
+    monkeypatch.setattr(sources, "toy_path", lambda: tiny[1])
     assert load_model("toy")[1] == preset("tiny")
 
 
-@pytest.mark.skipif(not checkpoint._toy_path().is_file(), reason="toy model not built (scripts/train_toy.py)")
+@pytest.mark.skipif(not sources.toy_path().is_file(), reason="toy model not built (scripts/train_toy.py)")
 def test_packaged_toy_model_loads_in_its_own_architecture():
     model, cfg = load_model("toy")
     assert (cfg.unet, cfg.text) == (preset("toy").unet, preset("toy").text) and cfg.resolution == 64
@@ -422,3 +425,20 @@ def test_broken_diffusers_folders_are_named(tmp_path, sd1_folder):
     (root / "text_encoder" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"not a diffusers folder .*: text_encoder/config\.json missing"):
         load_model(root)
+
+
+# --- the UNet block layout the key maps index -----------------------------------------------------------------------
+
+def test_block_index_names_the_blocks_the_unet_builds():
+    from diffedit.models.unet import Downsample, UNetModel, Upsample, block_index
+    n, levels = 2, 3
+    cfg = UNetConfig(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=n, attention_resolutions=(2,),
+                     num_heads=2, context_dim=16, norm_groups=8)
+    with torch.device("meta"):
+        unet = UNetModel(cfg)
+    downs = [i for i, b in enumerate(unet.input_blocks) if isinstance(b[0], Downsample)]
+    ups = [i for i, b in enumerate(unet.output_blocks) if isinstance(b[-1], Upsample)]
+    assert downs == [block_index(level, n, n, levels) for level in range(levels - 1)]
+    assert ups == [block_index(level, n, n, levels, output=True) for level in reversed(range(1, levels))]
+    assert len(unet.input_blocks) == block_index(levels - 1, n - 1, n, levels) + 1
+    assert len(unet.output_blocks) == block_index(0, n, n, levels, output=True) + 1

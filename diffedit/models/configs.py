@@ -102,7 +102,7 @@ PRESETS: dict[str, ModelConfig] = {
     "sd15": ModelConfig(),
     "sd21-base": ModelConfig(unet=_SD2_UNET, text=_SD2_TEXT),
     "sd21": ModelConfig(unet=_SD2_UNET, text=_SD2_TEXT, prediction_type="v_prediction", resolution=768),
-    # The embedded toy model: 64 px images, 16 x 16 x 4 latents (facts in shared/DESIGN.md, "The toy world").
+    # The embedded toy model: 64 px images, 16 x 16 x 4 latents (trained by scripts/train_toy.py; see weights.md).
     "toy": ModelConfig(
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(1, 2, 4),
                         num_head_channels=8, context_dim=64, use_linear_in_transformer=True, norm_groups=8),

@@ -172,6 +172,15 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def block_index(level: int, layer: int, num_res_blocks: int, num_levels: int, output: bool = False) -> int:
+    """The index in ``input_blocks`` (``output_blocks`` if ``output``) of block ``layer`` of resolution level
+    ``level`` (0 = full resolution). Input: conv_in, then per level ``num_res_blocks`` blocks and the downsampler
+    (layer ``num_res_blocks``); output: from the lowest level up, ``num_res_blocks + 1`` blocks a level."""
+    if output:
+        return (num_levels - 1 - level) * (num_res_blocks + 1) + layer
+    return 1 + level * (num_res_blocks + 1) + layer
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()

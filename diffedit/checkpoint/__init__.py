@@ -1,0 +1,21 @@
+"""Loading Stable Diffusion weights: the one package that knows checkpoint key layouts.
+
+``load_model(source)`` takes
+  * ``"toy"``: the packaged toy model ``diffedit/toy/toy.safetensors``;
+  * a single file in the LDM names our networks use (``.safetensors``; ``.ckpt`` only through
+    ``torch.load(weights_only=True)``). Our exports carry the architecture in their metadata
+    (``diffedit_config``); for other files it is read from the tensor shapes;
+  * a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``): each ``config.json`` gives
+    the architecture, and the diffusers names are mapped onto the LDM ones;
+  * a Hugging Face repo id ``org/name[@revision]`` holding a diffusers folder (hub, else the local cache).
+The model is built on the meta device and each tensor is read once, straight into the requested dtype.
+
+Modules: ``sources`` (where the files are), ``single_file`` (LDM files, architecture from shapes),
+``diffusers_folder`` (config.json files) and ``diffusers_names`` (the key map), ``layout`` (the LDM prefixes),
+``build`` (the strict load), ``load`` (``load_model``, the SD2 prediction type).
+"""
+from .errors import CheckpointError
+from .load import detect_prediction_type, load_model
+from .sources import toy_path as _toy_path  # the name scripts/benchmark.py imports
+
+__all__ = ["load_model", "CheckpointError", "detect_prediction_type"]
