@@ -3,7 +3,7 @@
 Counting: one rule in ``Rows`` (a call adds its first tensor's batch size); ``EvalCounter`` applies it to an eps
 function, ``ModuleCounter`` to any module's forward (ours or diffusers'). Also: random full-size weights, peak memory,
 interleaved median timing, the matmul rate (a dtype's practical peak) and FLOP counts. Importing this module loads no
-torch (the sweep's command-line parser imports it); the functions import it when called.
+torch (torch-free code such as a command-line parser may import it); the functions import it when called.
 """
 from __future__ import annotations
 
