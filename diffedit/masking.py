@@ -16,8 +16,7 @@ import torch
 
 from . import ddim
 from .guidance import EpsFn, batched_eps
-
-NORMALIZATIONS = ("quantile", "clamp", "minmax", "clamp-mean")
+from .settings import NORMALIZATIONS
 
 
 def strength_timestep(strength: float, steps: int) -> int:
@@ -92,24 +91,27 @@ def noised_latents(x0: torch.Tensor, n: int, strength: float, steps: int, alpha_
 
 @torch.no_grad()
 def noise_difference_maps(eps: EpsFn, noises: Noises, queries: torch.Tensor, reference: torch.Tensor,
-                          max_batch: int = 64) -> torch.Tensor:
+                          max_batch: int = 64, ns: list[int] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
     """D for K queries against one reference, for one image (noises.x_t: (n, 1, C, h, w)).
 
-    queries: (K, L, D) text embeddings, reference: (1, L, D). All (K + 1) x n rows go through one batched
-    pass; the reference half is shared by the K queries. Returns (K, h, w).
+    queries: (K, L, D) text embeddings, reference: (1, L, D); the reference's rows are shared by the K queries.
+    Each text's rows get their own batched pass (chunked by max_batch), so a query's D does not depend on the
+    other queries: CPU kernels round differently for other batch sizes. Returns (K, h, w); with ``ns``,
+    {n: (K, h, w)} for each n in ``ns``, D from the first n noises (max(ns) rows per text are evaluated).
     """
     x = noises.x_t[:, 0]                                   # (n, C, h, w)
-    n = x.shape[0]
-    d = x.new_zeros(queries.shape[0], *x.shape[-2:])
+    n_max = x.shape[0] if ns is None else max(ns)
+    if n_max > x.shape[0]:
+        raise ValueError(f"n {n_max} is more than the {x.shape[0]} noises drawn")
+    x = x[:n_max]
+    d = {n: x.new_zeros(queries.shape[0], *x.shape[-2:]) for n in (ns or [n_max])}
     # A query equal to the reference has D = 0 by definition; evaluating it would only add rounding noise,
     # which the rescaling would blow up into a random mask.
     differ = [j for j in range(queries.shape[0]) if not torch.equal(queries[j], reference[0])]
-    if not differ:
-        return d
-    texts = torch.cat([reference, queries[differ]])        # (K' + 1, L, D)
-    rows = x.repeat(len(texts), 1, 1, 1)                   # text-major: rows [j * n + i] = (text j, noise i)
-    ctx = texts.repeat_interleave(n, dim=0)
-    e = batched_eps(eps, rows, noises.t, ctx, max_batch).reshape(len(texts), n, *x.shape[1:])
-    for row, j in enumerate(differ, start=1):
-        d[j] = difference_map(e[row][:, None], e[0][:, None])[0]
-    return d
+    if differ:
+        e_r = batched_eps(eps, x, noises.t, reference, max_batch)[:, None]
+        for j in differ:
+            e_q = batched_eps(eps, x, noises.t, queries[j:j + 1], max_batch)[:, None]
+            for n, dn in d.items():
+                dn[j] = difference_map(e_q[:n], e_r[:n])[0]
+    return d[n_max] if ns is None else d

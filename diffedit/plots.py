@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .settings import KNOBS
+
 # The paper's defaults (Sec. 4): when a figure must fix a knob it takes the grid value closest to these.
-PAPER = {"ratio": 0.7, "threshold": 0.5, "n": 10, "strength": 0.5, "reference": "caption"}
+PAPER = {**{k: KNOBS[k].default for k in ("ratio", "threshold", "n", "strength")}, "reference": "caption"}
 METHOD_LABELS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode"}
 MISSING = "plots need matplotlib: pip install 'diffedit[plots]' (or pip install matplotlib)"
 

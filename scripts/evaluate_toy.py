@@ -1,6 +1,7 @@
 """Evaluate DiffEdit, SDEdit and Encode-Decode on held-out toy-world edits (see diffedit/toy/evaluate.py).
 
     python scripts/evaluate_toy.py --n 40 --seed 777 --json eval.json [--ratio 0.7] [--generation 50] [--workers 2]
+                                   [--dtype auto]
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import numpy as np
 import torch
 
 from diffedit.pipeline import DiffEdit
+from diffedit.precision import DTYPES
 from diffedit.toy import evaluate, world
 
 
-def _work(model, job, kwargs):
+def _work(model, dtype, job, kwargs):
     """One worker's share, in its own process with one thread (the toy model is too small to split ops)."""
     torch.set_num_threads(1)
-    de = DiffEdit.from_pretrained(model)
+    de = DiffEdit.from_pretrained(model, dtype=dtype)
     with torch.no_grad():
         if job == "edit":
             return evaluate.edit_rows(de, progress=False, **kwargs)
@@ -39,6 +41,8 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the edits (paper 7.5)")
     p.add_argument("--generation", type=int, default=0, help="also measure caption following on this many samples")
     p.add_argument("--model", default="toy")
+    p.add_argument("--dtype", default="auto", choices=list(dict.fromkeys(("auto", *DTYPES))),
+                   help="the networks' dtype (auto: bf16 on a CPU with native bf16, else fp32)")
     p.add_argument("--workers", type=int, default=1, help="processes (each one thread)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -57,7 +61,7 @@ def main(argv=None):
              for r in range(w) if args.generation]
     jobs.append(("vae", {"seed": args.seed}))
     with ProcessPoolExecutor(w, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(_work, [args.model] * len(jobs), *zip(*jobs)))
+        results = list(pool.map(_work, [args.model] * len(jobs), [args.dtype] * len(jobs), *zip(*jobs)))
     rows = sorted((r for (job, _), res in zip(jobs, results) if job == "edit" for r in res), key=lambda r: r["index"])
     out = evaluate.summarize(rows, **edit_kw)
     out["vae_psnr"] = results[-1]

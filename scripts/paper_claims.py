@@ -33,6 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+from diffedit.settings import METHODS
+from diffedit.sweep import mean_by, read_rows
+from diffedit.sweep.cli import DTYPES
+
 SWEEPS = {
     "tradeoff": ["--ratio", "0.3,0.5,0.7,0.9", "--method", "diffedit,sdedit,encode-decode"],
     "threshold": ["--threshold", "0.25,0.5,0.75"],
@@ -45,7 +49,7 @@ SWEEPS = {
 def run_sweep(name: str, args) -> float:
     """One sweep in a child process (under torchrun with --nproc > 1); returns its wall time in seconds."""
     cmd = ["-m", "diffedit.sweep", "--images", args.images, "--seed", str(args.seed), "--steps", str(args.steps),
-           "--model", args.model, "--out", str(args.out / name), "-q", *SWEEPS[name]]
+           "--model", args.model, "--dtype", args.dtype, "--out", str(args.out / name), "-q", *SWEEPS[name]]
     env = dict(os.environ)
     if args.nproc > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *cmd]
@@ -53,10 +57,6 @@ def run_sweep(name: str, args) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, *cmd], env=env, check=True)
     return time.perf_counter() - t0
-
-
-def read_rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
 
 
 def paired(rows: list[dict], knob: str, a, b, metric: str, method: str = "diffedit") -> dict:
@@ -74,14 +74,6 @@ def paired(rows: list[dict], knob: str, a, b, metric: str, method: str = "diffed
             "verdict": "yes" if m > 2 * se else "no" if m < -2 * se else "within noise"}
 
 
-def mean_by(rows: list[dict], knob: str, metric: str, method: str = "diffedit") -> dict:
-    vals = {}
-    for r in rows:
-        if r["method"] == method and r.get(metric) is not None:
-            vals.setdefault(r[knob], []).append(r[metric])
-    return {k: sum(v) / len(v) for k, v in vals.items()}
-
-
 def dominated(rows: list[dict], baseline: str) -> dict:
     """Whether every baseline (ratio) point has a DiffEdit point at least as near the input and as successful."""
     def curve(method):
@@ -94,7 +86,7 @@ def dominated(rows: list[dict], baseline: str) -> dict:
 
 
 def claims(out: Path) -> list[dict]:
-    rows = {name: read_rows(out / name) for name in SWEEPS}
+    rows = {name: read_rows(out / name / "results.jsonl") for name in SWEEPS}
     table = []
     for base in ("sdedit", "encode-decode"):
         d = dominated(rows["tradeoff"], base)
@@ -118,15 +110,14 @@ def write_report(out: Path, table: list[dict], times: dict, args):
     lines = [f"# The paper's claims in the toy world ({args.images}, seed {args.seed}, {args.steps} steps)", "",
              "| claim | reproduced | evidence |", "| --- | --- | --- |"]
     lines += [f"| {c['claim']} | {c['verdict']} | {c['evidence']} |" for c in table]
-    trade = read_rows(out / "tradeoff")
-    methods = ("diffedit", "sdedit", "encode-decode")
+    trade = read_rows(out / "tradeoff" / "results.jsonl")
     lines += ["", "Trade-off sweep, per encoding ratio (mean over images): background PSNR (dB) / background SSIM / "
-              "success", "", "| r | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
-    stats = {m: {k: mean_by(trade, "ratio", k, m) for k in ("bg_psnr", "bg_ssim", "success")} for m in methods}
+              "success", "", "| r | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
+    stats = {m: {k: mean_by(trade, "ratio", k, m) for k in ("bg_psnr", "bg_ssim", "success")} for m in METHODS}
     for r in sorted(stats["diffedit"]["bg_psnr"]):
         lines.append(f"| {r:g} | " + " | ".join(
             f"{stats[m]['bg_psnr'][r]:.1f} / {stats[m]['bg_ssim'][r]:.3f} / {stats[m]['success'][r]:.2f}"
-            for m in methods) + " |")
+            for m in METHODS) + " |")
     lines += ["", "| sweep | wall s | UNet evaluations | as separate edits | saving | plots |",
               "| --- | --- | --- | --- | --- | --- |"]
     for name in SWEEPS:
@@ -148,6 +139,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=2026, help="draw of the toy edits (pick one you did not tune on)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (paper 50)")
     p.add_argument("--model", default="toy")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="the networks' dtype (diffedit sweep --dtype)")
     p.add_argument("--out", type=Path, default=Path("runs/claims"))
     p.add_argument("--nproc", type=int, default=1, help="processes per sweep (torchrun; each takes whole images)")
     args = p.parse_args(argv)

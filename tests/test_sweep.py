@@ -1,4 +1,4 @@
-"""``diffedit sweep`` (sweep.py, plots.py) on a tiny random checkpoint and 16 px toy scenes (8 x 8 latents).
+"""``diffedit sweep`` (diffedit/sweep/, plots.py) on a tiny random checkpoint and 16 px toy scenes (8 x 8 latents).
 
 The sweep must share work for real (the UNet-evaluation counter equals the shared-work formula and is below
 the cost of separate edits), give what ``DiffEdit.edit`` gives for the same settings and seed, resume without
@@ -19,9 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit import images, sweep
+from diffedit import images, precision, sweep
 from diffedit.pipeline import DiffEdit
-from diffedit.sweep import Setting
+from diffedit.settings import MAX_N, MAX_STEPS, NORMALIZATIONS
+from diffedit.sweep import Setting, cli
 
 STEPS = 4  # grid 1, 251, 501, 751: ratio 0.5 -> k = 2, ratio 1 -> k = 4
 GRID = ["--ratio", "0.5,1", "--threshold", "0.25,0.5", "--n", "1,2", "--method", "diffedit,sdedit,encode-decode"]
@@ -34,7 +35,7 @@ METRIC_TOL = 1e-6
 
 
 def parse(argv) -> argparse.Namespace:
-    """What the lead's cli.py will do: a subparsers registry with add_sweep_parser."""
+    """As diffedit.cli parses: a subparsers registry with add_sweep_parser."""
     parser = argparse.ArgumentParser(prog="diffedit")
     sweep.add_sweep_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["sweep", *map(str, argv)])
@@ -42,7 +43,7 @@ def parse(argv) -> argparse.Namespace:
 
 def toy_argv(tiny_checkpoint, out, *extra):
     return ["--images", "toy:2", *GRID, "--model", tiny_checkpoint, "--steps", STEPS, "--toy-size", 16, "--out", out,
-            "-q", *extra]
+            "--dtype", "float32", "-q", *extra]
 
 
 def rows_of(out: Path) -> dict[str, dict]:
@@ -102,7 +103,7 @@ def test_a_sweep_row_is_the_single_edit_with_the_same_settings_and_seed(base, ti
     image, seed = item.load(), 12345 * 1000 + 0
     settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], sweep.METHODS)
     # The rows the command wrote are edit_grid's outputs, measured.
-    de = DiffEdit.from_pretrained(str(tiny_checkpoint))
+    de = DiffEdit.from_pretrained(str(tiny_checkpoint), dtype="float32")
     outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed)
     mine = {sweep.row_key(r): r for r in sweep.rows_for(item, image, outputs, seed, STEPS, 7.5)}
     assert_same_rows(mine, {k: r for k, r in rows_of(base).items() if r["index"] == 0})
@@ -132,8 +133,19 @@ def test_a_sweep_row_is_the_single_edit_with_the_same_settings_and_seed(base, ti
 
 @pytest.mark.parametrize("shape", [(1, 4, 8, 8), (1, 4, 16, 16), (1, 4, 64, 64)])
 def test_the_first_n_of_n_max_noises_are_the_n_noises_of_a_single_edit(shape):
-    """What makes a sweep row at n < n_max equal DiffEdit.edit(n=n): torch's CPU normal generator fills a
-    tensor of a multiple of 16 numbers in order, so a prefix of a larger draw is the smaller draw."""
+    """What makes a sweep row at n < n_max equal DiffEdit.edit(n=n).
+
+    Image i of a sweep uses the seed S * 1000 + i (as toy/evaluate.py); its mask noises come from a generator
+    seeded with it, drawn as ONE tensor of the grid's n_max noises, and a row with n noises uses the first n.
+    A row at n = n_max is therefore exactly ``de.edit(..., n=n_max, seed=S * 1000 + i)``. For smaller n it
+    equals ``de.edit(..., n=n)`` only because torch's CPU normal generator fills a tensor of a multiple of 16
+    numbers in order (every SD and toy latent), so a prefix of a larger draw is the smaller draw: checked here,
+    not a documented guarantee. SDEdit draws its noise from the same seed, as ``de.edit`` does.
+    The same computation is not the same rounding: CPU kernels round differently for other batch sizes (~1e-6)
+    and guidance amplifies it, so in float32 a row's latents can differ from a separate ``de.edit`` by ~1e-5
+    relative (5e-5 on the random tiny model; in float64 they agree to ~1e-12, checked above), and a row
+    recomputed on resume, in a smaller batch than first planned, can differ from an uninterrupted run's by as
+    much. Rows computed in the same grouping (a torchrun rank takes whole images) are bit-identical."""
     big = torch.randn((10, *shape), generator=torch.Generator().manual_seed(5))
     for n in (1, 2, 5):
         assert torch.equal(big[:n], torch.randn((n, *shape), generator=torch.Generator().manual_seed(5)))
@@ -158,7 +170,7 @@ def test_an_interrupted_sweep_resumes_computing_only_the_missing_rows(base, tiny
     kept = {sweep.row_key(json.loads(line)) for line in lines[:keep]}
     assert_same_rows({k: resumed[k] for k in kept}, {k: first[k] for k in kept})  # not recomputed: unchanged
     # Image 1 is recomputed whole (the same batches as the first run: bit-identical); image 0's last row alone,
-    # in a smaller batch: the same up to float32 rounding (see the sweep.py docstring).
+    # in a smaller batch: the same up to float32 rounding (see the docstring of the noise-prefix test).
     assert_same_rows(resumed, first, tol=1e-2)
     assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
     # Nothing left: a third run computes nothing.
@@ -174,6 +186,8 @@ def test_resuming_with_other_fixed_settings_is_refused(base, tiny_checkpoint, tm
         sweep.run_sweep(args)
     with pytest.raises(ValueError, match="--out .*normalization 'quantile' -> 'clamp'"):
         sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out, "--normalization", "clamp")))
+    with pytest.raises(ValueError, match="--out .*dtype 'float32' -> 'bfloat16'"):  # auto may mean another dtype
+        sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out, "--dtype", "bfloat16")))
 
 
 def test_a_sweep_with_another_normalization_gives_the_single_edit_masks_of_that_rule(tiny_checkpoint):
@@ -249,11 +263,19 @@ def test_prompts_files_csv_and_jsonl_give_the_same_rows(tiny_checkpoint, tmp_pat
     (["--method", "diffedit,inpaint"], "--method"),
     (["--reference", "none"], "--reference"),
     (["--steps", "0"], "--steps"),
+    (["--n", f"2,{MAX_N + 1}"], f"--n must be >= 1 and at most {MAX_N} "),
+    (["--steps", str(MAX_STEPS + 1)], f"--steps must be >= 1 and at most {MAX_STEPS} "),
 ])
 def test_bad_input_is_a_value_error_naming_the_flag(tmp_path, extra, flag):
     argv = ["--images", "toy:2", "--out", tmp_path / "o", "--model", tmp_path / "never-loaded.safetensors", *extra]
     with pytest.raises(ValueError, match=flag):
         sweep.run_sweep(parse(argv))
+
+
+def test_the_dtype_and_normalisation_choices_follow_precision_and_settings():
+    assert set(cli.DTYPES) == {"auto", *precision.DTYPES} - {"float64"}
+    assert cli.NORMALIZATIONS == ("quantile", "clamp", "minmax")  # settings' rules but the diffusers recipe's
+    assert set(cli.NORMALIZATIONS) < set(NORMALIZATIONS)
 
 
 def test_bad_prompts_files_name_the_file_and_line(tmp_path):

@@ -1,11 +1,10 @@
 """Measure DiffEdit, SDEdit and Encode-Decode on held-out toy-world edits with ground truth.
 
-Per edit: mask IoU with the ground-truth edit mask (DiffEdit; our latent-resolution mask upsampled to
-pixels), background PSNR outside the ground-truth mask (distance to the input where nothing should
-change), PSNR to the ground-truth target render, and edit success (toy/judge.py, independent of the
-model). The reference text R is the source caption (the paper uses captions where it has them);
-``reference="empty"`` uses "" instead. Also measured: the VAE's own background PSNR (the ceiling for
-any latent editing method) and caption following of plain generation.
+The edits and their metrics are the sweep's (``sweep.edit_grid`` at one ratio, the paper's other knobs, and
+``sweep.rows_for``): mask IoU with the ground-truth edit mask, background PSNR / SSIM outside it, PSNR to the
+ground-truth target render, edit success (toy/judge.py). The reference text R is the source caption (the paper
+uses captions where it has them); ``reference="empty"`` uses "". Measured here only: the VAE's background PSNR
+(the ceiling of any latent editing method) and caption following of plain generation.
 """
 from __future__ import annotations
 
@@ -15,11 +14,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import metrics
-from ..edit import masked_decode
 from ..images import to_pil, to_tensor
+from ..settings import REFERENCES, EditSettings
+from ..sweep import METRICS, Setting, edit_grid, rows_for, toy_items
 from . import judge, world
 
-METHODS = ("diffedit", "sdedit", "encode_decode")
+KEYS = {"diffedit": "diffedit", "sdedit": "sdedit", "encode-decode": "encode_decode"}  # method -> its JSON key
+METHODS = tuple(KEYS.values())
 
 
 def _u8(pil) -> np.ndarray:
@@ -27,40 +28,32 @@ def _u8(pil) -> np.ndarray:
 
 
 def evaluate(de, n: int = 40, seed: int = world.EVAL_SEED, ratio: float = 0.7, steps: int = 50,
-             reference: str = "caption", progress: bool = True, **edit_kwargs) -> dict:
+             reference: str = "caption", guidance: float = 7.5, progress: bool = True) -> dict:
     """Run the three methods on ``n`` edits drawn at ``seed`` (never the training seed); the mean metrics."""
-    rows = edit_rows(de, n, seed, range(n), ratio, steps, reference, progress, **edit_kwargs)
+    rows = edit_rows(de, n, seed, range(n), ratio, steps, reference, guidance, progress)
     return summarize(rows, n=n, seed=seed, ratio=ratio, steps=steps, reference=reference)
 
 
 def edit_rows(de, n: int, seed: int, indices, ratio: float = 0.7, steps: int = 50, reference: str = "caption",
-              progress: bool = True, **edit_kwargs) -> list[dict]:
+              guidance: float = 7.5, progress: bool = True) -> list[dict]:
     """Per-edit metrics for the edits ``indices`` of the ``n`` drawn at ``seed`` (so workers can split them)."""
     if seed == world.TRAIN_SEED:
         raise ValueError(f"seed {seed} is the training seed; evaluate on held-out scenes (e.g. {world.EVAL_SEED})")
-    if reference not in ("caption", "empty"):
-        raise ValueError(f"reference must be 'caption' or 'empty', got {reference!r}")
-    edits = world.edits(n, seed)
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    s = EditSettings(ratio=ratio, steps=steps, guidance=guidance)
+    points = [Setting("diffedit", s.ratio, reference, s.threshold, s.n, s.strength),
+              Setting("sdedit", s.ratio, reference), Setting("encode-decode", s.ratio, reference)]
+    items = toy_items(n, seed, world.SIZE)
     rows = []
     for i in tqdm(list(indices), desc="evaluate", disable=not progress):
-        ed = edits[i]
-        src, tgt, gt = ed.source.render(), ed.target.render(), ed.mask()
-        image = Image.fromarray(src)
-        ref = ed.source_caption if reference == "caption" else ""
-        kw = dict(source=ref, ratio=ratio, steps=steps, seed=seed * 1000 + i, **edit_kwargs)
-        res = de.edit(image, target=ed.target_caption, **kw)
-        # Encode-Decode shares DiffEdit's trajectory: the same decoding with no mask.
-        cond, uncond = de.encode_prompt([ed.target_caption]), de.encode_prompt([ref])
-        y_ed = masked_decode(de.eps, res.trajectory, cond, uncond, kw.get("guidance", 7.5), de.alpha_bar,
-                             max_batch=de.max_batch)
-        outs = {"diffedit": _u8(res.image),
-                "sdedit": _u8(de.edit(image, target=ed.target_caption, method="sdedit", **kw).image),
-                "encode_decode": _u8(_to_pil(de, y_ed, image.size))}
-        recon = _to_pil(de, res.trajectory.latents[0], image.size)
-        row = {"index": i, "kind": ed.kind, "vae_bg_psnr": metrics.psnr(_u8(recon), src, mask=~gt)}
-        for m, out in outs.items():
-            pred = np.asarray(res.mask) > 127 if m == "diffedit" else None  # our mask, upsampled to pixels
-            row[m] = metrics.edit_metrics(out, src, tgt, gt, pred) | {"success": float(judge.edit_success(out, ed))}
+        item, image = items[i], items[i].load()
+        outputs = edit_grid(de, image, item.source, item.target, points, s.steps, s.guidance, seed * 1000 + i,
+                            normalization=s.mask_normalization)
+        row = {"index": i, "kind": item.edit.kind,
+               "vae_bg_psnr": metrics.psnr(_reconstruct(de, image), _u8(image), mask=~item.edit.mask())}
+        for out, r in zip(outputs, rows_for(item, image, outputs, seed * 1000 + i)):
+            row[KEYS[out.setting.method]] = {k: r[k] for k in METRICS if k in r}
         rows.append(row)
     return rows
 
@@ -74,8 +67,11 @@ def summarize(rows: list[dict], **info) -> dict:
     return summary
 
 
-def _to_pil(de, latents, size):
-    return to_pil(de.decode_latents(latents.reshape(1, *latents.shape[-3:]))[0], size)
+@torch.no_grad()
+def _reconstruct(de, image) -> np.ndarray:
+    """The image through the VAE alone (encode, decode): what any latent edit can keep at best."""
+    x0 = de.encode_image(to_tensor(image, de.multiple, de.device, de.dtype))
+    return _u8(to_pil(de.decode_latents(x0)[0], image.size))
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -100,12 +96,7 @@ def caption_following(de, n: int = 50, seed: int = world.EVAL_SEED, steps: int =
     return rows
 
 
-@torch.no_grad()
 def vae_reconstruction_psnr(de, n: int = 64, seed: int = world.EVAL_SEED) -> float:
     """Mean PSNR of plain VAE encode -> decode over n held-out scenes (whole image)."""
-    vals = []
-    for scene in world.scenes(n, seed):
-        src = scene.render()
-        x = to_tensor(Image.fromarray(src), de.multiple, de.device, de.dtype)
-        vals.append(metrics.psnr(_u8(_to_pil(de, de.encode_image(x), (src.shape[1], src.shape[0]))), src))
-    return float(np.mean(vals))
+    return float(np.mean([metrics.psnr(_reconstruct(de, Image.fromarray(src)), src)
+                          for src in (scene.render() for scene in world.scenes(n, seed))]))

@@ -1,0 +1,96 @@
+"""The images a sweep edits: ``toy:N`` held-out toy-world edits (with ground truth) or a prompts file."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Item:
+    """One image to edit: id (stable across runs), global index, texts, and where the pixels come from."""
+    id: str
+    index: int
+    source: str
+    target: str
+    path: Path | None = None
+    edit: object | None = None  # toy.world.Edit: ground truth
+
+    def load(self):
+        from PIL import Image
+
+        from ..images import load_image
+        if self.edit is not None:
+            return Image.fromarray(self.edit.source.render())
+        return load_image(self.path)
+
+
+def toy_items(n: int, seed: int, size: int) -> list[Item]:
+    """The first n toy-world edits drawn at ``seed``, at ``size`` px."""
+    from ..toy import world
+    return [Item(f"toy-{seed}-{i}", i, e.source_caption, e.target_caption, edit=e)
+            for i, e in enumerate(world.edits(n, seed, size=size))]
+
+
+def load_items(spec: str, seed: int, toy_size: int) -> list[Item]:
+    """``toy:N`` or a prompts file (CSV / JSON lines with image, source, target); errors name --images.
+    Image paths are relative to the file."""
+    from ..toy import world
+    if spec.startswith("toy:"):
+        if seed == world.TRAIN_SEED:
+            raise ValueError(f"--seed {seed} is the toy world's training seed; sweep held-out edits "
+                             f"(e.g. --seed {world.EVAL_SEED}, the default)")
+        try:
+            n = int(spec[4:])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"--images {spec}: toy:N needs a positive integer N")
+        return toy_items(n, seed, toy_size)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--images {spec}: prompts file not found (expected toy:N, or a .csv / .jsonl file "
+                         "with image, source, target)")
+    records = _records(spec, path)
+    items = []
+    for index, (line, rec) in enumerate(records):
+        image, source, target = (rec.get(k) for k in ("image", "source", "target"))
+        if not isinstance(image, str) or not image.strip():
+            raise ValueError(f"--images {spec} line {line}: missing image path")
+        if not isinstance(target, str) or not target.strip():
+            raise ValueError(f"--images {spec} line {line}: missing target text")
+        if source is not None and not isinstance(source, str):
+            raise ValueError(f"--images {spec} line {line}: source must be a text")
+        img = (path.parent / image).expanduser()
+        if not img.is_file():
+            raise ValueError(f"--images {spec} line {line}: image not found: {img}")
+        items.append(Item(f"{index}:{image}", index, source or "", target, path=img))
+    return items
+
+
+def _records(spec: str, path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of a CSV with the header image,source,target, or of JSON lines."""
+    text = path.read_text(encoding="utf-8-sig")
+    records = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = {"image", "source", "target"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"--images {spec}: the CSV header must hold image,source,target "
+                             f"(missing {', '.join(sorted(missing))})")
+        records = [(i + 2, r) for i, r in enumerate(reader)]
+    else:
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"--images {spec} line {i + 1}: not JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"--images {spec} line {i + 1}: expected an object with image, source, target")
+                records.append((i + 1, rec))
+    if not records:
+        raise ValueError(f"--images {spec}: no rows")
+    return records

@@ -1,0 +1,84 @@
+"""The grid: its points (``Setting``), their row keys, and the UNet cost of a grid shared or run as separate edits."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+GRID_KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference")  # a row's setting, in its key
+METRICS = ("iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips", "clip_score")
+
+
+def ordered(values) -> list:
+    """The distinct values in their first order."""
+    return list(dict.fromkeys(values))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One grid point. Knobs a method does not use are None (SDEdit / Encode-Decode: no mask)."""
+    method: str
+    ratio: float
+    reference: str
+    threshold: float | None = None
+    n: int | None = None
+    strength: float | None = None
+
+    def knobs(self) -> dict:
+        return {k: getattr(self, k) for k in GRID_KNOBS}
+
+
+def grid(ratios, thresholds, ns, strengths, references, methods) -> list[Setting]:
+    out = []
+    for method in methods:
+        for ratio in ratios:
+            for ref in references:
+                if method == "diffedit":
+                    out += [Setting(method, ratio, ref, t, n, s) for s in strengths for n in ns for t in thresholds]
+                else:
+                    out.append(Setting(method, ratio, ref))
+    return out
+
+
+def row_key(row: dict) -> str:
+    """Rows are keyed by image id + setting (JSON numbers round-trip, so a resumed key matches)."""
+    return json.dumps([row["image"], *(row[k] for k in GRID_KNOBS)])
+
+
+def setting_key(image_id: str, s: Setting) -> str:
+    return row_key({"image": image_id, **s.knobs()})
+
+
+def _k(ratio: float, steps: int) -> int:
+    from ..inversion import num_encoding_steps
+    return num_encoding_steps(ratio, steps)
+
+
+def _cfg_rows(guidance: float) -> int:
+    return 1 if guidance == 1.0 else 2  # guided_eps evaluates only the conditional half at scale 1
+
+
+def separate_cost(settings, steps: int, guidance: float) -> int:
+    """UNet sample evaluations of one image's settings run as separate ``DiffEdit.edit`` calls:
+    DiffEdit k (inversion) + 2n (mask) + g k (decoding), SDEdit g k, Encode-Decode k + g k,
+    with k = round(r * steps) and g = 2 (classifier-free guidance; 1 at guidance 1)."""
+    g, total = _cfg_rows(guidance), 0
+    for s in settings:
+        k = _k(s.ratio, steps)
+        total += {"diffedit": k + 2 * (s.n or 0) + g * k, "sdedit": g * k, "encode-decode": k + g * k}[s.method]
+    return total
+
+
+def shared_cost(settings, steps: int, guidance: float) -> int:
+    """UNet sample evaluations ``edit_grid`` runs for one image's settings: one inversion to the largest
+    ratio; per strength, n_max x (1 + number of references) mask rows; one decoding of g k rows per
+    DiffEdit / Encode-Decode / SDEdit setting. (Assumes the query differs from every reference text;
+    where it equals one, its D is 0 and those rows are skipped, as in ``masking.noise_difference_maps``.)"""
+    g, total = _cfg_rows(guidance), 0
+    traj = [s for s in settings if s.method != "sdedit"]
+    if traj:
+        total += _k(max(s.ratio for s in traj), steps)
+    masked = [s for s in settings if s.method == "diffedit"]
+    for strength in {s.strength for s in masked}:
+        group = [s for s in masked if s.strength == strength]
+        total += max(s.n for s in group) * (1 + len({s.reference for s in group}))
+    return total + sum(g * _k(s.ratio, steps) for s in settings)

@@ -1,0 +1,186 @@
+"""What a sweep writes besides its rows: summary.csv, cost.json, the table, example images, plots and index.html."""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..plots import METHOD_LABELS, PAPER, closest
+from .plan import GRID_KNOBS, METRICS, ordered, separate_cost, shared_cost
+from .results import merge, summarize
+
+
+def perceptual_note(lpips_weights, clip_weights) -> str:
+    """What the report says about the metrics that need network weights the user must have locally."""
+    metrics = (("LPIPS to the input", lpips_weights, "--lpips-weights, the torchvision AlexNet file"),
+               ("CLIP score with the target", clip_weights, "--clip-weights and --clip-model, an open_clip checkpoint"))
+    return "Perceptual metrics: " + "; ".join(
+        f"{name} computed" if given else f"{name} not computed (pass {how}; none can be downloaded here)"
+        for name, given, how in metrics)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    return [*GRID_KNOBS, "count", *(m for m in METRICS if any(m in r for r in rows))]
+
+
+def _fmt(v, escape=str) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else escape(str(v)))
+
+
+def write_summary_csv(rows: list[dict], path: Path):
+    cols = _columns(rows)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = _columns(rows)
+    cells = [cols] + [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _stem(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", image_id)
+
+
+def example_knobs(settings) -> dict:
+    """The knobs of the example images: the grid values closest to the paper's (DiffEdit's own for its mask)."""
+    rep = {k: closest([getattr(s, k) for s in settings], k) for k in PAPER}
+    masked = [s for s in settings if s.method == "diffedit"]
+    return {**rep, **{k: closest([getattr(s, k) for s in masked], k) for k in ("threshold", "n", "strength")}}
+
+
+def save_examples(out: Path, item, image, outputs, rep: dict):
+    """Small PNGs of one image: input, ground truth (toy), D, mask, and the edit of every method per ratio
+    at the knobs ``rep`` (``example_knobs``); D and M as .npy for the example figure."""
+    from .. import images as imgs
+    from ..viz import heatmap, overlay
+    ex = out / "examples"
+    ex.mkdir(exist_ok=True)
+    stem = _stem(item.id)
+    image.save(ex / f"{stem}_input.png")
+    if item.edit is not None:
+        from PIL import Image
+        Image.fromarray(item.edit.target.render()).save(ex / f"{stem}_target.png")
+    for o in outputs:
+        s = o.setting
+        if s.reference != rep["reference"]:
+            continue
+        if s.method == "diffedit":
+            if (s.threshold, s.n, s.strength) != (rep["threshold"], rep["n"], rep["strength"]):
+                continue
+            heatmap(o.map.cpu(), image.size).save(ex / f"{stem}_map.png")  # D and M do not depend on r
+            np.save(ex / f"{stem}_map.npy", o.map.cpu().numpy())
+            overlay(image, imgs.mask_to_pil(o.mask, image.size)).save(ex / f"{stem}_mask.png")
+            np.save(ex / f"{stem}_mask.npy", o.mask.cpu().numpy())
+        o.image.save(ex / f"{stem}_{s.method}_r{s.ratio:g}.png")
+
+
+def finalize(out: Path, cfg, stats, quiet: bool = False):
+    """Merge the rows; write summary.csv, cost.json, the plots and index.html. ``stats``: UNet evaluations run,
+    planned by the formula, as separate edits, and rows computed, this run."""
+    rows = merge(out)
+    summary = summarize(rows)
+    write_summary_csv(summary, out / "summary.csv")
+    run, planned, separate, computed = stats
+    n_img = len(cfg.items)
+    cost = {"unet_evaluations_run": run, "shared_formula_this_run": planned, "separate_edits_this_run": separate,
+            "rows_computed_this_run": computed, "rows_total": len(rows),
+            "full_grid_shared": n_img * shared_cost(cfg.settings, cfg.steps, cfg.guidance),
+            "full_grid_separate": n_img * separate_cost(cfg.settings, cfg.steps, cfg.guidance),
+            "vae_encodes_per_image": {"shared": 1, "separate": len(cfg.settings)}}
+    (out / "cost.json").write_text(json.dumps(cost, indent=1) + "\n")
+    plots, plot_note = _plots(out, rows, summary, cfg.examples)
+    write_html(out, cfg, rows, summary, cost, plots, plot_note)
+    if not quiet:
+        print(format_table(summary))
+        saving = f" ({separate / run:.2f}x fewer)" if run else ""
+        print(f"UNet sample evaluations this run: {run} (formula {planned}); as separate edits: {separate}{saving}")
+        print(cfg.perceptual)
+        if plot_note:
+            print(f"plots: {plot_note}")
+        print(f"wrote {out / 'results.jsonl'}, {out / 'summary.csv'}, {out / 'index.html'}")
+
+
+def _plots(out: Path, rows, summary, examples: int) -> tuple[dict, str | None]:
+    """The figures of ``plots`` that the grid supports, by name, and a note when there are none."""
+    plots = {}
+    try:
+        from .. import plots as P
+        pdir = out / "plots"
+        for name, fn in (("tradeoff", P.tradeoff), ("mask_vs_threshold", P.mask_vs_threshold),
+                         ("mask_vs_n", P.mask_vs_n), ("mask_vs_strength", P.mask_vs_strength)):
+            if (path := fn(summary, pdir / f"{name}.png")) is not None:
+                plots[name] = path
+            else:  # an earlier run's figure of a knob this grid no longer varies would mislead
+                (pdir / f"{name}.png").unlink(missing_ok=True)
+        first = next((r for r in rows if r["index"] < examples), None)
+        if first is not None:
+            stem = out / "examples" / _stem(first["image"])
+            if Path(f"{stem}_map.npy").is_file() and Path(f"{stem}_input.png").is_file():
+                from PIL import Image
+                with Image.open(f"{stem}_input.png") as im:
+                    plots["example"] = P.example_figure(im.convert("RGB"), np.load(f"{stem}_map.npy"),
+                                                        np.load(f"{stem}_mask.npy"), pdir / "example.png",
+                                                        title=first["image"])
+    except ImportError as e:
+        return plots, str(e)
+    return plots, None if plots else "nothing to plot"
+
+
+def write_html(out: Path, cfg, rows, summary, cost, plots: dict, plot_note: str | None):
+    esc = html.escape
+    fp = cfg.fingerprint
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffedit sweep</title><style>"
+             "body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} img.ex{width:128px;"
+             "image-rendering:pixelated} figure{display:inline-block;margin:4px;text-align:center;font-size:11px}"
+             "</style></head><body><h1>diffedit sweep</h1>",
+             f"<p>images <code>{esc(str(fp['images']))}</code> ({len(cfg.items)}), model <code>{esc(fp['model'])}"
+             f"</code>, {fp['steps']} DDIM steps, guidance {fp['guidance']:g}, seed {fp['seed']} "
+             "(image i: seed*1000+i), "
+             f"{len(cfg.settings)} settings, {len(rows)} rows.</p>",
+             "<h2>Cost (UNet sample evaluations)</h2><table>"
+             f"<tr><th>this run, counted</th><td>{cost['unet_evaluations_run']}</td></tr>"
+             f"<tr><th>this run, shared-work formula</th><td>{cost['shared_formula_this_run']}</td></tr>"
+             f"<tr><th>this run's rows as separate edits</th><td>{cost['separate_edits_this_run']}</td></tr>"
+             f"<tr><th>full grid, shared</th><td>{cost['full_grid_shared']}</td></tr>"
+             f"<tr><th>full grid, separate edits</th><td>{cost['full_grid_separate']}</td></tr></table>"
+             f"<p>{esc(cfg.perceptual)}.</p>", "<h2>Plots</h2>"]
+    if plot_note:
+        parts.append(f"<p>{esc(plot_note)}</p>")
+    for name, path in plots.items():
+        parts.append(f"<figure><img src='{esc(Path(path).relative_to(out).as_posix())}' style='max-width:600px'>"
+                     f"<figcaption>{esc(name)}</figcaption></figure>")
+    cols = _columns(summary)
+    parts.append("<h2>Summary (mean per setting)</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{_fmt(r.get(c), esc)}</td>" for c in cols) + "</tr>" for r in summary]
+    parts.append("</table><h2>Examples</h2><p>DiffEdit at the grid values closest to the paper's; every method "
+                 "at each ratio.</p>")
+    ex = out / "examples"
+    ratios = ordered(s.ratio for s in cfg.settings)
+    methods = ordered(s.method for s in cfg.settings)
+    for item in cfg.items[:cfg.examples]:
+        stem = _stem(item.id)
+        tiles = [("input", f"{stem}_input.png"), ("target (ground truth)", f"{stem}_target.png"),
+                 ("D", f"{stem}_map.png"), ("mask", f"{stem}_mask.png")]
+        tiles += [(f"{METHOD_LABELS[m]} r={r:g}", f"{stem}_{m}_r{r:g}.png") for m in methods for r in ratios]
+        tiles = [(label, name) for label, name in tiles if (ex / name).is_file()]
+        if not tiles:
+            continue
+        parts.append(f"<h3>{esc(item.id)}</h3><p>source: <i>{esc(item.source)}</i><br>target: "
+                     f"<i>{esc(item.target)}</i></p><div>")
+        parts += [f"<figure><img class='ex' src='examples/{esc(name)}'><figcaption>{esc(label)}</figcaption></figure>"
+                  for label, name in tiles]
+        parts.append("</div>")
+    parts.append("</body></html>")
+    (out / "index.html").write_text("\n".join(parts), encoding="utf-8")
