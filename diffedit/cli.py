@@ -81,7 +81,7 @@ def _add_mask_args(p):
     g = p.add_argument_group("mask estimation (DiffEdit step 1)")
     g.add_argument("--source", default="", metavar="TEXT",
                    help='the reference text R describing the input ("" = unconditional)')
-    for name in ("threshold", "n", "strength", "seed", "normalization"):
+    for name in ("threshold", "n", "strength", "dilate", "seed", "normalization"):
         _add_knob(g, name)
     return g
 
@@ -246,7 +246,7 @@ def run_edit(args) -> int:
     de = _load_pipeline(args)
     result = de.edit(image, args.target, source=args.source, ratio=s.ratio, threshold=s.threshold, n=s.n,
                      strength=s.strength, steps=s.steps, guidance=s.guidance, seed=s.seed, method=s.method,
-                     mask=mask, normalization=s.normalization, progress=not args.quiet)
+                     mask=mask, normalization=s.normalization, dilate=s.dilate, progress=not args.quiet)
     _save(result.image, outs["--out"], args.quiet)
     if "--mask-out" in outs:
         _save(result.mask, outs["--mask-out"], args.quiet)
@@ -284,7 +284,7 @@ def run_mask(args) -> int:
     outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--map-out": args.map_out})
     de = _load_pipeline(args)
     result = de.mask(image, args.target, source=args.source, n=s.n, strength=s.strength, threshold=s.threshold,
-                     seed=s.seed, steps=s.steps, normalization=s.normalization)
+                     seed=s.seed, steps=s.steps, normalization=s.normalization, dilate=s.dilate)
     _save(result.image, outs["--out"], args.quiet)
     if "--map-out" in outs:
         from .viz import heatmap

@@ -4,7 +4,7 @@ x_0 is noised n times at strength s (default 0.5) with independent noises; the m
 under the query Q and the reference R. Where the texts disagree about the image, so do the estimates:
     D = mean over the n noises and the latent channels of |eps(x_t, Q) - eps(x_t, R)|.
 Extreme values (the top 2 % of D) are removed and D rescaled to [0, 1] per image, then binarised at a threshold
-(0.5).
+(0.5). Not in the paper: ``dilate`` can grow M by whole latent cells afterwards (default 0, off).
 No classifier-free guidance is needed: with a shared unconditional branch the guided difference is
 g * (eps_Q - eps_R), which the rescaling cancels.
 """
@@ -69,6 +69,17 @@ def binarize(d_norm: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     return d_norm > threshold
+
+
+def dilate(mask: torch.Tensor, cells: int = 0) -> torch.Tensor:
+    """Grow a (..., h, w) bool mask by ``cells``: a (2c+1) x (2c+1) max-pool (not in the paper; 0: unchanged)."""
+    if cells < 0:
+        raise ValueError(f"dilate must be >= 0 cells, got {cells}")
+    if cells == 0:
+        return mask
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    grown = torch.nn.functional.max_pool2d(flat, 2 * cells + 1, stride=1, padding=cells)
+    return grown.reshape(mask.shape) > 0.5
 
 
 @dataclass

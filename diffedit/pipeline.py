@@ -168,14 +168,15 @@ class DiffEdit:
         noises = masking.noised_latents(x0, s.n, s.strength, s.steps, self.alpha_bar, gen)
         d = masking.noise_difference_maps(self.eps, noises, queries, reference, self.max_batch)
         d = masking.normalize(d.float(), s.mask_normalization)
-        return d, masking.binarize(d, s.threshold)
+        return d, masking.dilate(masking.binarize(d, s.threshold), s.dilate)
 
     def mask(self, image, target, source: str = "", n: int = 10, strength: float = 0.5, threshold: float = 0.5,
-             seed: int = 0, steps: int = 50, normalization: str = "quantile"):
-        """Step 1 alone: the mask for ``target`` against ``source`` (a list of targets gives a list)."""
+             seed: int = 0, steps: int = 50, normalization: str = "quantile", dilate: int = 0):
+        """Step 1 alone: the mask for ``target`` against ``source`` (a list of targets gives a list).
+        ``dilate``: grow the binary mask by this many latent cells (not in the paper); the map D is unchanged."""
         targets = _targets(target)
         s = EditSettings(n=n, strength=strength, threshold=threshold, seed=seed, steps=steps,
-                         normalization=normalization)
+                         normalization=normalization, dilate=dilate)
         pil, x0 = self._prepare(image)
         cond, ref = self._embed(targets, [source])
         d, m = self._masks(x0, cond, ref, s)
@@ -184,13 +185,15 @@ class DiffEdit:
 
     def edit(self, image, target, source: str = "", ratio: float = 0.7, threshold: float = 0.5, n: int = 10,
              strength: float = 0.5, steps: int = 50, guidance: float = 7.5, seed: int = 0, method: str = "diffedit",
-             mask=None, normalization: str | None = None, compat: str | None = None, progress: bool = False):
+             mask=None, normalization: str | None = None, compat: str | None = None, progress: bool = False,
+             dilate: int = 0):
         """Edit ``image`` towards ``target`` (a list of targets shares one inversion and the reference half
         of the mask pass). ``mask``: a PIL mask at image size or a (h, w) tensor at latent size; skips step 1.
-        ``compat``: a recipe name of ``settings.RECIPES`` (None: the paper's)."""
+        ``dilate``: grow the estimated mask by this many latent cells (not in the paper; a given ``mask`` is used
+        as it is). ``compat``: a recipe name of ``settings.RECIPES`` (None: the paper's)."""
         targets = _targets(target)
         s = EditSettings(method=method, ratio=ratio, steps=steps, guidance=guidance, threshold=threshold, n=n,
-                         strength=strength, normalization=normalization, seed=seed, compat=compat)
+                         strength=strength, normalization=normalization, dilate=dilate, seed=seed, compat=compat)
         if mask is not None and s.method != "diffedit":
             raise ValueError(f"mask= is used by method 'diffedit' only; {s.method!r} edits without a mask")
         recipe = s.recipe

@@ -2,9 +2,9 @@
 against n, and an example of the difference map D and the mask over an image.
 
 Every function takes the summary rows of a sweep (dicts: the knobs ``method``, ``ratio``, ``threshold``, ``n``,
-``strength``, ``reference`` and the mean metrics, as ``sweep.summarize`` returns them) and an output path, and
-returns the path written, or None when the rows hold nothing to plot. matplotlib (the ``plots`` extra) is
-imported inside the functions, with the Agg backend, so importing this module costs nothing.
+``strength``, ``reference``, optionally ``dilate``, and the mean metrics, as ``sweep.summarize`` returns them) and
+an output path, and returns the path written, or None when the rows hold nothing to plot. matplotlib (the
+``plots`` extra) is imported inside the functions, with the Agg backend, so importing this module costs nothing.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from .settings import KNOBS
 
 # The paper's defaults (Sec. 4): when a figure must fix a knob it takes the grid value closest to these.
-PAPER = {**{k: KNOBS[k].default for k in ("ratio", "threshold", "n", "strength")}, "reference": "caption"}
+PAPER = {**{k: KNOBS[k].default for k in ("ratio", "threshold", "n", "strength", "dilate")}, "reference": "caption"}
+MASK_KNOBS = ("threshold", "n", "strength", "dilate")  # DiffEdit's own knobs: its mask (dilate: not in the paper)
 METHOD_LABELS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode"}
 MISSING = "plots need matplotlib: pip install 'diffedit[plots]' (or pip install matplotlib)"
 
@@ -43,7 +44,7 @@ def closest(values, knob: str):
 def representative(rows, method: str = "diffedit") -> dict:
     """For ``method``'s rows: the knob values closest to the paper's, one per knob (None if not varied)."""
     rows = [r for r in rows if r["method"] == method]
-    return {k: closest([r[k] for r in rows], k) for k in PAPER}
+    return {k: closest([r.get(k) for r in rows], k) for k in PAPER}
 
 
 def _has(rows, key) -> bool:
@@ -81,7 +82,7 @@ def tradeoff(rows, path, x: str | None = None, y: str | None = None):
         for ref in refs:
             pts = [r for r in rows if r["method"] == method and r["reference"] == ref]
             if method == "diffedit":
-                pts = [r for r in pts if all(r[k] == rep[k] for k in ("threshold", "n", "strength"))]
+                pts = [r for r in pts if all(r.get(k) == rep[k] for k in MASK_KNOBS)]
             pts = sorted((r for r in pts if r.get(x) is not None and r.get(y) is not None), key=lambda r: r["ratio"])
             if not pts:
                 continue
@@ -99,7 +100,8 @@ def tradeoff(rows, path, x: str | None = None, y: str | None = None):
     ax.set_xlabel(names.get(x, x))
     ax.set_ylabel(names.get(y, y))
     if rep["n"] is not None:
-        ax.set_title(f"DiffEdit at threshold {rep['threshold']:g}, n {rep['n']}, strength {rep['strength']:g}",
+        grown = f", mask grown by {rep['dilate']} cells" if rep["dilate"] else ""
+        ax.set_title(f"DiffEdit at threshold {rep['threshold']:g}, n {rep['n']}, strength {rep['strength']:g}{grown}",
                      fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -120,8 +122,8 @@ def _mask_curves(rows, path, x_knob: str, line_knob: str):
     metric = _mask_metric(rows)
     rep = representative(rows)
     # Every other knob at the grid value closest to the paper's (the mask does not depend on r: one ratio's rows).
-    fixed = [k for k in ("ratio", "threshold", "n", "strength", "reference") if k not in (x_knob, line_knob)]
-    rows = [r for r in rows if all(r[k] == rep[k] for k in fixed) and r.get(metric) is not None]
+    fixed = [k for k in ("ratio", *MASK_KNOBS, "reference") if k not in (x_knob, line_knob)]
+    rows = [r for r in rows if all(r.get(k) == rep[k] for k in fixed) and r.get(metric) is not None]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for v in sorted({r[line_knob] for r in rows}):
@@ -133,7 +135,7 @@ def _mask_curves(rows, path, x_knob: str, line_knob: str):
         ax.set_xscale("log")
         ns = sorted({r["n"] for r in rows})
         ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_title(", ".join(f"{k} {rep[k]}" for k in fixed if k != "ratio"), fontsize=9)
+    ax.set_title(", ".join(f"{k} {rep[k]}" for k in fixed if k != "ratio" and rep[k] is not None), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)

@@ -87,6 +87,8 @@ _KNOBS = (
     Knob("normalization", str, "quantile", "unnamed ('remove extreme values')",
          "removing D's extremes before rescaling (quantile: clip at the 98th percentile)",
          choices=NORMALIZATIONS),
+    Knob("dilate", int, 0, "not in the paper (0)", "grow the mask by this many latent cells (max-pool)", 0, 16,
+         limit="16 cells grow one cell into a 33 x 33 square, half of a 512 px SD latent"),
     Knob("seed", int, 0, None, "random seed (mask noises, SDEdit noise)", 0, 2 ** 63 - 1,
          limit="the generator's seed range"),
 )
@@ -135,6 +137,7 @@ class EditSettings:
     n: int = KNOBS["n"].default
     strength: float = KNOBS["strength"].default
     normalization: str | None = None
+    dilate: int = KNOBS["dilate"].default
     seed: int = KNOBS["seed"].default
     compat: str | None = field(default=None)
 

@@ -136,6 +136,31 @@ def test_unknown_normalisation_or_quantile_is_refused_by_name():
         masking.normalize(torch.ones(1, 4, 4), quantile=1.5)
 
 
+def test_dilate_grows_by_whole_cells_clipped_at_the_borders_and_zero_is_the_identity():
+    m = torch.zeros(5, 6, dtype=torch.bool)
+    m[0, 0] = m[3, 3] = True
+    grown = torch.tensor([[1, 1, 0, 0, 0, 0],
+                          [1, 1, 0, 0, 0, 0],
+                          [0, 0, 1, 1, 1, 0],
+                          [0, 0, 1, 1, 1, 0],
+                          [0, 0, 1, 1, 1, 0]], dtype=torch.bool)  # by hand: a 3 x 3 square around each cell
+    assert torch.equal(masking.dilate(m, 1), grown)
+    assert masking.dilate(m, 0) is m
+    assert masking.dilate(m, 6).all() and not masking.dilate(torch.zeros(4, 4, dtype=torch.bool), 2).any()
+    with pytest.raises(ValueError, match="dilate"):
+        masking.dilate(m, -1)
+
+
+@pytest.mark.parametrize("cells", [1, 2, 3])
+def test_dilate_equals_a_reference_max_filter_on_batched_masks(cells):
+    m = torch.rand(2, 3, 9, 7, generator=torch.Generator().manual_seed(cells)) > 0.9
+    ref = np.zeros(m.shape, dtype=bool)  # any cell within `cells` (Chebyshev distance) of a masked cell
+    for *lead, i, j in np.argwhere(m.numpy()):
+        ref[(*lead, slice(max(i - cells, 0), i + cells + 1), slice(max(j - cells, 0), j + cells + 1))] = True
+    got = masking.dilate(m, cells)
+    assert got.dtype == torch.bool and got.shape == m.shape and np.array_equal(got.numpy(), ref)
+
+
 def test_normalisation_is_per_image_so_masks_do_not_depend_on_the_batch():
     d = torch.rand(3, 8, 8, dtype=torch.float64)
     alone = torch.cat([masking.normalize(d[i:i + 1]) for i in range(3)])

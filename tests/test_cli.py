@@ -108,6 +108,9 @@ BAD = [  # (argv with IMG / T placeholders, words the one-line message must cont
     (["mask", "IMG", "--target", "a dog", "--out", "IMG"], ["--out", "input image"]),
     (["mask", "IMG", "--target", "a dog", "--map-out", "IMG"], ["--map-out", "input image"]),
     (["mask", "IMG", "--target", "a dog", "--threshold", "2"], ["--threshold", "[0, 1]"]),
+    (["edit", "IMG", "--target", "a dog", "--dilate", "-1"], ["--dilate", ">= 0", "-1"]),
+    (["edit", "IMG", "--target", "a dog", "--dilate", "1.5"], ["--dilate", "invalid int"]),
+    (["mask", "IMG", "--target", "a dog", "--dilate", "17"], ["--dilate", "at most 16", "17"]),
     (["mask", "T/missing.png", "--target", "a dog"], ["missing.png", "not found"]),
     (["frobnicate"], ["invalid choice", "frobnicate"]),
     ([], ["required"]),
@@ -251,12 +254,25 @@ def test_mask_normalization_flag_reaches_the_pipeline(tiny_checkpoint, image, tm
     assert code == 2 and "--normalization" in err and "quantile" in err
 
 
+def test_dilate_flag_reaches_the_pipeline_for_edit_and_mask(tiny_checkpoint, image, tmp_path, capsys, monkeypatch):
+    from diffedit import masking
+    seen, dilate = [], masking.dilate
+    monkeypatch.setattr(masking, "dilate", lambda m, cells=0: seen.append(cells) or dilate(m, cells))
+    common = ["--target", "a dog", "--model", tiny_checkpoint, *FAST]
+    for argv in (["edit", image, "--out", tmp_path / "e.png", "--mask-out", tmp_path / "m.png", "--dilate", "2"],
+                 ["mask", image, "--out", tmp_path / "m1.png", "--dilate", "1"],
+                 ["mask", image, "--out", tmp_path / "m0.png"]):
+        code, _, err = run([*argv, *common], capsys)
+        assert code == 0, err
+    assert seen == [2, 1, 0]
+
+
 def test_help_lists_every_flag_with_its_default(capsys):
     code, out, _ = run(["edit", "--help"], capsys)
     assert code == 0
     for flag in ["--target", "--source", "--model", "--out", "--mask-out", "--panel", "--ratio", "--threshold",
                  "--n", "--strength", "--steps", "--guidance", "--seed", "--method", "--mask", "--device",
-                 "--dtype", "--prediction-type", "--normalization"]:
+                 "--dtype", "--prediction-type", "--normalization", "--dilate"]:
         assert f"{flag} " in out, flag
     for default in ["(default: 0.7)", "(default: 0.5)", "(default: 10)", "(default: 50)", "(default: 7.5)",
                     "(default: toy)", "(default: diffedit)", "(default: auto)", "(default: cpu)",

@@ -1,5 +1,6 @@
 """scripts/paper_claims.py: the verdicts follow from the rows (synthetic rows with known answers)."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,19 @@ def test_not_dominated_when_a_baseline_point_is_more_successful_than_every_diffe
     base = _curve("sdedit", {0.5: (0.3, 0.4), 0.9: (0.5, 0.9)})
     got = pc.dominated(ours + base, "sdedit")
     assert got["verdict"] == "no" and got["points_dominated"] == 1 and got["points"] == 2
+
+
+def test_the_dilate_ablation_is_judged_on_success_and_background_psnr_not_iou(tmp_path):
+    assert pc.SWEEPS["dilate"] == ["--dilate", "0,1,2"]
+    kinds = ["shape", "colour"] * 3
+    rows = [{"image": f"img{i}", "method": "diffedit", "kind": kind, "dilate": d, "iou": 0.5 - 0.1 * d,
+             "success": float(d > 0 and kind == "shape"), "bg_psnr": 30.0 - d - 0.1 * i}
+            for i, kind in enumerate(kinds) for d in (0, 1, 2)]
+    (tmp_path / "dilate").mkdir()
+    (tmp_path / "dilate" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    success, psnr = pc.beyond(tmp_path)
+    assert (success["metric"], success["a"], success["b"]) == ("success", 1, 0)
+    assert success["mean_diff"] == pytest.approx(0.5) and success["verdict"] == "yes"
+    assert "shape edits 0.000 at 0, 1.000 at 1, 1.000 at 2" in success["evidence"]
+    assert (psnr["metric"], psnr["a"], psnr["b"], psnr["verdict"]) == ("bg_psnr", 0, 1, "yes")
+    assert psnr["mean_diff"] == pytest.approx(1.0)

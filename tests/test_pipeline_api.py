@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import diffedit.pipeline as pipeline_module
-from diffedit import images
+from diffedit import images, masking
 from diffedit.models import StableDiffusion, preset
 from diffedit.pipeline import DiffEdit
 
@@ -131,6 +131,21 @@ def test_mask_alone_is_the_mask_edit_uses(de):
     assert isinstance(both, list) and len(both) == 2 and not both[1].binary.any()  # Q = R: D = 0
 
 
+def test_dilate_grows_the_mask_of_edit_and_mask_and_leaves_d_as_it_is(de):
+    image = picture((32, 32))
+    call = dict(source="a cat", seed=3, threshold=0.6, **KW)
+    plain, grown = (de.edit(image, "a dog", dilate=c, **call) for c in (0, 1))
+    assert torch.equal(plain.mask_map, grown.mask_map)  # D is not touched
+    m = plain.mask_map > 0.6
+    assert 0 < m.sum() < m.numel()
+    want = masking.dilate(m, 1)
+    assert not torch.equal(want, m)
+    assert np.array_equal(np.asarray(grown.mask), np.asarray(images.mask_to_pil(want, image.size)))
+    assert np.asarray(plain.mask).tobytes() == np.asarray(images.mask_to_pil(m, image.size)).tobytes()
+    alone = de.mask(image, "a dog", dilate=1, **call)
+    assert torch.equal(alone.binary, want) and torch.equal(alone.map, plain.mask_map)
+
+
 # --- external masks ------------------------------------------------------------------------------------------
 
 def test_an_external_mask_skips_estimation_and_black_keeps_x0_exactly(de, monkeypatch):
@@ -144,6 +159,10 @@ def test_an_external_mask_skips_estimation_and_black_keeps_x0_exactly(de, monkey
         assert r.mask_map is None and r.image.size == image.size
         assert torch.equal(r.latents, x0)
         assert not np.asarray(r.mask).any()
+    one = torch.zeros(h, w, dtype=torch.bool)
+    one[1, 1] = True  # dilate grows estimated masks only: a given mask is used as it is
+    r = de.edit(image, "a dog", mask=one, dilate=2, **KW)
+    assert np.array_equal(np.asarray(r.mask), np.asarray(images.mask_to_pil(one, image.size)))
     white = de.edit(image, "a dog", mask=torch.ones(h, w), **KW)
     assert white.mask_map is None and np.asarray(white.mask).min() == 255
     assert not torch.equal(white.latents, x0)
@@ -159,6 +178,7 @@ def test_an_external_mask_skips_estimation_and_black_keeps_x0_exactly(de, monkey
     (dict(target=["a dog", ""]), "target"), (dict(mask=torch.zeros(3, 3)), "mask"),
     (dict(normalization="percentile"), "normalization"),
     (dict(n=100000), "n"), (dict(steps=5000), "steps"), (dict(compat="a1111"), "compat"),
+    (dict(dilate=-1), "dilate"), (dict(dilate=1.5), "dilate"), (dict(dilate=17), "dilate"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(de, kwargs, named):
     call = dict(target="a dog", steps=2, n=1) | kwargs

@@ -14,6 +14,7 @@ from diffedit.settings import KNOBS, MAX_N, MAX_STEPS, EditSettings, SettingsErr
     ("strength", 0), ("strength", float("inf")), ("n", 0), ("n", MAX_N + 1), ("n", 2.5), ("steps", 0),
     ("steps", MAX_STEPS + 1), ("guidance", -1), ("guidance", float("inf")), ("seed", -1), ("seed", 2 ** 63),
     ("method", "inpaint"), ("normalization", "percentile"), ("threshold", "0.5"), ("n", True),
+    ("dilate", -1), ("dilate", 17), ("dilate", 1.5),
 ])
 def test_a_bad_value_is_refused_naming_the_knob_and_its_range(name, bad):
     with pytest.raises(SettingsError) as e:
@@ -37,6 +38,12 @@ def test_limits_that_protect_the_user_name_the_limit():
         EditSettings(n=100000)
     with pytest.raises(SettingsError, match=rf"at most {MAX_STEPS} \(the schedule has {MAX_STEPS} timesteps\)"):
         EditSettings(steps=5000)
+
+
+def test_dilate_is_off_by_default_and_says_it_is_not_in_the_paper():
+    k = KNOBS["dilate"]
+    assert (k.kind, k.default, EditSettings().dilate) == (int, 0, 0) and "not in the paper" in k.paper
+    assert EditSettings(dilate=16).dilate == 16 and "at most 16 (" in k.range_text()
 
 
 def test_integers_given_as_whole_floats_become_integers():

@@ -87,8 +87,8 @@ def test_outputs_summary_plots_and_page(base):
     assert all({"iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success"} <= r.keys() for r in diffedit)
     assert all("iou" not in r and "success" in r for r in rows if r["method"] != "diffedit")
     summary = (base / "summary.csv").read_text().splitlines()
-    assert len(summary) == 1 + 12 and summary[0].startswith("method,ratio,threshold,n,strength,reference,count")
-    assert all(line.split(",")[6] == "2" for line in summary[1:])
+    assert len(summary) == 1 + 12 and summary[0].startswith("method,ratio,threshold,n,strength,reference,dilate,count")
+    assert all(line.split(",")[7] == "2" for line in summary[1:])
     page = (base / "index.html").read_text()
     assert sweep.perceptual_note(None, None) in page
     pngs = sorted(p.relative_to(base).as_posix() for p in base.rglob("*.png"))
@@ -203,6 +203,35 @@ def test_a_sweep_with_another_normalization_gives_the_single_edit_masks_of_that_
             assert torch.equal(o.map, ref.mask_map) and torch.equal(o.mask, ref.mask_map > o.setting.threshold), rule
 
 
+def test_a_sweep_row_at_dilate_d_is_the_single_edit_at_dilate_d_and_shares_d(tiny_checkpoint):
+    item = sweep.load_items("toy:1", 12345, 16)[0]
+    image, seed = item.load(), 12345 * 1000
+    de = DiffEdit.from_pretrained(str(tiny_checkpoint), dtype=torch.float64)
+    settings = sweep.grid([0.5], [0.3], [2], [0.5], ["caption"], ["diffedit"], [0, 1, 2])
+    assert [s.dilate for s in settings] == [0, 1, 2]
+    assert sweep.shared_cost(settings, STEPS, 7.5) == 2 + 2 * 2 + 3 * 2 * 2  # one inversion, one mask pass
+    outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed)
+    assert outputs[0].map is outputs[1].map is outputs[2].map  # one D for every dilate
+    for o in outputs:
+        ref = de.edit(image, item.target, source=item.source, ratio=0.5, threshold=0.3, n=2, steps=STEPS, seed=seed,
+                      dilate=o.setting.dilate)
+        assert torch.equal(o.map, ref.mask_map)
+        assert np.array_equal(np.asarray(images.mask_to_pil(o.mask, image.size)), np.asarray(ref.mask))
+        assert (o.latents - ref.latents).abs().max().item() < 1e-10, o.setting
+    assert outputs[1].mask.sum() > outputs[0].mask.sum()
+
+
+def test_rows_written_before_dilate_existed_resume_as_dilate_0(base, tiny_checkpoint, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(base, out)
+    old = [{k: v for k, v in r.items() if k != "dilate"} for r in sweep.read_rows(out / "results.jsonl")]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out))) == 0
+    assert json.loads((out / "cost.json").read_text())["unet_evaluations_run"] == 0  # the same rows: none redone
+    assert rows_of(out).keys() == rows_of(base).keys()
+    assert all(r["dilate"] == (0 if r["method"] == "diffedit" else None) for r in rows_of(out).values())
+
+
 def test_torchrun_with_two_processes_merges_to_the_single_process_rows(base, tiny_checkpoint, tmp_path):
     out = tmp_path / "ddp"
     argv = ["--noises" if a == "--n" else str(a) for a in toy_argv(tiny_checkpoint, out)]  # torchrun reads --n as its own
@@ -263,6 +292,10 @@ def test_prompts_files_csv_and_jsonl_give_the_same_rows(tiny_checkpoint, tmp_pat
     (["--method", "diffedit,inpaint"], "--method"),
     (["--reference", "none"], "--reference"),
     (["--steps", "0"], "--steps"),
+    (["--dilate", "0,-1"], "--dilate must be >= 0"),
+    (["--dilate", "1.5"], "--dilate: '1.5' is not an integer"),
+    (["--dilate", "17"], "--dilate must be >= 0 and at most 16 "),
+    (["--dilate", "0,,1"], "--dilate"),
     (["--n", f"2,{MAX_N + 1}"], f"--n must be >= 1 and at most {MAX_N} "),
     (["--steps", str(MAX_STEPS + 1)], f"--steps must be >= 1 and at most {MAX_STEPS} "),
 ])

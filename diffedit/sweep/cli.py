@@ -52,6 +52,9 @@ def _add_arguments(p):
     g.add_argument("--reference", default=DEFAULTS["reference"],
                    help='reference texts R: "empty" ("") and/or "caption" (the source text)')
     g.add_argument("--method", default=DEFAULTS["method"], help=f"methods: {', '.join(METHODS)}")
+    g.add_argument("--dilate", default=DEFAULTS["dilate"],
+                   help=f"DiffEdit's mask grown by this many latent cells, 0 to {settings.KNOBS['dilate'].hi} "
+                        "(not in the paper: 0)")
     g = p.add_argument_group("fixed settings")
     g.add_argument("--steps", default=DEFAULTS["steps"],
                    help=f"DDIM steps of the full grid, at most {settings.MAX_STEPS} (paper 50)")
@@ -146,7 +149,7 @@ def parse_config(args) -> Config:
     """Check every argument (ValueError naming the flag) and read the images list; loads no model."""
     from ..toy import world
     lists = {k: _values(f"--{k}", getattr(args, k), k) for k in ("ratio", "threshold", "n", "strength", "reference",
-                                                                 "method")}  # grid's argument order
+                                                                 "method", "dilate")}  # grid's argument order
     steps = _value("--steps", args.steps, "steps")
     guidance = _value("--guidance", args.guidance, "guidance")
     seed = world.EVAL_SEED if args.seed is None else _value("--seed", args.seed, "seed")

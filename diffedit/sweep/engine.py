@@ -2,8 +2,9 @@
 
 Shared across the grid: one VAE encode; one DDIM inversion to the largest ratio (smaller ratios and
 Encode-Decode use its prefix, ``Trajectory.truncate``); per strength one mask pass whose query rows serve every
-reference, whose first n noises give every n and whose map D serves every threshold; per ratio one batched
-decoding of every mask (Encode-Decode: the all-ones mask). SDEdit runs once per (ratio, reference).
+reference, whose first n noises give every n and whose map D serves every threshold and every dilate (the
+mask grown by ``masking.dilate``, not in the paper); per ratio one batched decoding of every mask
+(Encode-Decode: the all-ones mask). SDEdit runs once per (ratio, reference).
 Image i of a sweep uses the seed S * 1000 + i for its mask noises and SDEdit, as ``DiffEdit.edit(seed=...)``.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _masks(de, eps, x0, query, refs: dict, settings, steps: int, seed: int, n_dr
             mk = (strength, s.reference, s.n)
             if mk not in maps:
                 maps[mk] = masking.normalize(d[s.n][names.index(s.reference)][None].float(), normalization)[0]
-            masks[s] = masking.binarize(maps[mk], s.threshold)
+            masks[s] = masking.dilate(masking.binarize(maps[mk], s.threshold), s.dilate)
     return maps, masks
 
 

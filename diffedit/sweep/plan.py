@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-GRID_KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference")  # a row's setting, in its key
+GRID_KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference", "dilate")  # a row's setting, in its key
 METRICS = ("iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips", "clip_score")
 
 
@@ -15,33 +15,48 @@ def ordered(values) -> list:
 
 @dataclass(frozen=True)
 class Setting:
-    """One grid point. Knobs a method does not use are None (SDEdit / Encode-Decode: no mask)."""
+    """One grid point. Knobs a method does not use are None (SDEdit / Encode-Decode: no mask); DiffEdit's
+    ``dilate`` None means 0 (the paper's mask)."""
     method: str
     ratio: float
     reference: str
     threshold: float | None = None
     n: int | None = None
     strength: float | None = None
+    dilate: int | None = None
+
+    def __post_init__(self):
+        if self.method == "diffedit" and self.dilate is None:
+            object.__setattr__(self, "dilate", 0)
 
     def knobs(self) -> dict:
         return {k: getattr(self, k) for k in GRID_KNOBS}
 
 
-def grid(ratios, thresholds, ns, strengths, references, methods) -> list[Setting]:
+def grid(ratios, thresholds, ns, strengths, references, methods, dilates=(0,)) -> list[Setting]:
     out = []
     for method in methods:
         for ratio in ratios:
             for ref in references:
                 if method == "diffedit":
-                    out += [Setting(method, ratio, ref, t, n, s) for s in strengths for n in ns for t in thresholds]
+                    out += [Setting(method, ratio, ref, t, n, s, c)
+                            for s in strengths for n in ns for t in thresholds for c in dilates]
                 else:
                     out.append(Setting(method, ratio, ref))
     return out
 
 
 def row_key(row: dict) -> str:
-    """Rows are keyed by image id + setting (JSON numbers round-trip, so a resumed key matches)."""
-    return json.dumps([row["image"], *(row[k] for k in GRID_KNOBS)])
+    """Rows are keyed by image id + setting (JSON numbers round-trip, so a resumed key matches). A row written
+    before ``dilate`` existed has none: it was made with the paper's mask, dilate 0 (``upgrade``)."""
+    return json.dumps([row["image"], *(upgrade(row)[k] for k in GRID_KNOBS)])
+
+
+def upgrade(row: dict) -> dict:
+    """A row of an older sweep, with the grid knobs added since (dilate: 0 for DiffEdit, else None)."""
+    if "dilate" in row:
+        return row
+    return {**row, "dilate": 0 if row.get("method") == "diffedit" else None}
 
 
 def setting_key(image_id: str, s: Setting) -> str:

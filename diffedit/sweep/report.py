@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plots import METHOD_LABELS, PAPER, closest
+from ..plots import MASK_KNOBS, METHOD_LABELS, PAPER, closest
 from .plan import GRID_KNOBS, METRICS, ordered, separate_cost, shared_cost
 from .results import merge, summarize
 
@@ -56,7 +56,7 @@ def example_knobs(settings) -> dict:
     """The knobs of the example images: the grid values closest to the paper's (DiffEdit's own for its mask)."""
     rep = {k: closest([getattr(s, k) for s in settings], k) for k in PAPER}
     masked = [s for s in settings if s.method == "diffedit"]
-    return {**rep, **{k: closest([getattr(s, k) for s in masked], k) for k in ("threshold", "n", "strength")}}
+    return {**rep, **{k: closest([getattr(s, k) for s in masked], k) for k in MASK_KNOBS}}
 
 
 def save_examples(out: Path, item, image, outputs, rep: dict):
@@ -76,7 +76,7 @@ def save_examples(out: Path, item, image, outputs, rep: dict):
         if s.reference != rep["reference"]:
             continue
         if s.method == "diffedit":
-            if (s.threshold, s.n, s.strength) != (rep["threshold"], rep["n"], rep["strength"]):
+            if any(getattr(s, k) != rep[k] for k in MASK_KNOBS):
                 continue
             heatmap(o.map.cpu(), image.size).save(ex / f"{stem}_map.png")  # D and M do not depend on r
             np.save(ex / f"{stem}_map.npy", o.map.cpu().numpy())

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..settings import METHODS, REFERENCES
-from .plan import GRID_KNOBS, METRICS, row_key
+from .plan import GRID_KNOBS, METRICS, row_key, upgrade
 
 
 def read_rows(path: Path, repair: bool = False) -> list[dict]:
@@ -52,18 +52,19 @@ def append(f, row: dict):
 
 def _sort_key(row):
     return (row["index"], METHODS.index(row["method"]), row["ratio"], REFERENCES.index(row["reference"]),
-            row["strength"] or 0, row["n"] or 0, row["threshold"] or 0)
+            row["strength"] or 0, row["n"] or 0, row["threshold"] or 0, row.get("dilate") or 0)
 
 
 def merge(out: Path) -> list[dict]:
-    """results.jsonl + every results.rank*.jsonl -> results.jsonl (deduplicated, sorted), atomically."""
+    """results.jsonl + every results.rank*.jsonl -> results.jsonl (deduplicated, sorted, older rows given the
+    knobs added since: ``plan.upgrade``), atomically."""
     rows, seen = [], set()
     rank_files = sorted(out.glob("results.rank*.jsonl"))
     for path in [out / "results.jsonl", *rank_files]:
         for row in read_rows(path):
             if (key := row_key(row)) not in seen:
                 seen.add(key)
-                rows.append(row)
+                rows.append(upgrade(row))
     rows.sort(key=_sort_key)
     tmp = out / f"results.jsonl.tmp{os.getpid()}"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
