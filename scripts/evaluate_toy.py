@@ -16,6 +16,7 @@ import torch
 
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import DTYPES
+from diffedit.settings import REFERENCES
 from diffedit.toy import evaluate, world
 
 
@@ -37,7 +38,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=world.EVAL_SEED, help=f"scene seed (not {world.TRAIN_SEED}, the training seed)")
     p.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--reference", choices=("caption", "empty"), default="caption", help="reference text R")
+    p.add_argument("--reference", choices=REFERENCES, default="caption", help="reference text R")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the edits (paper 7.5)")
     p.add_argument("--generation", type=int, default=0, help="also measure caption following on this many samples")
     p.add_argument("--model", default="toy")

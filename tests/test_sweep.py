@@ -305,6 +305,13 @@ def test_bad_input_is_a_value_error_naming_the_flag(tmp_path, extra, flag):
         sweep.run_sweep(parse(argv))
 
 
+def test_importing_the_sweep_and_building_its_parser_load_neither_torch_nor_numpy():
+    """``diffedit --help`` builds this parser: it must stay fast."""
+    probe = "import sys, diffedit.sweep as s; s.build_parser(); print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_the_dtype_and_normalisation_choices_follow_precision_and_settings():
     assert set(cli.DTYPES) == {"auto", *precision.DTYPES} - {"float64"}
     assert cli.NORMALIZATIONS == ("quantile", "clamp", "minmax")  # settings' rules but the diffusers recipe's

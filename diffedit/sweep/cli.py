@@ -7,7 +7,7 @@
 Under torchrun write ``--noises`` for ``--n`` (torchrun takes ``--n`` for an abbreviation of its own options).
 Rank r takes images r::world_size and appends to ``results.rank{r}.jsonl``; after a gloo barrier rank 0 merges
 them into ``results.jsonl`` and writes the report. --out must be on a file system all ranks share.
-Importing this module and building its parser load no torch (``diffedit --help`` builds it).
+Importing this package and building its parser load neither torch nor numpy (``diffedit --help`` builds it).
 """
 from __future__ import annotations
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .plan import METRICS, Setting, ordered
 
 
@@ -101,6 +99,8 @@ def rows_for(item, image, outputs: list[Output], seed: int, steps: int | None = 
              guidance: float | None = None, scorers: dict | None = None) -> list[dict]:
     """One results row per output: the knobs, the fixed settings, and the metrics (toy ground truth when the
     item has it; ``scorers``: optional "lpips" (edit, input) and "clip_score" (edit, target text) callables)."""
+    import numpy as np
+
     from .. import metrics
     from ..toy import judge
     src = np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -7,8 +7,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-
 from ..plots import MASK_KNOBS, METHOD_LABELS, PAPER, closest
 from .plan import GRID_KNOBS, METRICS, ordered, separate_cost, shared_cost
 from .results import merge, summarize
@@ -62,6 +60,8 @@ def example_knobs(settings) -> dict:
 def save_examples(out: Path, item, image, outputs, rep: dict):
     """Small PNGs of one image: input, ground truth (toy), D, mask, and the edit of every method per ratio
     at the knobs ``rep`` (``example_knobs``); D and M as .npy for the example figure."""
+    import numpy as np
+
     from .. import images as imgs
     from ..viz import heatmap, overlay
     ex = out / "examples"
@@ -113,6 +113,8 @@ def finalize(out: Path, cfg, stats, quiet: bool = False):
 
 def _plots(out: Path, rows, summary, examples: int) -> tuple[dict, str | None]:
     """The figures of ``plots`` that the grid supports, by name, and a note when there are none."""
+    import numpy as np
+
     plots = {}
     try:
         from .. import plots as P

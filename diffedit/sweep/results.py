@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ..settings import METHODS, REFERENCES
 from .plan import GRID_KNOBS, METRICS, row_key, upgrade
 
@@ -77,6 +75,8 @@ def merge(out: Path) -> list[dict]:
 def group_means(rows: list[dict], keys, metrics=METRICS) -> list[dict]:
     """Per distinct value of ``keys``: those values, ``count`` (rows) and the mean of every metric over the rows
     that have it (success: the success rate); in the order of first appearance."""
+    import numpy as np
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
