@@ -12,7 +12,9 @@ setup(
     install_requires=["torch>=2.1", "einops", "open_clip_torch", "safetensors", "huggingface_hub", "numpy",
                       "pillow", "tqdm"],
     extras_require={
-        "test": ["pytest", "diffusers==0.42.1", "transformers", "scikit-image", "lpips==0.1.4"],
+        "test": ["pytest", "diffusers==0.42.1", "transformers", "scikit-image", "lpips==0.1.4", "gradio_client==2.7.2",
+                 "playwright==1.65.2"],
+        "app": ["gradio==6.31.0"],  # diffedit app
         "metrics": ["lpips==0.1.4"],  # LPIPS for diffedit sweep --lpips-weights (CLIP score uses open_clip)
         "plots": ["matplotlib"],
     },

@@ -87,7 +87,7 @@ def _knob_inputs(gr, d: EditSettings) -> dict:
     out = {}
     for name in KNOB_ORDER:
         k, value = KNOBS[name], getattr(d, name)
-        info = f"{k.help} (paper: {k.paper})"
+        info = k.help if k.paper is None else f"{k.help} (paper: {k.paper})"
         if k.choices is not None:
             out[name] = gr.Radio(list(k.choices), value=value or k.default, label=LABELS[name], info=info,
                                  elem_id=f"knob-{name}")

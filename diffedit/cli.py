@@ -338,7 +338,12 @@ def add_sweep_parser(subparsers):
     add(subparsers)
 
 
-SUBCOMMANDS = [add_edit_parser, add_mask_parser, add_demo_parser, add_sweep_parser]  # others append their add_<name>_parser here
+def add_app_parser(subparsers):
+    from .app import add_app_parser as add  # the app module owns its flags; gradio loads only when it runs
+    add(subparsers)
+
+
+SUBCOMMANDS = [add_edit_parser, add_mask_parser, add_demo_parser, add_sweep_parser, add_app_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import argparse
 import copy
 import hashlib
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -176,7 +177,8 @@ def test_four_clients_editing_at_once_all_succeed(server, tmp_path):
 
 def test_page_in_a_browser(server, tmp_path):
     """Upload, type, edit; drag the threshold (the mask changes), paint a stroke (the mask grows); no request
-    leaves loopback. Saves the screenshot docs/app.png."""
+    leaves loopback. Saves a screenshot: to $DIFFEDIT_APP_SCREENSHOT when set (docs/app.png is made so), else into
+    the test's folder, so a test run leaves the tree as it was."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -255,8 +257,7 @@ def test_page_in_a_browser(server, tmp_path):
         page.locator("#compare").click()
         page.wait_for_selector("#method-encode-decode img", timeout=60_000)
         page.wait_for_timeout(500)
-        (ROOT / "docs").mkdir(exist_ok=True)
-        page.screenshot(path=str(ROOT / "docs" / "app.png"), full_page=True)
+        page.screenshot(path=os.environ.get("DIFFEDIT_APP_SCREENSHOT", str(tmp_path / "app.png")), full_page=True)
         browser.close()
     print(f"[app] browser: threshold drag -> mask {slider_trip * 1000:.0f} ms, stroke -> mask {paint_trip * 1000:.0f} "
           f"ms, ratio click -> edit {ratio_trip * 1000:.0f} ms; whole test {time.perf_counter() - start:.1f} s")
