@@ -2,8 +2,9 @@
 
 Counting: one rule in ``Rows`` (a call adds its first tensor's batch size); ``EvalCounter`` applies it to an eps
 function, ``ModuleCounter`` to any module's forward (ours or diffusers'). Also: random full-size weights, peak memory,
-interleaved median timing, the matmul rate (a dtype's practical peak) and FLOP counts. Importing this module loads no
-torch (torch-free code such as a command-line parser may import it); the functions import it when called.
+interleaved median timing, the matmul rate (a dtype's practical peak), FLOP counts and the agreement of two edits
+(mask IoU, PSNR). Importing this module loads no torch (torch-free code such as a command-line parser may import it);
+the functions import it when called.
 """
 from __future__ import annotations
 
@@ -250,3 +251,26 @@ def unet_inputs(cfg, batch: int = 2, side: int = 16, device="cpu", dtype=None, t
     x = torch.randn(batch, cfg.in_channels, side, side, device=device).to(dtype)
     c = torch.randn(batch, 77, cfg.context_dim, device=device).to(dtype)
     return x, torch.full((batch,), t, device=device), c
+
+
+# --- agreement of two edits ---------------------------------------------------------------------------------------
+
+def edit_agreement(pairs) -> dict:
+    """How far apart pairs of edits of the same inputs are (``pairs``: (EditResult, EditResult), e.g. fp32 and
+    bf16 networks): IoU of their binary masks (1 when both are empty), mean and worst; PSNR of their outputs, pooled
+    (from the mean squared error over every edit, so one bad edit shows), median and worst; and the pooled PSNR
+    outside both masks (the background, which blending pins to the input). An MSE of 0 counts as 1e-10 (160 dB),
+    which keeps the figures finite for JSON."""
+    import numpy as np
+    ious, mses, bg_err, bg_count = [], [], 0.0, 0
+    for a, b in pairs:
+        ma, mb = (np.asarray(r.mask) > 127 for r in (a, b))
+        ious.append((ma & mb).sum() / (ma | mb).sum() if (ma | mb).any() else 1.0)
+        x, y = (np.asarray(r.image.convert("RGB"), dtype=np.float64) for r in (a, b))
+        err = ((x - y) ** 2).mean(axis=-1)
+        mses.append(float(err.mean()))
+        bg_err, bg_count = bg_err + float(err[~(ma | mb)].sum()), bg_count + int((~(ma | mb)).sum())
+    db = lambda mse: float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+    return {"edits": len(ious), "mask_iou": float(np.mean(ious)), "mask_iou_min": float(min(ious)),
+            "psnr_db": db(float(np.mean(mses))), "psnr_median_db": db(float(np.median(mses))),
+            "psnr_min_db": db(max(mses)), "psnr_outside_masks_db": db(bg_err / max(bg_count, 1))}

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Our DiffEdit against diffusers' StableDiffusionDiffEditPipeline: same process, same weights, same inputs.
 
-    python scripts/benchmark.py --device cpu --json bench_cpu.json          # 128 px, 10 steps (minutes)
-    python scripts/benchmark.py --device cuda --dtype float16 --json bench_gpu.json  # 512 px, 50 steps
+    python scripts/benchmark.py --device cpu --json bench_cpu.json          # 128 px, 10 steps, fp32 and bf16
+    python scripts/benchmark.py --cases toy --repeats 1                      # quick: the toy model, seconds
+    python scripts/benchmark.py --device cuda --json bench_gpu.json          # 512 px, 50 steps, fp32 and fp16
 
 Runs, per case (``toy``: the packaged toy model, 64 px; ``sd15``: an SD1.5-size model, random weights):
   * ``ours_default``: the paper-faithful edit, ``de.edit(image, target, source, ratio=0.8, n=10, strength=0.5,
@@ -12,8 +13,15 @@ Runs, per case (``toy``: the packaged toy model, 64 px; ``sd15``: an SD1.5-size 
   * ``diffusers``: ``generate_mask`` + ``invert`` + ``__call__`` with their defaults (10 maps, mask strength 0.5,
     inpaint strength 0.8, CFG 7.5 in all three; negative prompt = source in ``__call__``, as in its docs example)
     and the same step count.
-speedup_default = t(diffusers) / t(ours_default); speedup_matched = t(diffusers) / t(ours_matched). All three run
-in one dtype (--dtype; "auto": ``diffedit.precision``'s choice, bf16 on a CPU with native bf16, fp16 on CUDA).
+Each case runs the three in every dtype of --dtype, a comma list. The default covers two dtypes in one run: fp32 and
+bf16 on a CPU, fp32 and fp16 on CUDA. The figures:
+  speedup_default       t(diffusers at its documented default dtype: fp32 on a CPU, fp16 on CUDA)
+                        / t(ours_default at ours, dtype "auto": bf16 on a CPU with native bf16, fp16 on CUDA,
+                        else fp32; ``dtype_default`` says which);
+  speedup_matched       t(diffusers) / t(ours_matched), both in fp32;
+  speedup_matched_bf16  (or _fp16) the same in half precision.
+A figure is null when its dtypes were not run. In bf16 on a CPU our UNet's weights are channels-last
+(``DiffEdit(channels_last="auto")``). The diffusers twin shares those tensors, so its convolutions get the same layout.
 
 What "matched" means, in UNet sample evaluations ("rows": one latent through the UNet; a call may hold many),
 with k = round(0.8 * steps) decoding steps (= diffusers' int(0.8 * steps) for the step counts used here):
@@ -29,17 +37,18 @@ and reported next to the times.
 The tools are ``diffedit.measure``'s (counters, peak memory, timing, rates, random weights) and the oracles are
 ``oracles``' (the diffusers twin on our weights, the offline CLIP tokenizer, the astronaut photograph).
 
-Timing: one warm-up run of each (--warmup-steps steps), then --repeats rounds of the three runs in alternation and
-the median of each (fewer rounds if --budget-s would be exceeded: the number done is reported). Peak memory
-(measure.PeakMemory): CUDA: torch.cuda.max_memory_allocated() above the memory allocated before the run. CPU: the
-resident-set high-water mark (VmHWM, reset before each run through /proc/self/clear_refs after malloc_trim(0)) above
-the resident set before the run.
+Timing: one warm-up run of each (--warmup-steps steps), then --repeats rounds of all the runs of a case (every
+dtype) in alternation, so that a change in a shared host's load hits them alike, and the median of each (fewer
+rounds if --budget-s would be exceeded: the number done is reported). Peak memory (measure.PeakMemory): CUDA:
+torch.cuda.max_memory_allocated() above the memory allocated before the run. CPU: the resident-set high-water mark
+(VmHWM, reset before each run through /proc/self/clear_refs after malloc_trim(0)) above the resident set before the
+run.
 
 FLOP rate: the FLOPs of one UNet forward of a CFG pair (batch 2, the commonest call) counted by
 torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention), divided by its median wall time, against
 the rate of a large square matmul in the same dtype on the same device (the practical peak), measured in the same run
-right after the case's forwards (a shared host's speed drifts over minutes; one rate from the start can halve the
-ratio).
+right after the case's forwards of that dtype (a shared host's speed drifts over minutes; one rate from the start can
+halve the ratio).
 """
 from __future__ import annotations
 
@@ -66,12 +75,12 @@ from diffedit.precision import resolve_dtype
 N, STRENGTH, RATIO, GUIDANCE, SEED = 10, 0.5, 0.8, 7.5, 0
 
 
-def toy_edit(side: int):
+def toy_edit():
     """A toy-world scene with its source and target captions (the toy model's own kind of edit)."""
     import numpy as np
     from PIL import Image
     from diffedit.toy import world
-    e = world.sample_edit(np.random.default_rng(SEED), size=side)
+    e = world.sample_edit(np.random.default_rng(SEED), size=world.SIZE)
     return Image.fromarray(e.source.render()), e.source_caption, e.target_caption
 
 
@@ -92,69 +101,105 @@ def edit_runs(de: DiffEdit, pipe, image, source: str, target: str, steps: int) -
     return {"ours_default": ours(None), "ours_matched": ours("diffusers"), "diffusers": theirs}
 
 
-def run_case(de: DiffEdit, image, source: str, target: str, args, device, budget_end: float) -> dict:
-    pipe = oracles.diffusers_twin(de, Path(tempfile.mkdtemp(prefix="diffedit-bench-tok-")))
-    runs = edit_runs(de, pipe, image, source, target, args.steps)
-    result = {k: {"times_s": [], "warmup_s": timed(lambda: fn(args.warmup_steps), device)} for k, fn in runs.items()}
-    with contextlib.ExitStack() as stack:  # (ours, diffusers') counter per network; hooks removed on exit
-        counters = {what: tuple(stack.enter_context(ModuleCounter(m)) for m in pair) for what, pair in {
-            "unet": (de.model.unet, pipe.unet),
-            "vae_encode": (de.model.first_stage_model.encoder, pipe.vae.encoder),
-            "vae_decode": (de.model.first_stage_model.decoder, pipe.vae.decoder)}.items()}
+def run_case(contenders: dict, image, source: str, target: str, args, device, budget_end: float) -> dict:
+    """Every run of a case in every dtype, timed in alternation; ``contenders``: dtype name -> (DiffEdit, twin)."""
+    runs = {(d, key): fn for d, (de, pipe) in contenders.items()
+            for key, fn in edit_runs(de, pipe, image, source, target, args.steps).items()}
+    result = {key: {"times_s": [], "warmup_s": timed(lambda: fn(args.warmup_steps), device)}
+              for key, fn in runs.items()}
+    modules = {"unet": [], "vae_encode": [], "vae_decode": []}
+    for de, pipe in contenders.values():
+        vae = de.model.first_stage_model
+        for what, ours, theirs in (("unet", de.model.unet, pipe.unet), ("vae_encode", vae.encoder, pipe.vae.encoder),
+                                   ("vae_decode", vae.decoder, pipe.vae.decoder)):
+            modules[what] += [ours, theirs]
+    with contextlib.ExitStack() as stack:  # one counter per network over all its copies (one run at a time)
+        counters = {what: stack.enter_context(ModuleCounter(*ms)) for what, ms in modules.items()}
 
         @contextlib.contextmanager
         def watched(key):  # one timed run: its counts and its peak memory
-            side = 0 if key.startswith("ours") else 1
-            for pair in counters.values():
-                pair[side].reset()
+            for c in counters.values():
+                c.reset()
             with PeakMemory(device) as mem:
                 yield
             r = result[key]
             r["peak_mem_mb"] = max(r.get("peak_mem_mb", 0.0), mem.peak_mb)
             r["peak_mem_method"] = mem.method
-            r.update({what: pair[side].get() for what, pair in counters.items()})
+            r.update({what: c.get() for what, c in counters.items()})
 
         times = interleaved(runs, device, args.repeats, warmup=0, deadline=budget_end, around=watched)
     k = round(RATIO * args.steps)
     expected = {"ours_default": 2 * N + 3 * k, "ours_matched": 2 * N + 4 * k, "diffusers": 4 * N + 4 * k}
-    for key, r in result.items():
-        r["times_s"] = times[key]
-        r["time_s"] = statistics.median(times[key])
+    for (d, key), r in result.items():
+        r["times_s"] = times[(d, key)]
+        r["time_s"] = statistics.median(times[(d, key)])
         r["unet"]["expected_rows"] = expected[key]
+    by_dtype = {}
+    for d, (de, pipe) in contenders.items():
+        r = {key: result[(d, key)] for key in expected}
+        by_dtype[d] = {"runs": r, "speedup_default_same_dtype": r["diffusers"]["time_s"] / r["ours_default"]["time_s"],
+                       "speedup_matched": r["diffusers"]["time_s"] / r["ours_matched"]["time_s"],
+                       "unet_forward": unet_forward(de, pipe, image.size[1] // de.cfg.vae.downsampling, device,
+                                                    args.matmul_n)}
     return {"image_px": list(image.size), "steps": args.steps, "ratio": RATIO, "n": N, "strength": STRENGTH,
-            "guidance": GUIDANCE, "repeats_done": len(times["diffusers"]), "runs": result,
-            "speedup_default": result["diffusers"]["time_s"] / result["ours_default"]["time_s"],
-            "speedup_matched": result["diffusers"]["time_s"] / result["ours_matched"]["time_s"],
-            "unet_forward": unet_forward(de, pipe, image.size[1] // de.cfg.vae.downsampling, device)}
+            "guidance": GUIDANCE, "repeats_done": len(next(iter(times.values()))), "dtypes": by_dtype,
+            **speedups(by_dtype, args.dtype_default, args.diffusers_dtype)}
 
 
-def unet_forward(de: DiffEdit, pipe, side: int, device) -> dict:
-    """One UNet forward of a CFG pair, ours and diffusers', at this case's latent size: FLOPs, time, rate."""
+def speedups(by_dtype: dict, ours: str, theirs: str) -> dict:
+    """The headline ratios of a case; None where a dtype they need was not run."""
+    def matched(d):
+        return by_dtype[d]["speedup_matched"] if d in by_dtype else None
+    default = None
+    if ours in by_dtype and theirs in by_dtype:
+        default = by_dtype[theirs]["runs"]["diffusers"]["time_s"] / by_dtype[ours]["runs"]["ours_default"]["time_s"]
+    return {"speedup_default": default, "speedup_matched": matched("float32"),
+            "speedup_matched_bf16": matched("bfloat16"), "speedup_matched_fp16": matched("float16")}
+
+
+def unet_forward(de: DiffEdit, pipe, side: int, device, mm_n: int) -> dict:
+    """One UNet forward of a CFG pair, ours and diffusers', at this case's latent size: FLOPs, time, rate, and its
+    fraction of the matmul peak in this dtype, measured right after (a shared host's speed drifts over minutes)."""
     x, t, c = unet_inputs(de.cfg.unet, 2, side, device, de.dtype)
-    return {"batch": 2, "latent": [side, side], "ours": flop_rate(lambda: de.model.unet(x, t, c), device),
-            "diffusers": flop_rate(lambda: pipe.unet(x, t, encoder_hidden_states=c), device)}
+    fwd = {"batch": 2, "latent": [side, side], "ours": flop_rate(lambda: de.model.unet(x, t, c), device),
+           "diffusers": flop_rate(lambda: pipe.unet(x, t, encoder_hidden_states=c), device),
+           "matmul_tflop_per_s": matmul_rate(device, de.dtype, mm_n) / 1e12}
+    for who in ("ours", "diffusers"):
+        fwd[who]["fraction_of_matmul"] = fwd[who]["tflop_per_s"] / fwd["matmul_tflop_per_s"]
+    return fwd
 
 
-def load_case(case: str, args, device, dtype):
-    """(DiffEdit, image, source, target) of a case, or a reason it is skipped."""
+def load_case(case: str, args, device):
+    """({dtype name: (DiffEdit, diffusers twin)}, image, source, target) of a case, or why it is skipped."""
     if case == "toy":
         from diffedit.checkpoint import _toy_path
         if not _toy_path().is_file():
             return f"{_toy_path()} does not exist (train it: scripts/train_toy.py)"
-        de = DiffEdit.from_pretrained("toy", device=device, dtype=dtype)
-        return (de, *toy_edit(de.cfg.resolution))
-    if case == "sd15":
-        de = DiffEdit(random_model("sd15", device, dtype), device=device)
-        return de, oracles.astronaut(args.size), oracles.SOURCE, oracles.TARGET
-    raise SystemExit(f"unknown case {case!r}: choose from toy, sd15")
+        load = lambda dtype: DiffEdit.from_pretrained("toy", device=device, dtype=dtype)
+        image, source, target = toy_edit()
+    elif case == "sd15":
+        load = lambda dtype: DiffEdit(random_model("sd15", device, dtype), device=device)
+        image, source, target = oracles.astronaut(args.size), oracles.SOURCE, oracles.TARGET
+    else:
+        raise SystemExit(f"unknown case {case!r}: choose from toy, sd15")
+    contenders = {}
+    for d in args.dtypes:
+        de = load(getattr(torch, d))
+        if args.channels_last:
+            de.model.unet.to(memory_format=torch.channels_last)
+        if args.compile:
+            de.compile()
+        contenders[d] = (de, oracles.diffusers_twin(de, Path(tempfile.mkdtemp(prefix="diffedit-bench-tok-"))))
+    return contenders, image, source, target
 
 
 def parse_args(argv):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
-                   help="default: float32 on cpu, float16 on cuda; auto: diffedit.precision's choice")
+    p.add_argument("--dtype", default=None,
+                   help="comma list of dtypes every case runs in (auto, float32, float16, bfloat16); default: "
+                        "float32,bfloat16 on cpu, float32,float16 on cuda")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--size", type=int, default=None, help="SD1.5 case image side (default: 128 cpu, 512 cuda)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10 cpu, 50 cuda)")
@@ -162,39 +207,56 @@ def parse_args(argv):
     p.add_argument("--cases", default="toy,sd15")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="stop repeating once this many seconds would be exceeded (default: 540 cpu, none cuda)")
+                   help="stop repeating once this many seconds would be exceeded (default: 900 cpu, none cuda)")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="DDIM steps of the warm-up runs (default: 2 on cpu, --steps on cuda)")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="cpu: keep glibc's default mmap threshold (see diffedit.measure.tune_malloc)")
-    p.add_argument("--channels-last", action="store_true", help="our UNet in channels_last memory format")
+    p.add_argument("--channels-last", action="store_true",
+                   help="our UNet in channels_last memory format in every dtype (default: bf16 on a CPU only)")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (DiffEdit.compile())")
     args = p.parse_args(argv)
-    cpu = args.device == "cpu"
+    device = torch.device(args.device)
+    cpu = device.type == "cpu"
+    names = (args.dtype or ("float32,bfloat16" if cpu else "float32,float16")).split(",")
+    try:
+        dtypes = [str(resolve_dtype(name.strip(), device)).removeprefix("torch.") for name in names if name.strip()]
+    except ValueError as e:
+        p.error(f"--dtype: {e}")
+    args.dtypes = list(dict.fromkeys(dtypes))
+    args.dtype_default = str(resolve_dtype("auto", device)).removeprefix("torch.")
+    args.diffusers_dtype = "float32" if cpu else "float16"  # diffusers' documented default on each device
     args.size = args.size or (128 if cpu else 512)
     args.steps = args.steps or (10 if cpu else 50)
     args.warmup_steps = args.warmup_steps or (2 if cpu else args.steps)
-    args.budget_s = args.budget_s if args.budget_s is not None else (540.0 if cpu else float("inf"))
+    args.budget_s = args.budget_s if args.budget_s is not None else (900.0 if cpu else float("inf"))
+    args.matmul_n = 2048 if cpu else 8192
     return args
 
 
 def summary(case: str, res: dict) -> str:
-    fwd = res["unet_forward"]["ours"]
-    return (f"{case}: {res['image_px'][0]} px, {res['steps']} steps, {res['repeats_done']} repeats | "
-            + " | ".join(f"{k} {v['time_s']:.2f}s {v['unet']['rows']} rows/{v['unet']['calls']} calls "
-                         f"enc {v['vae_encode']['rows']} dec {v['vae_decode']['rows']} peak {v['peak_mem_mb']:.0f}MB"
-                         for k, v in res["runs"].items())
-            + f" | speedup default {res['speedup_default']:.2f} matched {res['speedup_matched']:.2f} | UNet fwd "
-            f"{fwd['tflop_per_s']:.3f} TFLOP/s = {fwd['fraction_of_matmul']:.2f} of matmul")
+    lines = [f"{case}: {res['image_px'][0]} px, {res['steps']} steps, {res['repeats_done']} repeats | speedup default "
+             f"{res['speedup_default'] or float('nan'):.2f}"]
+    for d, r in res["dtypes"].items():
+        fwd = r["unet_forward"]["ours"]
+        lines.append(f"  {d}: " + " | ".join(
+            f"{k} {v['time_s']:.2f}s {v['unet']['rows']} rows/{v['unet']['calls']} calls enc {v['vae_encode']['rows']} "
+            f"dec {v['vae_decode']['rows']} peak {v['peak_mem_mb']:.0f}MB" for k, v in r["runs"].items())
+            + f" | speedup matched {r['speedup_matched']:.2f} | UNet fwd {fwd['tflop_per_s']:.3f} TFLOP/s = "
+            f"{fwd['fraction_of_matmul']:.2f} of matmul")
+    return "\n".join(lines)
 
 
 DEFINITIONS = {
-    "speedup_default": "t(diffusers: generate_mask + invert + __call__, defaults) / t(ours: paper-faithful edit)",
-    "speedup_matched": "t(diffusers) / t(ours, compat='diffusers'): same steps and CFG inversion; our mask "
-                       "pass still evaluates 2n rows where diffusers' evaluates 4n (expected_rows per run)",
+    "speedup_default": "t(diffusers: generate_mask + invert + __call__, defaults, in its documented default dtype: "
+                       "float32 on a CPU, float16 on CUDA) / t(ours: paper-faithful edit, dtype auto = dtype_default)",
+    "speedup_matched": "t(diffusers) / t(ours, compat='diffusers'), both float32: same steps and CFG inversion; our "
+                       "mask pass still evaluates 2n rows where diffusers' evaluates 4n (expected_rows per run)",
+    "speedup_matched_bf16": "speedup_matched with both in bfloat16 (speedup_matched_fp16: float16)",
+    "speedup_default_same_dtype": "per dtype: t(diffusers) / t(ours paper-faithful), both in that dtype",
     "unet_flop_rate_fraction": "FLOPs of one UNet forward of a CFG pair (batch 2) / its median time, over the "
                                "median-of-5 rate of a large square matmul in the same dtype on the same device, "
-                               "measured right after the case's forwards",
+                               "measured right after the case's forwards; the headline is ours in dtype_default",
     "rows": "UNet sample evaluations (latents through the UNet); calls: UNet invocations",
     "peak_mem_mb": "peak memory above what was in use before the run (weights excluded)"}
 
@@ -203,7 +265,6 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     cpu = device.type == "cpu"
-    dtype = resolve_dtype(args.dtype or ("float32" if cpu else "float16"), device)
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = "default"
@@ -214,47 +275,42 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     import diffusers
-    out = {"device": args.device, "dtype": str(dtype).removeprefix("torch."),
+    out = {"device": args.device, "dtypes": args.dtypes, "dtype_default": args.dtype_default,
+           "diffusers_dtype_default": args.diffusers_dtype,
            "device_name": torch.cuda.get_device_name(device) if not cpu else platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_allocator": malloc,
            "loadavg_start": list(os.getloadavg()),
            "note": ("CPU timings on a shared machine: other jobs (e.g. a training run) may hold cores, so compare "
                     "ratios and the matmul peak measured in this same run, not absolute times") if cpu else "",
            "cases": {}, "diffusers": diffusers.__version__}
-    mm_n = 2048 if cpu else 8192
-    out["matmul"] = {"n": mm_n, "tflop_per_s": matmul_rate(device, dtype, mm_n) / 1e12}
-    print(f"matmul {mm_n}^3 {out['dtype']}: {out['matmul']['tflop_per_s']:.3f} TFLOP/s", flush=True)
+    out["matmul"] = {"n": args.matmul_n, "tflop_per_s": {}}
+    for d in args.dtypes:
+        out["matmul"]["tflop_per_s"][d] = matmul_rate(device, getattr(torch, d), args.matmul_n) / 1e12
+        print(f"matmul {args.matmul_n}^3 {d}: {out['matmul']['tflop_per_s'][d]:.3f} TFLOP/s", flush=True)
 
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         t0 = time.perf_counter()
-        loaded = load_case(case, args, device, dtype)
+        loaded = load_case(case, args, device)
         if isinstance(loaded, str):
             out["cases"][case] = {"skipped": loaded}
             print(f"{case}: skipped, {loaded}", flush=True)
             continue
-        de, image, source, target = loaded
-        if args.channels_last:
-            de.model.unet.to(memory_format=torch.channels_last)
-        if args.compile:
-            de.compile()
-        res = run_case(de, image, source, target, args, device, start + args.budget_s)
+        contenders, image, source, target = loaded
+        res = run_case(contenders, image, source, target, args, device, start + args.budget_s)
         res["setup_and_total_s"] = time.perf_counter() - t0
         res["warmup_steps"] = args.warmup_steps
         res["prompts"] = {"source": source, "target": target}
-        # the machine's speed drifts on a shared host: the peak is measured again next to this case's forwards
-        fwd = res["unet_forward"]
-        fwd["matmul_tflop_per_s"] = matmul_rate(device, dtype, mm_n) / 1e12
-        for who in ("ours", "diffusers"):
-            fwd[who]["fraction_of_matmul"] = fwd[who]["tflop_per_s"] / fwd["matmul_tflop_per_s"]
         out["cases"][case] = res
         print(summary(case, res), flush=True)
-        del de
+        del contenders, loaded
 
-    main_case = out["cases"].get("sd15") or out["cases"].get("toy") or {}
-    out["headline_case"] = "sd15" if "runs" in out["cases"].get("sd15", {}) else "toy"
-    out["speedup_default"] = main_case.get("speedup_default")
-    out["speedup_matched"] = main_case.get("speedup_matched")
-    out["unet_flop_rate_fraction"] = main_case.get("unet_forward", {}).get("ours", {}).get("fraction_of_matmul")
+    out["headline_case"] = "sd15" if "dtypes" in out["cases"].get("sd15", {}) else "toy"
+    main_case = out["cases"].get(out["headline_case"], {})
+    out.update({k: main_case.get(k) for k in ("speedup_default", "speedup_matched", "speedup_matched_bf16",
+                                              "speedup_matched_fp16")})
+    fractions = {d: r["unet_forward"]["ours"]["fraction_of_matmul"] for d, r in main_case.get("dtypes", {}).items()}
+    out["unet_flop_rate_fraction"] = fractions.get(args.dtype_default)
+    out["unet_flop_rate_fraction_by_dtype"] = fractions
     out["total_s"] = time.perf_counter() - start
     out["loadavg_end"] = list(os.getloadavg())
     out["definitions"] = DEFINITIONS

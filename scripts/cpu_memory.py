@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Peak resident memory of one edit on the CPU (issue target: a 512 px SD1.5-size edit in under 8 GB).
+"""Peak resident memory of one edit on the CPU (targets for a 512 px SD1.5-size edit: 8 GB in fp32, 4.5 GB in bf16).
 
-    python scripts/cpu_memory.py --size 512 --steps 2 [--max-batch 64] [--json PATH]
+    python scripts/cpu_memory.py --size 512 --steps 2 [--dtype auto] [--max-batch 64] [--json PATH]
 
-An SD1.5-size model with random weights (diffedit.measure.random_model), fp32, the paper's defaults (r 0.8, n 10,
-strength 0.5, guidance 7.5) on the astronaut (oracles.astronaut). The peak is the mask pass (2n latents in batches
-of --max-batch), which the number of DDIM steps does not change, so few steps suffice. Reported: the process's
-resident set with the weights loaded and the high-water mark over the edit above it (measure.PeakMemory: VmHWM,
-reset through /proc/self/clear_refs), in MiB.
+An SD1.5-size model with random weights (diffedit.measure.random_model) in --dtype (auto: bf16 on a CPU with native
+bf16, else fp32; diffedit.precision), the paper's defaults (r 0.8, n 10, strength 0.5, guidance 7.5) on the astronaut
+(oracles.astronaut). The peak is the mask pass (2n latents in batches of --max-batch), which the number of DDIM steps
+does not change, so few steps suffice. Reported: the process's resident set with the weights loaded and the high-water
+mark over the edit above it (measure.PeakMemory: VmHWM, reset through /proc/self/clear_refs), in MiB.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 import oracles
 from diffedit.measure import PeakMemory, random_model
 from diffedit.pipeline import DiffEdit
+from diffedit.precision import DTYPES, resolve_dtype
 
 
 def main(argv=None):
@@ -29,21 +30,23 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=64, help="most latents per UNet call")
     p.add_argument("--preset", default="sd15", help="model preset (sd15; tiny for a smoke run)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="the networks' dtype")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.size < 64 or args.size % 64:
         raise SystemExit(f"cpu_memory: --size must be a multiple of 64, got {args.size}")
     torch.set_flush_denormal(True)
     cpu = torch.device("cpu")
-    de = DiffEdit(random_model(args.preset, cpu, torch.float32), device=cpu, max_batch=args.max_batch)
+    dtype = resolve_dtype(args.dtype, cpu)
+    de = DiffEdit(random_model(args.preset, cpu, dtype), device=cpu, max_batch=args.max_batch)
     image = oracles.astronaut(args.size)
     t0 = time.perf_counter()
     with PeakMemory(cpu) as mem:
         de.edit(image, oracles.TARGET, oracles.SOURCE, ratio=0.8, n=10, strength=0.5, steps=args.steps, guidance=7.5,
                 seed=0)
     with_weights = mem.base / 2 ** 20
-    out = {"preset": args.preset, "size": args.size, "steps": args.steps, "max_batch": args.max_batch,
-           "threads": torch.get_num_threads(), "rss_with_weights_mib": round(with_weights),
+    out = {"preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "size": args.size, "steps": args.steps,
+           "max_batch": args.max_batch, "threads": torch.get_num_threads(), "rss_with_weights_mib": round(with_weights),
            "peak_rss_mib": round(with_weights + mem.peak_mb), "peak_above_weights_mib": round(mem.peak_mb),
            "method": mem.method, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out, indent=1))

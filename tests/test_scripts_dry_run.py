@@ -1,0 +1,65 @@
+"""The measuring scripts run end to end at tiny sizes and write the JSON their reports rely on (no timing asserted)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(tmp_path, name: str, *flags) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: a busy co-tenant makes OpenMP barriers spin
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *flags, "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def numbers(tree):
+    """Every number in a JSON tree."""
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in numbers(v)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_gpu_check_dry_run_writes_every_figure(tmp_path):
+    r = run_script(tmp_path, "gpu_check", "--dry-run")
+    assert {"matmul", "edits", "diffusers", "agreement", "memory", "unet_flops_per_row"} <= set(r)
+    for dtype in ("float16", "bfloat16"):
+        eager = r["edits"][dtype]["eager"]
+        assert {"time_s", "unet_rows", "s_per_row", "fraction_of_matmul", "fraction_of_fp16_matmul"} <= set(eager)
+        assert eager["unet_rows"] == 2 * r["n"] + 3 * round(0.8 * r["steps"])  # the paper-faithful edit's rows
+        assert {"mask_iou", "psnr_db"} <= set(r["agreement"][f"{dtype}_vs_float32"])
+    assert r["diffusers"]["float16"]["unet_rows"] == 4 * r["n"] + 4 * int(0.8 * r["steps"])
+    assert "eager" in r["diffusers"]["speedup"] and "peak_above_weights_mb" in r["memory"]
+    assert all(math.isfinite(x) for x in numbers(r))
+
+
+def test_precision_agreement_quick_writes_both_parts_and_verdicts(tmp_path):
+    r = run_script(tmp_path, "precision_agreement", "--quick")
+    for part in ("toy", "sd"):
+        assert {"mask_iou", "mask_iou_min", "psnr_db", "psnr_min_db"} <= set(r[part]["agreement"])
+    assert set(r["toy"]["diffedit_metrics"]) == {"float32", "bfloat16"}
+    assert set(r["toy"]["bf16_minus_fp32"]) == {"success", "iou", "bg_psnr"}
+    assert r["toy"]["seed"] == 4243 and len(r["checks"]) == 7
+    assert all(math.isfinite(x) for x in numbers(r))
+
+
+def test_benchmark_quick_mode_covers_both_dtypes(tmp_path):
+    if not (ROOT / "diffedit" / "toy" / "toy.safetensors").is_file():
+        pytest.skip("no toy weights")
+    r = run_script(tmp_path, "benchmark", "--cases", "toy", "--repeats", "1", "--device", "cpu",
+                   "--dtype", "float32,bfloat16")
+    assert r["dtypes"] == ["float32", "bfloat16"] and r["headline_case"] == "toy"
+    for key in ("speedup_default", "speedup_matched", "speedup_matched_bf16", "unet_flop_rate_fraction"):
+        assert math.isfinite(r[key]), key
+    case = r["cases"]["toy"]["dtypes"]
+    assert {run["unet"]["rows"] for run in case["bfloat16"]["runs"].values()} == {44, 52, 72}
+    assert all(math.isfinite(x) for x in numbers(r))
