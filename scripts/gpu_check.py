@@ -19,7 +19,8 @@ The JSON holds:
              (measure.edit_agreement).
   memory     a 2048 px fp16 edit at 2 steps: peak memory above the weights (the mask pass of 2n rows at 256 x 256
              latents sets it), and seconds.
---dry-run: the tiny preset, 64 px (128 px for the memory row), 3 steps, n 2, on --device; the same keys.
+--dry-run: the tiny preset, 64 px (128 px for the memory row), 3 steps, n 2, on --device; the same keys. It checks
+the script, not speed: on a shared CPU its timings are noise (OMP_NUM_THREADS=1 keeps them from spinning).
 """
 from __future__ import annotations
 
