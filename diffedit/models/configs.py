@@ -1,8 +1,8 @@
 """Architecture configs, one dataclass per network, with presets transcribed from the original yaml files.
 
 Presets: ``sd15`` (CompVis v1-inference.yaml), ``sd21-base`` (v2-inference.yaml, 512 px, epsilon),
-``sd21`` (v2-inference-v.yaml, 768 px, v-prediction), ``toy`` (the embedded toy model) and ``tiny``
-(random-weight models for tests).
+``sd21`` (v2-inference-v.yaml, 768 px, v-prediction), ``sdxl`` (sgm sd_xl_base.yaml, 1024 px), ``toy`` (the
+embedded toy model), ``tiny`` and ``tiny-sdxl`` (random-weight models for tests).
 """
 from __future__ import annotations
 
@@ -23,8 +23,20 @@ class UNetConfig:
     num_head_channels: int = -1     # ... SD2: fixed head width (then num_heads is ignored)
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/out; SD2: linear
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per SpatialTransformer: one for all, or one per level
+    transformer_depth_middle: int | None = None   # the middle block's (None: the lowest level's)
+    adm_in_channels: int = 0        # SDXL: width of the vector y added to the time embedding (label_emb); 0: none
     norm_groups: int = 32
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks at resolution level ``level`` (0 = full resolution)."""
+        d = self.transformer_depth
+        return d if isinstance(d, int) else d[level]
+
+    @property
+    def middle_depth(self) -> int:
+        return self.depth(len(self.channel_mult) - 1) if self.transformer_depth_middle is None \
+            else self.transformer_depth_middle
 
     def heads(self, ch: int) -> tuple[int, int]:
         """(number of heads, head width) of a transformer at ``ch`` channels."""
@@ -45,6 +57,7 @@ class VAEConfig:
     embed_dim: int = 4
     norm_groups: int = 32
     scaling_factor: float = 0.18215  # latent = scaling_factor * posterior mean
+    force_upcast: bool = False       # overflows in float16 (SDXL's VAE, encoder included): run it in float32
 
     @property
     def downsampling(self) -> int:
@@ -53,9 +66,10 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """CLIP text transformer. ``kind`` picks the checkpoint naming and the conditioning read out:
-    ``openai`` (SD1: HF CLIPTextModel names, QuickGELU, last layer, pad with end-of-text) or
-    ``openclip`` (SD2: open_clip names, GELU, penultimate layer then ln_final, pad with 0)."""
+    """CLIP text transformer. ``kind`` picks the checkpoint naming: ``openai`` (HF CLIPTextModel names,
+    QuickGELU, pad with end-of-text) or ``openclip`` (open_clip names, GELU, pad with 0). The conditioning is
+    the last layer's output (the penultimate's with ``skip_last_layer``), through the final layer norm if
+    ``final_norm``: SD1 last + norm, SD2 penultimate + norm, SDXL's two towers penultimate, no norm."""
     kind: str = "openai"
     vocab_size: int = 49408
     context_length: int = 77
@@ -64,7 +78,9 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: int = 4
     projection_dim: int = 768       # open_clip text_projection (unused for conditioning, kept to load strictly)
-    skip_last_layer: bool = False   # open_clip single files hold all layers and SD2 reads the penultimate one
+    skip_last_layer: bool = False   # single files hold all layers; SD2 and SDXL read the penultimate one
+    final_norm: bool = True         # the final layer norm on the conditioning (SDXL: none)
+    pooled: bool = False            # SDXL bigG: also ln_final(last layer) at end-of-text @ text_projection
 
     @property
     def pad_id(self) -> int:
@@ -77,11 +93,14 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    text_2: TextConfig | None = None  # SDXL's second tower (OpenCLIP bigG); its tokens follow the first's
     prediction_type: str = "epsilon"  # or "v_prediction"
     resolution: int = 512             # the image size the model was trained at
 
     @property
     def family(self) -> str:
+        if self.text_2 is not None:
+            return "sdxl"
         return "sd1" if self.text.kind == "openai" else "sd2"
 
     def to_dict(self) -> dict:
@@ -91,17 +110,26 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         tup = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
         return cls(unet=UNetConfig(**tup(d["unet"])), vae=VAEConfig(**tup(d["vae"])),
-                   text=TextConfig(**d["text"]), prediction_type=d["prediction_type"],
-                   resolution=d["resolution"])
+                   text=TextConfig(**d["text"]), text_2=TextConfig(**d["text_2"]) if d.get("text_2") else None,
+                   prediction_type=d["prediction_type"], resolution=d["resolution"])
 
 
 _SD2_UNET = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 _SD2_TEXT = TextConfig(kind="openclip", width=1024, heads=16, layers=24, projection_dim=1024, skip_last_layer=True)
+# SDXL base 1.0: no attention at level 0 (depth 0), CLIP-L's and bigG's penultimate layers concatenated (768 + 1280
+# = context 2048); y = [pooled bigG 1280 | six 256-wide size/crop embeddings] = 2816.
+_SDXL_UNET = UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_head_channels=64, context_dim=2048,
+                        use_linear_in_transformer=True, transformer_depth=(0, 2, 10), adm_in_channels=2816)
+_SDXL_TEXT = TextConfig(skip_last_layer=True, final_norm=False)
+_SDXL_TEXT_2 = TextConfig(kind="openclip", width=1280, heads=20, layers=32, projection_dim=1280, skip_last_layer=True,
+                          final_norm=False, pooled=True)
 
 PRESETS: dict[str, ModelConfig] = {
     "sd15": ModelConfig(),
     "sd21-base": ModelConfig(unet=_SD2_UNET, text=_SD2_TEXT),
     "sd21": ModelConfig(unet=_SD2_UNET, text=_SD2_TEXT, prediction_type="v_prediction", resolution=768),
+    "sdxl": ModelConfig(unet=_SDXL_UNET, vae=VAEConfig(scaling_factor=0.13025, force_upcast=True), text=_SDXL_TEXT,
+                        text_2=_SDXL_TEXT_2, resolution=1024),
     # The embedded toy model: 64 px images, 16 x 16 x 4 latents (trained by scripts/train_toy.py; see weights.md).
     "toy": ModelConfig(
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(1, 2, 4),
@@ -115,6 +143,16 @@ PRESETS: dict[str, ModelConfig] = {
                         num_heads=2, context_dim=32, norm_groups=8),
         vae=VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
         text=TextConfig(width=32, heads=2, layers=2, projection_dim=32),
+        resolution=32),
+    # Every code path of sdxl: per-level depths with none at level 0, a deeper middle, two towers, y (32 + 6 x 8).
+    "tiny-sdxl": ModelConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                        num_head_channels=8, context_dim=48, use_linear_in_transformer=True, transformer_depth=(0, 1),
+                        transformer_depth_middle=2, adm_in_channels=80, norm_groups=8),
+        vae=VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, scaling_factor=0.13025, force_upcast=True),
+        text=TextConfig(width=16, heads=2, layers=2, projection_dim=16, skip_last_layer=True, final_norm=False),
+        text_2=TextConfig(kind="openclip", width=32, heads=2, layers=2, projection_dim=32, skip_last_layer=True,
+                          final_norm=False, pooled=True),
         resolution=32),
 }
 
