@@ -103,6 +103,11 @@ class ModelConfig:
             return "sdxl"
         return "sd1" if self.text.kind == "openai" else "sd2"
 
+    @property
+    def size_embed_dim(self) -> int:
+        """SDXL: the width of each of the six size/crop embeddings in y (after the pooled text)."""
+        return (self.unet.adm_in_channels - self.text_2.projection_dim) // 6
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
