@@ -149,11 +149,12 @@ PRESETS: dict[str, ModelConfig] = {
         vae=VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
         text=TextConfig(width=32, heads=2, layers=2, projection_dim=32),
         resolution=32),
-    # Every code path of sdxl: per-level depths with none at level 0, a deeper middle, two towers, y (32 + 6 x 8).
+    # Every code path of sdxl: per-level depths with none at level 0, two towers, y (32 + 6 x 8). The middle depth
+    # is the last level's, as in SDXL: diffusers' UNet cannot express another.
     "tiny-sdxl": ModelConfig(
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                        num_head_channels=8, context_dim=48, use_linear_in_transformer=True, transformer_depth=(0, 1),
-                        transformer_depth_middle=2, adm_in_channels=80, norm_groups=8),
+                        num_head_channels=8, context_dim=48, use_linear_in_transformer=True, transformer_depth=(0, 2),
+                        adm_in_channels=80, norm_groups=8),
         vae=VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, scaling_factor=0.13025, force_upcast=True),
         text=TextConfig(width=16, heads=2, layers=2, projection_dim=16, skip_last_layer=True, final_norm=False),
         text_2=TextConfig(kind="openclip", width=32, heads=2, layers=2, projection_dim=32, skip_last_layer=True,
