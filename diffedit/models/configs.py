@@ -104,6 +104,11 @@ class ModelConfig:
         return "sd1" if self.text.kind == "openai" else "sd2"
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's downsampling times the UNet's."""
+        return self.vae.downsampling * 2 ** (len(self.unet.channel_mult) - 1)
+
+    @property
     def size_embed_dim(self) -> int:
         """SDXL: the width of each of the six size/crop embeddings in y (after the pooled text)."""
         return (self.unet.adm_in_channels - self.text_2.projection_dim) // 6
