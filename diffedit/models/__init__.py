@@ -1,8 +1,10 @@
-"""The three networks of Stable Diffusion, assembled under the names of a single-file LDM checkpoint."""
+"""The three networks of Stable Diffusion, assembled under the names of a single-file LDM / sgm checkpoint."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from .conditioner import GeneralConditioner, size_conditioning
 from .configs import PRESETS, ModelConfig, TextConfig, UNetConfig, VAEConfig, preset
 from .text import text_encoder, tokenize
 from .unet import UNetModel
@@ -16,20 +18,35 @@ class DiffusionWrapper(nn.Module):
 
 
 class StableDiffusion(nn.Module):
-    """``model.diffusion_model`` (UNet), ``first_stage_model`` (VAE), ``cond_stage_model`` (text):
-    exactly the key prefixes of an LDM single-file checkpoint, so it loads with strict=True."""
+    """``model.diffusion_model`` (UNet), ``first_stage_model`` (VAE), and the text encoder: ``cond_stage_model``
+    (SD1/2) or ``conditioner`` (SDXL's two towers): exactly the key prefixes of a single-file checkpoint, so it
+    loads with strict=True."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.model = DiffusionWrapper(UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        self.cond_stage_model = text_encoder(cfg.text)
+        if cfg.family == "sdxl":
+            self.conditioner = GeneralConditioner(cfg.text, cfg.text_2)
+        else:
+            self.cond_stage_model = text_encoder(cfg.text)
 
     @property
     def unet(self) -> UNetModel:
         return self.model.diffusion_model
 
+    def encode_text(self, texts: list[str], device: torch.device | str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Texts -> (context (B, 77, D), pooled (B, P) for SDXL's y, else None); ids go to ``device`` (None: where
+        the text encoder's weights are)."""
+        if self.cfg.family != "sdxl":
+            encoder = self.cond_stage_model
+            device = device or next(encoder.parameters()).device
+            return encoder(tokenize(texts, self.cfg.text).to(device)), None
+        device = device or next(self.conditioner.parameters()).device
+        return self.conditioner(tokenize(texts, self.cfg.text).to(device), tokenize(texts, self.cfg.text_2).to(device))
+
 
 __all__ = ["StableDiffusion", "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "PRESETS", "preset",
-           "UNetModel", "AutoencoderKL", "text_encoder", "tokenize"]
+           "UNetModel", "AutoencoderKL", "GeneralConditioner", "text_encoder", "tokenize", "size_conditioning"]

@@ -2,7 +2,9 @@
 
 SD1 conditions on OpenAI CLIP ViT-L/14's last hidden state (HF ``CLIPTextModel`` names, under
 ``cond_stage_model.transformer.``); SD2 on OpenCLIP ViT-H/14's penultimate layer followed by
-``ln_final`` (open_clip names, under ``cond_stage_model.model.``). Both are causal pre-LN transformers.
+``ln_final`` (open_clip names, under ``cond_stage_model.model.``). SDXL on both CLIP ViT-L's and OpenCLIP
+bigG's penultimate layers without a final norm, plus bigG's pooled, projected end-of-text vector (under
+``conditioner.embedders.{0,1}.``, see conditioner.py). All are causal pre-LN transformers.
 """
 from __future__ import annotations
 
@@ -98,7 +100,8 @@ class CLIPTextTransformer(nn.Module):
 
 
 class OpenAICLIPText(nn.Module):
-    """SD1's text encoder: last hidden state after the final layer norm."""
+    """OpenAI CLIP's text encoder: SD1 reads the last hidden state after the final layer norm, SDXL the
+    penultimate one without it (``skip_last_layer``, ``final_norm``)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -106,11 +109,12 @@ class OpenAICLIPText(nn.Module):
         self.text_model = CLIPTextTransformer(cfg)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        m = self.text_model
+        """ids (B, n) -> the conditioning (B, n, width)."""
+        m, layers = self.text_model, self.text_model.encoder.layers
         x = m.embeddings(ids)
-        for layer in m.encoder.layers:
+        for layer in layers[: len(layers) - 1] if self.cfg.skip_last_layer else layers:
             x = layer(x)
-        return m.final_layer_norm(x)
+        return m.final_layer_norm(x) if self.cfg.final_norm else x
 
 
 # --- SD2: OpenCLIP naming ------------------------------------------------------------------------
@@ -152,7 +156,8 @@ class Transformer(nn.Module):
 
 
 class OpenCLIPText(nn.Module):
-    """SD2's text encoder: the penultimate layer's output through ``ln_final``."""
+    """OpenCLIP's text encoder: SD2 reads the penultimate layer through ``ln_final``; SDXL (bigG) the penultimate
+    layer without it, and the pooled vector ln_final(last layer)[end of text] @ text_projection."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -161,20 +166,34 @@ class OpenCLIPText(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
-        # Unused for conditioning; present in the checkpoints, so kept for strict loading.
+        # Stored (width, proj) for x @ W as in open_clip; SDXL's pooled vector uses it, SD2 only loads it.
         self.text_projection = nn.Parameter(torch.zeros(cfg.width, cfg.projection_dim))
         self.logit_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, n) -> the conditioning (B, n, width)."""
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         blocks = self.transformer.resblocks
         for block in blocks[: len(blocks) - 1] if self.cfg.skip_last_layer else blocks:
             x = block(x)
-        return self.ln_final(x)
+        return self.ln_final(x) if self.cfg.final_norm else x
+
+    def context_and_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, n) -> (the conditioning (B, n, width), the pooled text (B, proj)), running the layers once."""
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        blocks = self.transformer.resblocks
+        n_context = len(blocks) - 1 if self.cfg.skip_last_layer else len(blocks)
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i == n_context - 1:
+                context = self.ln_final(x) if self.cfg.final_norm else x
+        # end of text (49407) is the largest id and padding is 0, so argmax finds it
+        eot = self.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        return context, eot @ self.text_projection
 
 
 class FrozenCLIPEmbedder(nn.Module):
-    """SD1 ``cond_stage_model``: holds the HF-named model under ``transformer``."""
+    """SD1 ``cond_stage_model`` / SDXL ``conditioner.embedders.0``: holds the HF-named model under ``transformer``."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -185,14 +204,15 @@ class FrozenCLIPEmbedder(nn.Module):
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):
-    """SD2 ``cond_stage_model``: holds the open_clip-named model under ``model``."""
+    """SD2 ``cond_stage_model`` / SDXL ``conditioner.embedders.1``: holds the open_clip-named model under ``model``;
+    returns the conditioning, or (conditioning, pooled) if ``cfg.pooled``."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.model = OpenCLIPText(cfg)
 
     def forward(self, ids):
-        return self.model(ids)
+        return self.model.context_and_pooled(ids) if self.model.cfg.pooled else self.model(ids)
 
 
 def text_encoder(cfg: TextConfig) -> nn.Module:

@@ -7,6 +7,15 @@ loads with ``strict=True``. For sd15 (channel_mult 1,2,4,4; two ResBlocks per le
                   4-5: Res+Attn (640) 6: Down               7-8: Res+Attn (1280)  9: Down  10-11: Res (1280)
     middle_block  Res, Attn, Res
     output_blocks 0-2: Res (+Up at 2)  3-5: Res+Attn (+Up at 5)  6-8: Res+Attn (+Up at 8)  9-11: Res+Attn
+
+For sdxl (channel_mult 1,2,4; transformer depth 0, 2, 10 per level, 10 in the middle; Attn(n) = n blocks):
+
+    input_blocks  0: conv_in          1-2: Res (320)        3: Down
+                  4-5: Res+Attn(2) (640)  6: Down           7-8: Res+Attn(10) (1280)
+    middle_block  Res, Attn(10), Res
+    output_blocks 0-2: Res+Attn(10) (+Up at 2)  3-5: Res+Attn(2) (+Up at 5)  6-8: Res
+
+and ``label_emb`` maps y (pooled text and size embeddings, adm_in_channels wide) into the time embedding.
 """
 from __future__ import annotations
 
@@ -111,7 +120,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, ch: int, cfg: UNetConfig):
+    def __init__(self, ch: int, cfg: UNetConfig, depth: int):
         super().__init__()
         heads, dim_head = cfg.heads(ch)
         inner = heads * dim_head
@@ -119,7 +128,7 @@ class SpatialTransformer(nn.Module):
         self.norm = GroupNorm32(cfg.norm_groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, inner) if self.linear else nn.Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, cfg.context_dim, heads, dim_head) for _ in range(cfg.transformer_depth))
+            BasicTransformerBlock(inner, cfg.context_dim, heads, dim_head) for _ in range(depth))
         self.proj_out = nn.Linear(inner, ch) if self.linear else nn.Conv2d(inner, ch, 1)
 
     def forward(self, x, context):
@@ -188,15 +197,19 @@ class UNetModel(nn.Module):
         mc, g = cfg.model_channels, cfg.norm_groups
         emb_ch = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.adm_in_channels > 0:  # sgm's num_classes="sequential": the outer Sequential gives keys label_emb.0.*
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chs, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
+            attend = ds in cfg.attention_resolutions and cfg.depth(level) > 0
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_ch, mult * mc, g)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(SpatialTransformer(ch, cfg))
+                if attend:
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -205,15 +218,16 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_ch, ch, g), SpatialTransformer(ch, cfg), ResBlock(ch, emb_ch, ch, g))
+            ResBlock(ch, emb_ch, ch, g), SpatialTransformer(ch, cfg, cfg.middle_depth), ResBlock(ch, emb_ch, ch, g))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            attend = ds in cfg.attention_resolutions and cfg.depth(level) > 0
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_chs.pop(), emb_ch, mult * mc, g)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(SpatialTransformer(ch, cfg))
+                if attend:
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -221,10 +235,21 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, h, w) noisy latents; timesteps: (B,) or scalar; context: (B, 77, context_dim)."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, h, w) noisy latents; timesteps: (B,) or scalar; context: (B, 77, context_dim);
+        y: (B, adm_in_channels) for SDXL (pooled text and size embeddings), None otherwise."""
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        adm = self.cfg.adm_in_channels
+        if y is None and adm:
+            raise ValueError(f"this UNet needs y of shape (B, {adm}) (adm_in_channels: pooled text and size embeddings)")
+        if y is not None:
+            if not adm:
+                raise ValueError("this UNet has no label_emb (adm_in_channels 0): y must be None")
+            if tuple(y.shape) != (x.shape[0], adm):
+                raise ValueError(f"y has shape {tuple(y.shape)}, expected ({x.shape[0]}, {adm})")
+            emb = emb + self.label_emb(y.to(emb.dtype))
         skips = []
         for block in self.input_blocks:
             x = block(x, emb, context)
