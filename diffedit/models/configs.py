@@ -93,9 +93,9 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    text_2: TextConfig | None = None  # SDXL's second tower (OpenCLIP bigG); its tokens follow the first's
     prediction_type: str = "epsilon"  # or "v_prediction"
     resolution: int = 512             # the image size the model was trained at
+    text_2: TextConfig | None = None  # SDXL's second tower (OpenCLIP bigG); its tokens follow the first's
 
     @property
     def family(self) -> str:
