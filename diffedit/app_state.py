@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import images, masking
 from .edit import masked_decode, sdedit
+from .guidance import Conditioning
 from .inversion import Trajectory, ddim_encode, num_encoding_steps
 from .measure import EvalCounter
 from .settings import EditSettings
@@ -40,6 +41,8 @@ def nbytes(value) -> int:
     """The memory a cached value holds (what the cache's limit counts)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
+    if isinstance(value, Conditioning):
+        return nbytes(value.context) + nbytes(value.y)
     if isinstance(value, Trajectory):
         return nbytes(value.latents) + nbytes(value.timesteps)
     if isinstance(value, Image.Image):
@@ -175,8 +178,10 @@ class Work:
             return self.de.encode_image(images.to_tensor(pic.pil, self.de.multiple, self.de.device, self.de.dtype))
         return self.cache.cached(("x0", pic.digest), encode)
 
-    def text(self, text: str) -> torch.Tensor:
-        return self.cache.cached(("text", text), lambda: self.de.encode_prompt([text]))
+    def text(self, text: str, pic: Picture) -> torch.Tensor:
+        """The conditioning of ``text`` for ``pic`` (SDXL's carries the image size)."""
+        w, h = images.model_size(pic.pil.size, self.de.multiple)
+        return self.cache.cached(("text", text, h, w), lambda: self.de.encode_prompt([text], (h, w)))
 
     @staticmethod
     def _d_key(pic, source, target, s: EditSettings):
@@ -190,8 +195,8 @@ class Work:
         def estimate():
             noises = masking.noised_latents(self.x0(pic), s.n, s.strength, s.steps, self.de.alpha_bar,
                                             torch.Generator().manual_seed(s.seed))
-            return masking.noise_difference_maps(self._eps("mask", 2 * s.n), noises, self.text(target),
-                                                 self.text(source), self.de.max_batch)[0].float()
+            return masking.noise_difference_maps(self._eps("mask", 2 * s.n), noises, self.text(target, pic),
+                                                 self.text(source, pic), self.de.max_batch)[0].float()
         return self.cache.cached(self._d_key(pic, source, target, s), estimate)
 
     def mask(self, pic: Picture, source: str, target: str, s: EditSettings):
@@ -217,7 +222,7 @@ class Work:
     def trajectory(self, pic: Picture, steps: int) -> Trajectory:
         """The DDIM encoding (Sec. 3.2: text "", no guidance) to ratio 1: every ratio is a truncation of it."""
         def invert():
-            return ddim_encode(self._eps("inversion", steps), self.x0(pic), self.text(""), 1.0, steps,
+            return ddim_encode(self._eps("inversion", steps), self.x0(pic), self.text("", pic), 1.0, steps,
                                self.de.alpha_bar, max_batch=self.de.max_batch)
         return self.cache.cached(("trajectory", pic.digest, steps), invert)
 
@@ -229,7 +234,7 @@ class Work:
                s.seed if s.method == "sdedit" else None, mask_key)
 
         def decode():
-            cond, ref = self.text(target), self.text(source)  # the paper's negative prompt is R
+            cond, ref = self.text(target, pic), self.text(source, pic)  # the paper's negative prompt is R
             eps = self._eps("decoding", k * (1 if s.guidance == 1 else 2))
             if s.method == "sdedit":
                 y0 = sdedit(eps, self.x0(pic), cond, ref, s.ratio, s.steps, s.guidance, self.de.alpha_bar,

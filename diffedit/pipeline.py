@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from . import ddim, images, masking, precision
 from .edit import ddim_sample, masked_decode, sdedit
-from .guidance import eps_model
+from .guidance import Conditioning, eps_model
 from .inversion import Trajectory, ddim_encode, num_encoding_steps
-from .models import ModelConfig, StableDiffusion, tokenize
+from .models import ModelConfig, StableDiffusion
+from .models.conditioner import size_conditioning
 from .models.unet import CrossAttention
 from .settings import METHODS, EditSettings
 
@@ -61,13 +62,15 @@ class DiffEdit:
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.cfg: ModelConfig = model.cfg
         self.device, self.dtype = torch.device(device), dtype
+        # SDXL's VAE gives NaN in float16, in encoding too: it runs in float32 there from the start.
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and self.cfg.vae.force_upcast else dtype
+        self.model.first_stage_model.to(self.vae_dtype)
         self.latent_dtype = precision.latent_dtype(dtype)
         self.prediction_type = prediction_type or self.cfg.prediction_type
         self.max_batch = max_batch
         self.alpha_bar = ddim.alphas_cumprod(dtype=torch.float64).to(self.device)
         self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar, dtype)
-        unet_factor = 2 ** (len(self.cfg.unet.channel_mult) - 1)
-        self.multiple = self.cfg.vae.downsampling * unet_factor  # image sides must be multiples of this
+        self.multiple = self.cfg.size_multiple  # image sides must be multiples of this
         if attention_dtype == "auto":
             fp16_overflows = dtype == torch.float16 and (self.cfg.family == "sd2" or self.prediction_type == "v_prediction")
             attention_dtype = torch.float32 if fp16_overflows else None
@@ -104,22 +107,33 @@ class DiffEdit:
     # --- the networks --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompt(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> (B, 77, D): what the UNet is conditioned on."""
+    def encode_prompt(self, texts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor | Conditioning:
+        """Texts -> what the UNet is conditioned on: (B, 77, D) for SD1/2. For SDXL a ``Conditioning``: the two
+        towers' (B, 77, 2048) and y = the pooled text with the micro-conditioning of an image of ``size`` (H, W)
+        (None: the model's resolution, square): original size (H, W), crop (0, 0), target size (H, W)."""
         if isinstance(texts, str):
             texts = [texts]
-        return self.model.cond_stage_model(tokenize(list(texts), self.cfg.text).to(self.device)).to(self.dtype)
+        context, pooled = self.model.encode_text(list(texts), self.device)
+        if pooled is None:
+            return context.to(self.dtype)
+        h, w = size or (self.cfg.resolution, self.cfg.resolution)
+        y = size_conditioning(pooled, (h, w), (0, 0), (h, w), self.cfg.size_embed_dim)
+        return Conditioning(context.to(self.dtype), y.to(self.dtype))
 
-    def _embed(self, *groups: list[str]) -> list[torch.Tensor]:
+    def _embed(self, *groups: list[str], size: tuple[int, int] | None = None) -> list[torch.Tensor | Conditioning]:
         """The embeddings of several lists of texts from one text-encoder call, each distinct text once."""
         unique = list(dict.fromkeys(t for g in groups for t in g))
-        e, at = self.encode_prompt(unique), {t: i for i, t in enumerate(unique)}
+        e, at = self.encode_prompt(unique, size), {t: i for i, t in enumerate(unique)}
         return [torch.cat([e[at[t]:at[t] + 1] for t in g]) for g in groups]
+
+    def image_size(self, latents: torch.Tensor) -> tuple[int, int]:
+        """(H, W) in pixels of the image that ``latents`` (..., h, w) encode."""
+        return tuple(s * self.cfg.vae.downsampling for s in latents.shape[-2:])
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled posterior mean (B, 4, H/f, W/f): x_0 of the paper."""
-        x = images.to(self.device, self.dtype)
+        x = images.to(self.device, self.vae_dtype)
         mean, _ = self.model.first_stage_model.encode(x)
         if self._overflowed(mean):
             mean = self._vae_float32().encode(images.to(self.device, torch.float32))[0]
@@ -128,7 +142,7 @@ class DiffEdit:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
-        z = latents.to(self.dtype) / self.cfg.vae.scaling_factor
+        z = latents.to(self.vae_dtype) / self.cfg.vae.scaling_factor
         out = self.model.first_stage_model.decode(z)
         if self._overflowed(out):
             out = self._vae_float32().decode(latents.float() / self.cfg.vae.scaling_factor).to(self.dtype)
@@ -136,7 +150,7 @@ class DiffEdit:
 
     def _overflowed(self, out: torch.Tensor) -> bool:
         """SD VAEs can overflow in float16 (large images, unusual latents): then they are run again in float32."""
-        if self.dtype != torch.float16 or torch.isfinite(out).all():
+        if self.vae_dtype != torch.float16 or torch.isfinite(out).all():
             return False
         log.warning("the VAE overflowed in float16 (non-finite output); running it in float32 instead")
         return True
@@ -147,8 +161,10 @@ class DiffEdit:
         return self._vae32
 
     @torch.no_grad()
-    def unet(self, latents: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
+    def unet(self, latents: torch.Tensor, timesteps, context: torch.Tensor | Conditioning) -> torch.Tensor:
         """The model output: epsilon or v, as ``self.prediction_type`` says."""
+        if isinstance(context, Conditioning):
+            return self.model.unet(latents, timesteps, context.context, context.y)
         return self.model.unet(latents, timesteps, context)
 
     # --- the algorithm -------------------------------------------------------------------------------
@@ -160,7 +176,7 @@ class DiffEdit:
     def invert(self, image, ratio: float = 0.7, steps: int = 50) -> Trajectory:
         """DDIM-encode an image to ratio r with the unconditional model (Sec. 3.2)."""
         _, x0 = self._prepare(image)
-        return ddim_encode(self.eps, x0, self.encode_prompt([""]), ratio, steps, self.alpha_bar,
+        return ddim_encode(self.eps, x0, self.encode_prompt([""], self.image_size(x0)), ratio, steps, self.alpha_bar,
                            max_batch=self.max_batch)
 
     def _masks(self, x0, queries, reference, s: EditSettings):
@@ -178,7 +194,7 @@ class DiffEdit:
         s = EditSettings(n=n, strength=strength, threshold=threshold, seed=seed, steps=steps,
                          normalization=normalization, dilate=dilate)
         pil, x0 = self._prepare(image)
-        cond, ref = self._embed(targets, [source])
+        cond, ref = self._embed(targets, [source], size=self.image_size(x0))
         d, m = self._masks(x0, cond, ref, s)
         out = [MaskResult(d[i].cpu(), m[i].cpu(), images.mask_to_pil(m[i], pil.size)) for i in range(len(targets))]
         return out if isinstance(target, (list, tuple)) else out[0]
@@ -202,7 +218,7 @@ class DiffEdit:
             if s.method == "diffedit" and mask is None:  # the level of the mask's noises
                 s = s.replace(strength=_floor_fraction("strength", s.strength, s.steps))
         pil, x0 = self._prepare(image)
-        cond, ref, empty = self._embed(targets, [source], [""])  # one text-encoder call, each text once
+        cond, ref, empty = self._embed(targets, [source], [""], size=self.image_size(x0))  # each text once
         k = num_encoding_steps(s.ratio, s.steps)
         inversion = 0 if s.method == "sdedit" else k * (2 if recipe.inversion_guidance else 1)  # CFG: 2 rows a step
         bar = tqdm(total=inversion + k, desc=s.method, disable=not progress, leave=False)
@@ -252,7 +268,7 @@ class DiffEdit:
         shape = (1, self.cfg.unet.in_channels, side, side)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.latent_dtype)
         levels = torch.cat([torch.tensor([-1]), ddim.timesteps(steps)]).to(self.device)
-        cond, uncond = self._embed([prompt], [""])
+        cond, uncond = self._embed([prompt], [""], size=self.image_size(noise))
         y0 = ddim_sample(self.eps, noise, levels, cond, uncond, guidance, self.alpha_bar, max_batch=self.max_batch)
         return images.to_pil(self.decode_latents(y0)[0])
 

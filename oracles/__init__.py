@@ -35,9 +35,10 @@ def astronaut(side: int, crop=(0, 0, 512, 512)):
     return pil.crop(crop).resize((side, side), Image.LANCZOS)
 
 
-def clip_tokenizer(folder: Path):
+def clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
     """transformers' CLIPTokenizer (SD1's) built offline in ``folder`` from open_clip's copy of the OpenAI BPE, the
-    way the HF CLIP tokenizer files were made: 256 bytes, the same with </w>, the merges, start and end of text."""
+    way the HF CLIP tokenizer files were made: 256 bytes, the same with </w>, the merges, start and end of text.
+    ``pad_token`` "!" (id 0) gives SDXL's second tokenizer."""
     import open_clip
     from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTokenizer
@@ -50,7 +51,7 @@ def clip_tokenizer(folder: Path):
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
                                        encoding="utf-8")
-    return CLIPTokenizer.from_pretrained(str(folder), pad_token="<|endoftext|>", model_max_length=77)
+    return CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=77)
 
 
 def diffedit_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
@@ -71,10 +72,12 @@ def _ldm_yaml(cfg) -> dict:
     """The parts of an LDM yaml config diffusers' single-file converters read, from our ModelConfig."""
     u, v = cfg.unet, cfg.vae
     heads = {"num_head_channels": u.num_head_channels} if u.num_head_channels > 0 else {"num_heads": u.num_heads}
+    depth = u.transformer_depth if isinstance(u.transformer_depth, int) else list(u.transformer_depth)
+    adm = {"num_classes": "sequential", "adm_in_channels": u.adm_in_channels} if u.adm_in_channels else {}
     unet = dict(in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
                 attention_resolutions=list(u.attention_resolutions), num_res_blocks=u.num_res_blocks,
-                channel_mult=list(u.channel_mult), transformer_depth=u.transformer_depth, context_dim=u.context_dim,
-                use_linear_in_transformer=u.use_linear_in_transformer, **heads)
+                channel_mult=list(u.channel_mult), transformer_depth=depth, context_dim=u.context_dim,
+                use_linear_in_transformer=u.use_linear_in_transformer, **heads, **adm)
     ddconfig = dict(in_channels=v.in_channels, out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult),
                     num_res_blocks=v.num_res_blocks, z_channels=v.z_channels, attn_resolutions=[])
     return {"model": {"params": {"scale_factor": v.scaling_factor, "unet_config": {"params": unet},
@@ -83,20 +86,91 @@ def _ldm_yaml(cfg) -> dict:
 
 def _text_twin(de):
     """transformers' CLIPTextModel with our SD1 text encoder's weights (loaded by name)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-    t = de.cfg.text
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=t.width, intermediate_size=t.width * t.mlp_ratio,
-                                        num_attention_heads=t.heads, num_hidden_layers=t.layers,
-                                        vocab_size=t.vocab_size, max_position_embeddings=t.context_length,
-                                        projection_dim=t.projection_dim, hidden_act="quick_gelu",
-                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    ours = de.model.cond_stage_model.transformer.state_dict()
-    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5.x drops the prefix
-        ours = {k.removeprefix("text_model."): x for k, x in ours.items()}
-    res = text.load_state_dict(ours, strict=False)
+    from transformers import CLIPTextModel
+    text = CLIPTextModel(_clip_config(de.cfg.text, "quick_gelu", bos_token_id=49406, eos_token_id=49407,
+                                      pad_token_id=49407))
+    return _load_by_name(text, de.model.cond_stage_model.transformer.state_dict()).to(de.device, de.dtype)
+
+
+def _networks(model, dtype=None) -> dict:
+    """diffusers' UNet and VAE holding ``model``'s weights, through diffusers' single-file converters (tensors
+    shared with ours, ``assign=True``: no second copy). SDXL's UNet gets the text_time embedding of its y."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    cfg = model.cfg
+    yaml, ckpt = _ldm_yaml(cfg), dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ucfg = create_unet_diffusers_config_from_ldm(yaml, ckpt)
+        vcfg = create_vae_diffusers_config_from_ldm(yaml, ckpt, image_size=cfg.resolution)
+    ucfg["norm_num_groups"], vcfg["norm_num_groups"] = cfg.unet.norm_groups, cfg.vae.norm_groups
+    if cfg.unet.adm_in_channels:  # the converter decides text_time from SDXL's context widths only
+        ucfg.update(addition_embed_type="text_time", class_embed_type=None,
+                    addition_time_embed_dim=cfg.size_embed_dim)
+    vcfg["scaling_factor"], vcfg["force_upcast"] = cfg.vae.scaling_factor, cfg.vae.force_upcast
+    nets = {}
+    for key, cls, config, sd in (("unet", UNet2DConditionModel, ucfg, convert_ldm_unet_checkpoint(ckpt, ucfg)),
+                                 ("vae", AutoencoderKL, vcfg, convert_ldm_vae_checkpoint(ckpt, vcfg))):
+        with torch.device("meta"):
+            net = cls(**config)
+        net.load_state_dict({k: t if dtype is None else t.to(dtype) for k, t in sd.items()}, strict=True, assign=True)
+        left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"diffusers {key}: tensors left on meta: {left[:3]}")
+        nets[key] = net.eval().requires_grad_(False)
+    return nets
+
+
+def _load_by_name(net, state: dict):
+    """Load ``state`` into a transformers text model, with or without its ``text_model.`` prefix (5.x drops it
+    for CLIPTextModel only); position_ids may be missing."""
+    if not any(k.startswith("text_model.") for k in net.state_dict()):
+        state = {k.removeprefix("text_model."): x for k, x in state.items()}
+    res = net.load_state_dict(state, strict=False)
     if res.unexpected_keys or any("position_ids" not in k for k in res.missing_keys):
         raise RuntimeError(f"text encoder keys: {res}")
-    return text.to(de.device, de.dtype).eval().requires_grad_(False)
+    return net.eval().requires_grad_(False)
+
+
+def _clip_config(t, act: str, **ids):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(hidden_size=t.width, intermediate_size=t.width * t.mlp_ratio, num_attention_heads=t.heads,
+                          num_hidden_layers=t.layers, vocab_size=t.vocab_size, max_position_embeddings=t.context_length,
+                          projection_dim=t.projection_dim, hidden_act=act, **ids)
+
+
+@torch.no_grad()
+def sdxl_pipeline(model, tok_dir: Path):
+    """diffusers' StableDiffusionXLPipeline on an SDXL ``StableDiffusion``'s own weights (fp32, SD's DDIM
+    scheduler): the UNet and VAE through diffusers' converters, CLIP-L by name, bigG through
+    ``convert_open_clip_checkpoint`` (which transposes text_projection); ``tok_dir`` receives the tokenizer files."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    cfg = model.cfg
+    if cfg.family != "sdxl":
+        raise ValueError("sdxl_pipeline needs an SDXL model")
+    nets = _networks(model)
+    emb = model.conditioner.embedders
+    clip_l = _load_by_name(CLIPTextModel(_clip_config(cfg.text, "quick_gelu", bos_token_id=49406, eos_token_id=49407,
+                                                      pad_token_id=49407)), emb[0].transformer.state_dict())
+    # SDXL's second config keeps CLIP's legacy ids (eos 2): transformers then pools at the argmax of the ids.
+    big_g = CLIPTextModelWithProjection(_clip_config(cfg.text_2, "gelu", bos_token_id=0, eos_token_id=2,
+                                                     pad_token_id=1))
+    prefix = "conditioner.embedders.1.model."
+    ours = {prefix + k: x for k, x in emb[1].model.state_dict().items()}
+    big_g = _load_by_name(big_g, convert_open_clip_checkpoint(big_g, ours, prefix=prefix))
+    tok_dir = Path(tok_dir)
+    (tok_dir / "1").mkdir(parents=True, exist_ok=True)
+    (tok_dir / "2").mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusionXLPipeline(vae=nets["vae"], text_encoder=clip_l, text_encoder_2=big_g,
+                                     tokenizer=clip_tokenizer(tok_dir / "1"),
+                                     tokenizer_2=clip_tokenizer(tok_dir / "2", pad_token="!"), unet=nets["unet"],
+                                     scheduler=DDIMScheduler(**SD_SCHEDULER), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @torch.no_grad()
@@ -104,28 +178,7 @@ def diffusers_twin(de, tok_dir: Path):
     """diffusers' DiffEdit pipeline on a DiffEdit's OWN weights: the UNet and VAE state dicts through diffusers'
     single-file converters (tensors shared with ours, ``assign=True``: no second copy), the SD1 text encoder by
     name; ``tok_dir`` receives the tokenizer files."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
-                                                     create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
-    cfg = de.cfg
-    if cfg.text.kind != "openai":
+    if de.cfg.text.kind != "openai":
         raise ValueError("the twin is built for SD1-style (OpenAI CLIP) models only")
-    yaml, ckpt = _ldm_yaml(cfg), dict(de.model.state_dict())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ucfg = create_unet_diffusers_config_from_ldm(yaml, ckpt)
-        vcfg = create_vae_diffusers_config_from_ldm(yaml, ckpt, image_size=cfg.resolution)
-    ucfg["norm_num_groups"], vcfg["norm_num_groups"] = cfg.unet.norm_groups, cfg.vae.norm_groups
-    vcfg["scaling_factor"] = cfg.vae.scaling_factor
-    nets = {}
-    for key, cls, config, sd in (("unet", UNet2DConditionModel, ucfg, convert_ldm_unet_checkpoint(ckpt, ucfg)),
-                                 ("vae", AutoencoderKL, vcfg, convert_ldm_vae_checkpoint(ckpt, vcfg))):
-        with torch.device("meta"):
-            net = cls(**config)
-        net.load_state_dict({k: t.to(de.dtype) for k, t in sd.items()}, strict=True, assign=True)
-        left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
-        if left:
-            raise RuntimeError(f"diffusers {key}: tensors left on meta: {left[:3]}")
-        nets[key] = net.eval().requires_grad_(False)
+    nets = _networks(de.model, de.dtype)
     return diffedit_pipeline(nets["unet"], nets["vae"], _text_twin(de), clip_tokenizer(tok_dir))

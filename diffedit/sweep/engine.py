@@ -41,15 +41,17 @@ def edit_grid(de, image, source: str, target: str, settings, steps: int = 50, gu
     settings = list(settings)
     with torch.no_grad():
         x0 = de.encode_image(images.to_tensor(image, de.multiple, de.device, de.dtype))
-        query = de.encode_prompt([target])
-        refs = {r: de.encode_prompt(["" if r == "empty" else source]) for r in ordered(s.reference for s in settings)}
+        size = de.image_size(x0)
+        query = de.encode_prompt([target], size)
+        refs = {r: de.encode_prompt(["" if r == "empty" else source], size)
+                for r in ordered(s.reference for s in settings)}
         maps, masks = _masks(de, eps, x0, query, refs, settings, steps, seed, n_draw, normalization)
 
         # Steps 2 and 3: one inversion to the largest ratio; per ratio one batched masked decoding.
         latents: dict[Setting, torch.Tensor] = {}
         traj_settings = [s for s in settings if s.method != "sdedit"]
         if traj_settings:
-            trajectory = ddim_encode(eps, x0, de.encode_prompt([""]), max(s.ratio for s in traj_settings), steps,
+            trajectory = ddim_encode(eps, x0, de.encode_prompt([""], size), max(s.ratio for s in traj_settings), steps,
                                      de.alpha_bar, max_batch=de.max_batch)
             for ratio in ordered(s.ratio for s in traj_settings):
                 group = [s for s in traj_settings if s.ratio == ratio]
