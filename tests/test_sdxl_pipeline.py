@@ -132,3 +132,33 @@ def test_the_sdxl_vae_runs_in_float32_when_the_networks_are_float16(model):
     assert next(half.model.unet.parameters()).dtype == torch.float16
     x = images.to_tensor(picture(), half.multiple, half.device, half.dtype)
     assert torch.isfinite(half.decode_latents(half.encode_image(x))).all()
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(model, tmp_path_factory):
+    """The tiny SDXL model as one file in single-file (sgm) key names, with our architecture metadata."""
+    import json
+
+    from safetensors.torch import save_file
+    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"diffedit_config": json.dumps(model.cfg.to_dict())})
+    return path
+
+
+def test_the_command_line_edits_and_sweeps_with_an_sdxl_file(sdxl_file, tmp_path, capsys):
+    from diffedit import cli, sweep
+    image = tmp_path / "in.png"
+    picture((40, 24)).save(image)
+    argv = ["edit", image, "--model", sdxl_file, "--target", "a green circle", "--source", "a red circle",
+            "--steps", 4, "--n", 2, "--dtype", "float32", "--out", tmp_path / "out.png", "--mask-out", tmp_path / "m.png"]
+    assert cli.main([str(a) for a in argv]) == 0
+    assert Image.open(tmp_path / "out.png").size == (40, 24) and Image.open(tmp_path / "m.png").size == (40, 24)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"image": "in.png", "source": "a red circle", "target": "a green circle"}\n')
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--images", prompts, "--model", sdxl_file, "--steps", 4, "--ratio", "0.5,1", "--n", "1,2",
+            "--method", "diffedit,sdedit", "--dtype", "float32", "--out", out, "-q"]
+    assert cli.main([str(a) for a in argv]) == 0
+    rows = sweep.read_rows(out / "results.jsonl")
+    assert len(rows) == 2 * 2 + 2 and all(np.isfinite(r["psnr"]) for r in rows)
