@@ -130,15 +130,17 @@ def downsample_mask(mask, factor: int, rule: str = "majority") -> np.ndarray:
     raise ValueError(f"rule must be 'majority' or 'any', got {rule!r}")
 
 
-def edit_metrics(edited, source, target=None, gt_mask=None, pred_mask=None, data_range: float = 255.0) -> dict:
+def edit_metrics(edited, source, target=None, gt_mask=None, pred_mask=None, data_range: float = 255.0,
+                 footprint=None) -> dict:
     """The per-edit numbers of an evaluation row (used by ``diffedit sweep``).
 
     Always: ``psnr`` / ``ssim`` of ``edited`` to ``source`` (the input; higher = closer to it).
     With ``pred_mask`` (bool (h, w), any resolution, e.g. DiffEdit's latent-resolution mask): ``mask_area``,
     the fraction of it that is set.  With ``gt_mask`` (bool (H, W) at image size, True = should change):
     ``bg_psnr`` / ``bg_ssim`` outside it (NaN when it covers everything), and with ``pred_mask`` too,
-    ``iou`` of the nearest-neighbour upsampled ``pred_mask`` with it.  With ``target`` (the ground-truth
-    edited image): ``target_psnr``."""
+    ``iou`` of the nearest-neighbour upsampled ``pred_mask`` with it; with ``footprint`` (bool (H, W): the region
+    an editor is asked to repaint, e.g. the edited object in the source or the target) and ``pred_mask``,
+    ``iou_footprint`` likewise.  With ``target`` (the ground-truth edited image): ``target_psnr``."""
     out = {"psnr": psnr(edited, source, data_range=data_range),
            "ssim": ssim(edited, source, data_range=data_range)}
     if gt_mask is not None:
@@ -150,6 +152,7 @@ def edit_metrics(edited, source, target=None, gt_mask=None, pred_mask=None, data
     if pred_mask is not None:
         p = _arr(pred_mask).astype(bool)
         out["mask_area"] = float(p.mean())
-        if gt_mask is not None:
-            out["iou"] = iou(resize_mask(p, _arr(gt_mask).shape), gt_mask)
+        for key, truth in (("iou", gt_mask), ("iou_footprint", footprint)):
+            if truth is not None:
+                out[key] = iou(resize_mask(p, _arr(truth).shape), truth)
     return out

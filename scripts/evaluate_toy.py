@@ -1,12 +1,16 @@
 """Evaluate DiffEdit, SDEdit and Encode-Decode on held-out toy-world edits (see diffedit/toy/evaluate.py).
 
     python scripts/evaluate_toy.py --n 40 --seed 777 --json eval.json [--ratio 0.7] [--generation 50] [--workers 2]
-                                   [--dtype auto]
+                                   [--dtype auto] [--world v2] [--md table.md]
+
+Prints the JSON (means per method, overall and per kind; the ceilings; the caption following) and, on stderr, the
+per-kind table (``evaluate.table``). The toy world defaults to the one the model's recipe names (v1 without one).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -17,7 +21,7 @@ import torch
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import DTYPES
 from diffedit.settings import REFERENCES
-from diffedit.toy import evaluate, world
+from diffedit.toy import evaluate, model_world, world
 
 
 def _work(model, dtype, job, kwargs):
@@ -29,7 +33,7 @@ def _work(model, dtype, job, kwargs):
             return evaluate.edit_rows(de, progress=False, **kwargs)
         if job == "generate":
             return evaluate.caption_following(de, progress=False, **kwargs)
-        return evaluate.vae_reconstruction_psnr(de, seed=kwargs["seed"])
+        return evaluate.vae_reconstruction_psnr(de, seed=kwargs["seed"], spec=kwargs["spec"])
 
 
 def main(argv=None):
@@ -42,10 +46,13 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the edits (paper 7.5)")
     p.add_argument("--generation", type=int, default=0, help="also measure caption following on this many samples")
     p.add_argument("--model", default="toy")
+    p.add_argument("--world", choices=tuple(world.WORLDS), default=None,
+                   help="the toy world of the edits and captions (default: the model's recipe's, else v1)")
     p.add_argument("--dtype", default="auto", choices=list(dict.fromkeys(("auto", *DTYPES))),
                    help="the networks' dtype (auto: bf16 on a CPU with native bf16, else fp32)")
     p.add_argument("--workers", type=int, default=1, help="processes (each one thread)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--md", default=None, help="write the per-kind table here (markdown)")
     args = p.parse_args(argv)
     if args.seed == world.TRAIN_SEED:
         p.error(f"--seed {args.seed} is the training seed; choose a held-out seed")
@@ -53,29 +60,39 @@ def main(argv=None):
         p.error("--n and --workers must be >= 1")
     if not args.guidance >= 1.0:
         p.error(f"--guidance must be >= 1 (1: no guidance), got {args.guidance}")
+    try:
+        spec = world.WORLDS[args.world] if args.world else model_world(args.model)
+    except ValueError as e:
+        p.error(f"--model {e}")
     t0 = time.time()
     w = args.workers
     edit_kw = dict(n=args.n, seed=args.seed, ratio=args.ratio, steps=args.steps, reference=args.reference,
                    guidance=args.guidance)
-    jobs = [("edit", {**edit_kw, "indices": range(r, args.n, w)}) for r in range(w)]
-    jobs += [("generate", dict(n=args.generation, seed=args.seed, steps=args.steps, indices=range(r, args.generation, w)))
-             for r in range(w) if args.generation]
-    jobs.append(("vae", {"seed": args.seed}))
+    jobs = [("edit", {**edit_kw, "indices": range(r, args.n, w), "spec": spec}) for r in range(w)]
+    jobs += [("generate", dict(n=args.generation, seed=args.seed, steps=args.steps,
+                               indices=range(r, args.generation, w), spec=spec)) for r in range(w) if args.generation]
+    jobs.append(("vae", {"seed": args.seed, "spec": spec}))
     with ProcessPoolExecutor(w, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(_work, [args.model] * len(jobs), [args.dtype] * len(jobs), *zip(*jobs)))
     rows = sorted((r for (job, _), res in zip(jobs, results) if job == "edit" for r in res), key=lambda r: r["index"])
-    out = evaluate.summarize(rows, **edit_kw)
+    out = evaluate.summarize(rows, **edit_kw, world=spec.name)
     out["vae_psnr"] = results[-1]
     if args.generation:
         gen = [r for (job, _), res in zip(jobs, results) if job == "generate" for r in res]
-        out["generation"] = {k: float(np.mean([g[k] for g in gen])) for k in ("background", "objects", "follows")}
+        out["generation"] = {k: float(np.mean([g[k] for g in gen]))
+                             for k in ("background", "objects", "follows", "colour", "shape", "both")}
         out["generation"].update(n=args.generation, steps=args.steps)
     out["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(out, indent=1)
     print(text)
+    table = evaluate.table(out)
+    print(table, file=sys.stderr)  # stdout stays one JSON document
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table + "\n")
 
 
 if __name__ == "__main__":

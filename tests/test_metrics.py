@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from diffedit.metrics import downsample_mask, iou, psnr, resize_mask, ssim
+from diffedit.metrics import downsample_mask, edit_metrics, iou, psnr, resize_mask, ssim
 
 
 def _img(seed, shape=(32, 32, 3)):
@@ -162,3 +162,28 @@ def test_metrics_accept_torch_tensors():
     b = torch.full((8, 8, 3), 5.0, requires_grad=True)
     assert psnr(a, b) == pytest.approx(20 * math.log10(51))
     assert iou(torch.ones(3, 3, dtype=torch.bool), np.ones((3, 3), bool)) == 1.0
+
+
+# ---------------------------------------------------------------- edit_metrics: the two ground truths
+def test_iou_footprint_is_the_upsampled_mask_against_the_footprint_by_hand():
+    img = np.zeros((16, 16, 3), np.uint8)  # ssim needs >= 11 px
+    pred = np.array([[0, 1], [0, 0]], bool)  # upsampled: rows 0-7, columns 8-15 (64 px)
+    changed = np.zeros((16, 16), bool)
+    changed[:6, 8:] = True  # 48 px, all inside the upsampled mask: IoU 48 / 64
+    footprint = np.zeros((16, 16), bool)
+    footprint[:12, 8:] = True  # 96 px holding the 64: IoU 64 / 96
+    m = edit_metrics(img, img, gt_mask=changed, pred_mask=pred, footprint=footprint)
+    assert m["iou"] == pytest.approx(3 / 4) and m["iou_footprint"] == pytest.approx(2 / 3)
+    assert "iou_footprint" not in edit_metrics(img, img, gt_mask=changed, pred_mask=pred)
+
+
+def test_a_mask_covering_a_shape_edits_footprint_scores_at_least_its_iou_with_the_changed_pixels():
+    from diffedit.toy import world
+    for e in world.edits(12, 5, kinds=("shape",)):
+        src, footprint = e.source.render(), e.footprint()
+        assert e.mask().sum() < footprint.sum()  # the changed pixels are a band inside the footprint
+        exact = edit_metrics(src, src, gt_mask=e.mask(), pred_mask=footprint, footprint=footprint)
+        assert exact["iou_footprint"] == 1.0 and exact["iou"] < 1.0
+        cells = downsample_mask(footprint, 4, rule="any")  # a latent-resolution mask covering the footprint
+        m = edit_metrics(src, src, gt_mask=e.mask(), pred_mask=cells, footprint=footprint)
+        assert m["iou_footprint"] >= m["iou"]

@@ -84,8 +84,10 @@ def test_outputs_summary_plots_and_page(base):
     rows = sweep.read_rows(base / "results.jsonl")
     assert len(rows) == 24 and all(r["kind"] in ("colour", "shape", "background") for r in rows)
     diffedit = [r for r in rows if r["method"] == "diffedit"]
-    assert all({"iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success"} <= r.keys() for r in diffedit)
-    assert all("iou" not in r and "success" in r for r in rows if r["method"] != "diffedit")
+    assert all({"iou", "iou_footprint", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success"} <= r.keys()
+               for r in diffedit)
+    assert all("iou" not in r and "iou_footprint" not in r and "success" in r
+               for r in rows if r["method"] != "diffedit")
     summary = (base / "summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 12 and summary[0].startswith("method,ratio,threshold,n,strength,reference,dilate,count")
     assert all(line.split(",")[7] == "2" for line in summary[1:])
@@ -292,6 +294,7 @@ def test_prompts_files_csv_and_jsonl_give_the_same_rows(tiny_checkpoint, tmp_pat
     (["--method", "diffedit,inpaint"], "--method"),
     (["--reference", "none"], "--reference"),
     (["--steps", "0"], "--steps"),
+    (["--world", "v3"], "--world: 'v3' is not a toy world"),
     (["--dilate", "0,-1"], "--dilate must be >= 0"),
     (["--dilate", "1.5"], "--dilate: '1.5' is not an integer"),
     (["--dilate", "17"], "--dilate must be >= 0 and at most 16 "),
@@ -303,6 +306,39 @@ def test_bad_input_is_a_value_error_naming_the_flag(tmp_path, extra, flag):
     argv = ["--images", "toy:2", "--out", tmp_path / "o", "--model", tmp_path / "never-loaded.safetensors", *extra]
     with pytest.raises(ValueError, match=flag):
         sweep.run_sweep(parse(argv))
+
+
+def _model_file(path: Path, recipe: dict | None) -> Path:
+    from safetensors.numpy import save_file
+    save_file({"x": np.zeros(1, np.float32)}, str(path), metadata=recipe and {"recipe": json.dumps(recipe)})
+    return path
+
+
+def test_a_toy_models_world_is_its_recipes_and_v1_without_one(tmp_path):
+    from diffedit.toy import model_world, world
+    assert model_world(str(_model_file(tmp_path / "v2.safetensors", {"world": "v2", "batch": 32}))) is world.V2
+    assert model_world(str(_model_file(tmp_path / "old.safetensors", {"batch": 32}))) is world.V1
+    assert model_world(str(_model_file(tmp_path / "sd.safetensors", None))) is world.V1
+    assert model_world("org/some-diffusers-model") is world.V1
+    assert model_world("toy") in world.WORLDS.values()
+    with pytest.raises(ValueError, match="toy world 'v9'"):
+        model_world(str(_model_file(tmp_path / "v9.safetensors", {"world": "v9"})))
+
+
+def test_the_world_option_reaches_the_items_a_v2_sweep_draws_v2_scenes(tmp_path):
+    from diffedit.toy import world
+    v2_model = str(_model_file(tmp_path / "v2.safetensors", {"world": "v2"}))
+    argv = ["--images", "toy:6", "--out", tmp_path / "o", "--toy-size", 64]
+    chosen = cli.parse_config(parse([*argv, "--world", "v2", "--model", tmp_path / "never-loaded.safetensors"]))
+    by_recipe = cli.parse_config(parse([*argv, "--model", v2_model]))
+    plain = cli.parse_config(parse([*argv, "--model", tmp_path / "never-loaded.safetensors"]))
+    want = world.edits(6, world.EVAL_SEED, spec=world.V2)
+    for cfg in (chosen, by_recipe):
+        assert cfg.fingerprint["world"] == "v2" and [i.edit for i in cfg.items] == want
+        assert cfg.items[0].id == f"toy-v2-{world.EVAL_SEED}-0"
+    assert all(world.V2.radius[0] <= o.r for i in chosen.items for o in i.edit.source.objects)
+    assert plain.fingerprint["world"] == "v1" and [i.edit for i in plain.items] == world.edits(6, world.EVAL_SEED)
+    assert plain.items[0].id == f"toy-{world.EVAL_SEED}-0"  # v1 ids as before the choice
 
 
 def test_importing_the_sweep_and_building_its_parser_load_neither_torch_nor_numpy():

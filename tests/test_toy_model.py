@@ -12,7 +12,7 @@ from diffedit import DiffEdit, metrics
 from diffedit.images import to_pil, to_tensor
 from diffedit.cli import main as cli_main
 from diffedit.models import preset
-from diffedit.toy import evaluate, world
+from diffedit.toy import evaluate, judge, world
 
 TOY = resources.files("diffedit.toy") / "toy.safetensors"
 
@@ -49,6 +49,24 @@ def test_small_heldout_evaluation_meets_the_floor_that_proves_the_model_works(to
     assert out["diffedit"]["iou"] > 0.5
     assert out["diffedit"]["bg_psnr"] > out["sdedit"]["bg_psnr"] + 3
     assert out["diffedit"]["success"] >= 0.375
+    assert out["world"] == "v1" and 0 < out["diffedit"]["iou_footprint"] <= 1
+    for kind in ("all", *world.EDIT_KINDS):  # the best a 4 x 4-cell mask can do, for both ground truths
+        c = out["ceiling"][kind]
+        assert c["count"] == 0 or (0 < c["iou"] <= 1 and 0 < c["iou_footprint"] <= 1 and c["vae_bg_psnr"] > 20)
+    assert "| all (8) |" in evaluate.table(out)
+
+
+@pytest.mark.parametrize("spec", [world.V1, world.V2])
+def test_the_generation_shape_judge_names_the_shape_of_rendered_objects(spec):
+    """Caption following of shapes: on renders, clean and degraded as by a lossy autoencoder (judge.degrade)."""
+    right = total = 0
+    for i, scene in enumerate(world.scenes(60, world.EVAL_SEED + 3, spec=spec)):
+        for img in (scene.render(), judge.degrade(scene.render(), "noise_blur", np.random.default_rng(i))):
+            for o in scene.objects:
+                right += evaluate.shape_of(img, o.colour, scene.background) == o.shape
+                total += 1
+    assert right / total >= 0.98
+    assert evaluate.shape_of(np.zeros((64, 64, 3), np.uint8), "red", "black") is None
 
 
 def test_evaluation_refuses_the_training_seed(toy):

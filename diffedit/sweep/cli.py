@@ -43,6 +43,9 @@ def _add_arguments(p):
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (an existing sweep there resumes)")
     p.add_argument("--seed", default=None, metavar="S",
                    help="toy edits are drawn at S; image i uses seed S*1000+i (default: toy world EVAL_SEED)")
+    p.add_argument("--world", default=None, metavar="v1|v2",
+                   help="the toy world toy:N draws (diffedit/toy/world.py WORLDS; default: the one the toy model's "
+                        "recipe names, else v1)")
     g = p.add_argument_group("the grid (comma lists)")
     g.add_argument("--ratio", default=DEFAULTS["ratio"], help="encoding ratios r in (0, 1] (paper: swept)")
     g.add_argument("--threshold", default=DEFAULTS["threshold"], help="mask thresholds in [0, 1] (paper 0.5)")
@@ -156,18 +159,33 @@ def parse_config(args) -> Config:
     max_batch = _value("--max-batch", args.max_batch, "max_batch")
     toy_size = _value("--toy-size", args.toy_size, "toy_size")
     examples = _value("--examples", args.examples, "examples")
-    items = load_items(args.images, seed, toy_size)
+    toy = args.images.startswith("toy:")
+    spec = _world(args) if toy else None
+    items = load_items(args.images, seed, toy_size, spec)
     points = grid(*lists.values())
     n_draw = max(lists["n"]) if "diffedit" in lists["method"] else 0
-    images = args.images if args.images.startswith("toy:") else str(Path(args.images).expanduser().resolve())
-    fingerprint = {"images": images, "toy_size": toy_size if images.startswith("toy:") else None, "seed": seed,
-                   "steps": steps, "guidance": guidance, "model": args.model, "n_max": n_draw,
+    images = args.images if toy else str(Path(args.images).expanduser().resolve())
+    fingerprint = {"images": images, "toy_size": toy_size if toy else None, "world": spec.name if toy else None,
+                   "seed": seed, "steps": steps, "guidance": guidance, "model": args.model, "n_max": n_draw,
                    "normalization": args.normalization, "dtype": _network_dtype(args),
                    # rows with and without a perceptual metric must not mix (None: not computed)
                    "lpips": "alexnet-v0.1" if args.lpips_weights else None,
                    "clip_model": args.clip_model if args.clip_weights else None}
     return Config(items, points, steps, guidance, seed, n_draw, max_batch, examples, fingerprint,
                   perceptual_note(args.lpips_weights, args.clip_weights), args.normalization)
+
+
+def _world(args):
+    """The toy world of --world, or the one the model was trained in (``toy.model_world``)."""
+    from ..toy import model_world, world
+    if args.world is None:
+        try:
+            return model_world(args.model)
+        except ValueError as e:
+            raise ValueError(f"--model {e}") from None
+    if args.world not in world.WORLDS:
+        raise ValueError(f"--world: {args.world!r} is not a toy world ({', '.join(world.WORLDS)})")
+    return world.WORLDS[args.world]
 
 
 def _network_dtype(args) -> str:

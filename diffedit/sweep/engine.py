@@ -99,21 +99,22 @@ def _masks(de, eps, x0, query, refs: dict, settings, steps: int, seed: int, n_dr
 
 def rows_for(item, image, outputs: list[Output], seed: int, steps: int | None = None,
              guidance: float | None = None, scorers: dict | None = None) -> list[dict]:
-    """One results row per output: the knobs, the fixed settings, and the metrics (toy ground truth when the
-    item has it; ``scorers``: optional "lpips" (edit, input) and "clip_score" (edit, target text) callables)."""
+    """One results row per output: the knobs, the fixed settings, and the metrics (toy ground truth when the item
+    has it: the changed pixels and the edited object's footprint; ``scorers``: optional "lpips" (edit, input) and
+    "clip_score" (edit, target text) callables)."""
     import numpy as np
 
     from .. import metrics
     from ..toy import judge
     src = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    tgt = gt = None
+    tgt = gt = footprint = None
     if item.edit is not None:
-        tgt, gt = item.edit.target.render(), item.edit.mask()
+        tgt, gt, footprint = item.edit.target.render(), item.edit.mask(), item.edit.footprint()
     rows = []
     for out in outputs:
         edited = np.asarray(out.image.convert("RGB"), dtype=np.uint8)
         pred = None if out.mask is None else out.mask.cpu().numpy()
-        m = metrics.edit_metrics(edited, src, tgt, gt, pred)
+        m = metrics.edit_metrics(edited, src, tgt, gt, pred, footprint=footprint)
         if item.edit is not None:
             m["success"] = float(judge.edit_success(edited, item.edit))
         if scorers and "lpips" in scorers:

@@ -27,28 +27,34 @@ class Item:
         return load_image(self.path)
 
 
-def toy_items(n: int, seed: int, size: int) -> list[Item]:
-    """The first n toy-world edits drawn at ``seed``, at ``size`` px."""
-    from ..toy import world
-    return [Item(f"toy-{seed}-{i}", i, e.source_caption, e.target_caption, edit=e)
-            for i, e in enumerate(world.edits(n, seed, size=size))]
+def toy_items(n: int, seed: int, size: int, world=None) -> list[Item]:
+    """The first n edits drawn at ``seed`` in the toy world ``world`` (a ``toy.world.WorldSpec``, default V1), at
+    ``size`` px. Ids name the world but for V1 (whose ids predate the choice)."""
+    from ..toy.world import V1, edits
+    world = world or V1
+    prefix = "toy" if world == V1 else f"toy-{world.name}"
+    return [Item(f"{prefix}-{seed}-{i}", i, e.source_caption, e.target_caption, edit=e)
+            for i, e in enumerate(edits(n, seed, size=size, spec=world))]
 
 
-def load_items(spec: str, seed: int, toy_size: int) -> list[Item]:
-    """``toy:N`` or a prompts file (CSV / JSON lines with image, source, target); errors name --images.
-    Image paths are relative to the file."""
-    from ..toy import world
+def load_items(spec: str, seed: int, toy_size: int, world=None) -> list[Item]:
+    """``toy:N`` (edits of the toy world ``world``, default V1) or a prompts file (CSV / JSON lines with image,
+    source, target); errors name --images. Image paths are relative to the file."""
+    from ..toy import world as toy_world
     if spec.startswith("toy:"):
-        if seed == world.TRAIN_SEED:
+        if seed == toy_world.TRAIN_SEED:
             raise ValueError(f"--seed {seed} is the toy world's training seed; sweep held-out edits "
-                             f"(e.g. --seed {world.EVAL_SEED}, the default)")
+                             f"(e.g. --seed {toy_world.EVAL_SEED}, the default)")
         try:
             n = int(spec[4:])
         except ValueError:
             n = 0
         if n < 1:
             raise ValueError(f"--images {spec}: toy:N needs a positive integer N")
-        return toy_items(n, seed, toy_size)
+        try:
+            return toy_items(n, seed, toy_size, world)
+        except ValueError as e:  # a world whose objects do not fit at this size
+            raise ValueError(f"--images {spec} at --toy-size {toy_size}: {e}") from None
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ValueError(f"--images {spec}: prompts file not found (expected toy:N, or a .csv / .jsonl file "

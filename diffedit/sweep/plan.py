@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 
 GRID_KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference", "dilate")  # a row's setting, in its key
-METRICS = ("iou", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips", "clip_score")
+METRICS = ("iou", "iou_footprint", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips", "clip_score")
 
 
 def ordered(values) -> list:
