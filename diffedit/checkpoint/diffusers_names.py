@@ -1,4 +1,4 @@
-"""The diffusers -> LDM key map: the inverse of diffusers' single-file converters."""
+"""The diffusers -> single-file key map: the inverse of diffusers' single-file converters."""
 from __future__ import annotations
 
 import re
@@ -7,7 +7,8 @@ import torch
 
 from ..models import TextConfig, UNetConfig, VAEConfig
 from ..models.unet import block_index
-from .layout import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Tensors, weights_only
+from .layout import (SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT_2_PREFIX, SDXL_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX,
+                     Tensors, weights_only)
 
 _RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
            ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection."))
@@ -18,17 +19,32 @@ _OPENCLIP_NAMES = [(r"^text_model\.", ""), (r"^embeddings\.token_embedding\.", "
                    (r"^embeddings\.position_embedding\.weight$", "positional_embedding"),
                    (r"^final_layer_norm\.", "ln_final."), (r"^encoder\.layers\.", "transformer.resblocks."),
                    (r"\.self_attn\.", ".attn."), (r"\.layer_norm1\.", ".ln_1."), (r"\.layer_norm2\.", ".ln_2."),
-                   (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj.")]
+                   (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+                   (r"^text_projection\.weight$", "text_projection")]  # CLIPTextModelWithProjection (SDXL's bigG)
 
 
-def ldm_names(t: dict[str, Tensors], unet: UNetConfig, vae: VAEConfig, text: TextConfig) -> Tensors:
-    """The tensors of a diffusers folder's sub-folders under the LDM names."""
-    if text.kind == "openai":  # HF names, with or without the text_model. prefix
+def ldm_names(t: dict[str, Tensors], unet: UNetConfig, vae: VAEConfig, text: TextConfig,
+              text_2: TextConfig | None = None) -> Tensors:
+    """The tensors of a diffusers folder's sub-folders under the single-file names (SDXL's if ``text_2``)."""
+    if text_2 is not None:  # SDXL: CLIP ViT-L keeps the HF names, bigG gets open_clip's
+        clip = {**_renamed(t["text_encoder"], SDXL_TEXT_PREFIX, [("text_model.", "")]),
+                **_openclip(t["text_encoder_2"], SDXL_TEXT_2_PREFIX)}
+    elif text.kind == "openai":  # HF names, with or without the text_model. prefix
         clip = _renamed(t["text_encoder"], SD1_TEXT_PREFIX, [("text_model.", "")])
     else:
-        clip = _renamed(t["text_encoder"], SD2_TEXT_PREFIX, rules=_OPENCLIP_NAMES)
+        clip = _openclip(t["text_encoder"], SD2_TEXT_PREFIX)
     return weights_only({**_renamed(t["unet"], UNET_PREFIX, _unet_names(unet)),
                          **_renamed(t["vae"], VAE_PREFIX, _vae_names(vae)), **clip})
+
+
+def _openclip(src: Tensors, prefix: str) -> Tensors:
+    """A transformers CLIP text model under open_clip names: q, k, v fused, text_projection transposed."""
+    out = _renamed(src, prefix, rules=_OPENCLIP_NAMES)
+    proj = prefix + "text_projection"
+    if proj in out:  # a Linear holds W.T of open_clip's x @ W (square in SDXL: only the values tell)
+        shape, read = out[proj]
+        out[proj] = (shape[::-1], lambda: read().T.contiguous())
+    return out
 
 
 def _resnet(hf: str, ours: str) -> list[tuple[str, str]]:
@@ -39,6 +55,7 @@ def _unet_names(c: UNetConfig) -> list[tuple[str, str]]:
     """(diffusers prefix, LDM prefix) pairs: the inverse of diffusers' convert_ldm_unet_checkpoint."""
     n, L = c.num_res_blocks, len(c.channel_mult)
     pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),  # SDXL y
              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
              ("mid_block.attentions.0.", "middle_block.1."), *_resnet("mid_block.resnets.0.", "middle_block.0."),
              *_resnet("mid_block.resnets.1.", "middle_block.2.")]
@@ -55,7 +72,8 @@ def _unet_names(c: UNetConfig) -> list[tuple[str, str]]:
         if level < L - 1:
             pairs.append((f"{down}downsamplers.0.conv.", f"input_blocks.{block_index(level, n, n, L)}.0.op."))
         if level > 0:
-            up_at = 2 if 2 ** level in c.attention_resolutions else 1  # after the attention, if any
+            attends = 2 ** level in c.attention_resolutions and c.depth(level) > 0
+            up_at = 2 if attends else 1  # after the attention, if any
             pairs.append((f"{up}upsamplers.0.", f"output_blocks.{block_index(level, n, n, L, output=True)}.{up_at}."))
     return pairs
 

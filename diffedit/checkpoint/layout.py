@@ -1,4 +1,5 @@
-"""The LDM single-file key layout that every source is mapped onto: the names of ``models.StableDiffusion``."""
+"""The single-file key layout that every source is mapped onto: the names of ``models.StableDiffusion``
+(LDM for SD 1.x/2.x, sgm for SDXL)."""
 from __future__ import annotations
 
 import re
@@ -10,15 +11,20 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."  # HF CLIP names
 SD2_TEXT_PREFIX = "cond_stage_model.model."  # open_clip names
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer.text_model."  # CLIP ViT-L, HF CLIP names
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG, open_clip names
+SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."  # the refiner's only tower (bigG): another model
 
 Tensors = dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]  # name -> (shape, reader)
 
-# Keys real checkpoints carry that are not network weights: the training schedule, EMA copies, CLIP's vision tower.
+# Keys real checkpoints carry that are not network weights: the training schedule (LDM's buffers, sgm's
+# denoiser.sigmas), EMA copies, CLIP's position ids and vision tower.
 _NOT_WEIGHTS = re.compile(r"betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+"
-                          r"|lvlb_weights|logvar|model_ema\..*|.*\.position_ids|" + re.escape(SD2_TEXT_PREFIX)
-                          + r"visual\..*")
-# Unused for conditioning and absent from diffusers folders (and some pruned files): zeros when missing.
-ZERO_FILL = (SD2_TEXT_PREFIX + "text_projection", SD2_TEXT_PREFIX + "logit_scale")
+                          r"|lvlb_weights|logvar|model_ema\..*|denoiser\..*|.*\.position_ids"
+                          rf"|({re.escape(SD2_TEXT_PREFIX)}|{re.escape(SDXL_TEXT_2_PREFIX)})visual\..*")
+# Unused for conditioning and absent from diffusers folders (and some pruned files): zeros when missing. SDXL's
+# text_projection is not here: its pooled output conditions the UNet.
+ZERO_FILL = (SD2_TEXT_PREFIX + "text_projection", SD2_TEXT_PREFIX + "logit_scale", SDXL_TEXT_2_PREFIX + "logit_scale")
 
 
 def weights_only(tensors: Tensors) -> Tensors:

@@ -12,6 +12,7 @@ _HOWTO = "see weights.md, \"Getting the files on a machine without hub access\""
 
 
 def toy_path() -> Path:
+    """The packaged toy model's file (it may not be built yet)."""
     return Path(str(importlib.resources.files("diffedit.toy"))) / "toy.safetensors"
 
 
@@ -31,7 +32,8 @@ def resolve(source: str) -> Path:
 
 
 def _from_hub(spec: str) -> Path:
-    """A diffusers folder from the hub, or from the local cache when the hub cannot be reached."""
+    """A diffusers folder (SD 1.x/2.x or SDXL) from the hub, or from the local cache when the hub cannot be
+    reached; only the files the loader reads."""
     from huggingface_hub import constants, snapshot_download
     repo_id, _, revision = spec.partition("@")
 
@@ -49,5 +51,7 @@ def _from_hub(spec: str) -> Path:
 
     root = fetch(["model_index.json", "scheduler/scheduler_config.json", *(f"{s}/config.json" for s in WEIGHTS),
                   *(f"{s}/{w}.safetensors" for s, w in WEIGHTS.items())])
-    fp16 = [f"{s}/{w}.fp16.safetensors" for s, w in WEIGHTS.items() if not (root / s / f"{w}.safetensors").exists()]
-    return fetch(fp16) if fp16 else root  # a repo with fp16 variants only
+    # the fp16 variant where a component (text_encoder_2: SDXL only) has a config but no full-precision weights
+    fp16 = [f"{s}/{w}.fp16.safetensors" for s, w in WEIGHTS.items()
+            if (root / s / "config.json").is_file() and not (root / s / f"{w}.safetensors").exists()]
+    return fetch(fp16) if fp16 else root
