@@ -11,11 +11,14 @@ edited region tint the kept one (its GroupNorm statistics and mid-block attentio
 Phases 3 to 5 read only phase 2's output (5 starts from 4's decoder), so `--phases unet` may run beside them.
 Resumable: the state of each phase is saved every --save-every steps in --out and picked up by the same command.
 The export (fp16 single-file safetensors) carries the architecture and this recipe in its metadata.
+--world picks the toy world's spec; --init warm-starts from an exported model: its UNet, text encoder (also the EMA's
+start) and VAE, and its latent scale, so the latents the UNet learned stay the same (the VAE phase is refused).
 
     python scripts/train_toy.py --out runs/toy --export diffedit/toy/toy.safetensors
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import time
@@ -26,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -45,6 +49,7 @@ class Recipe:
     n_scenes: int = flag(30000)
     data_seed: int = flag(world.TRAIN_SEED)
     max_objects: int = flag(2)
+    world: str = flag("v1", "toy world spec (diffedit/toy/world.py WORLDS)", choices=tuple(world.WORLDS))
     seed: int = flag(0, "initialisation and batch-order seed")
     vae_steps: int = flag(3000)
     vae_lr: float = flag(1e-3)
@@ -60,6 +65,7 @@ class Recipe:
     splice_lr: float = flag(2e-4)
     splice_gain: float = flag(2.0,
                               "phase 5: half the splices amplify the edited latents by a factor drawn from [1, this]")
+    init: str = flag("", "start from this exported toy model (all its weights and its latent scale; no vae phase)")
 
 
 @dataclass
@@ -111,7 +117,8 @@ def dataset(cfg: TrainConfig):
         d = np.load(cache)
         return d["images"], list(d["captions"])
     t0 = time.time()
-    scenes = world.scenes(cfg.recipe.n_scenes, cfg.recipe.data_seed, max_objects=cfg.recipe.max_objects)
+    r = cfg.recipe
+    scenes = world.scenes(r.n_scenes, r.data_seed, max_objects=r.max_objects, spec=world.WORLDS[r.world])
     images, captions = world.render_batch(scenes), [s.caption for s in scenes]
     np.savez(cache, images=images, captions=np.array(captions))
     print(f"generated {len(scenes)} scenes in {time.time() - t0:.1f}s")
@@ -191,15 +198,15 @@ def train_vae(cfg: TrainConfig, sd, images, device):
 
 
 @torch.no_grad()
-def cache_latents(cfg: TrainConfig, sd, images, device):
-    """Posterior means of every scene and the scale that gives them unit variance."""
+def cache_latents(cfg: TrainConfig, sd, images, device, scale: float | None = None):
+    """Posterior means of every scene times ``scale`` (default: the scale that gives them unit variance)."""
     path = cfg.out / "latents.pt"
     if path.exists():
         return torch.load(path)
     vae = sd.first_stage_model.eval()
     means = torch.cat([vae.encode(to_model_range(images[i:i + 256], device))[0].cpu()
                        for i in tqdm(range(0, len(images), 256), desc="latents")])
-    scale = 1.0 / means.std().item()
+    scale = 1.0 / means.std().item() if scale is None else scale
     out = {"latents": means * scale, "scale": scale}
     torch.save(out, path)
     return out
@@ -266,7 +273,7 @@ def splice_masks(source: np.ndarray, target: np.ndarray, factor: int, dilate: np
 
 def splice_batch(r: Recipe, vae, rng: np.random.Generator, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """n fresh edits from the training distribution as (spliced posterior means, target images)."""
-    edits = [world.sample_edit(rng, max_objects=r.max_objects) for _ in range(n)]
+    edits = [world.sample_edit(rng, max_objects=r.max_objects, spec=world.WORLDS[r.world]) for _ in range(n)]
     src = world.render_batch([e.source for e in edits])
     tgt = world.render_batch([e.target for e in edits])
     x_s, x_t = to_model_range(src, device), to_model_range(tgt, device)
@@ -309,15 +316,27 @@ def export(cfg: TrainConfig, sd, ema, scale: float, path: Path):
     for phase in ("decoder", "splice"):  # the fine-tuned decoders, in order (the encoder is phase 1's, unchanged)
         if (done := load_saved(cfg.out / f"{phase}_state.pt", {"vae": model.first_stage_model})) is not None:
             recipe[f"{phase}_steps_done"] = done
+    if cfg.recipe.init:  # where the weights started: that file's recipe and hash
+        with safe_open(cfg.recipe.init, "pt") as f:
+            recipe["init_recipe"] = json.loads(f.metadata()["recipe"])
+        recipe["init_sha256"] = hashlib.sha256(Path(cfg.recipe.init).read_bytes()).hexdigest()
     history = cfg.out / "history.txt"  # interruptions and manual interventions, recorded by hand
     if history.exists():
         recipe["history"] = history.read_text()
     recipe["command"] = "python scripts/train_toy.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
+        f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if v != "")  # an empty --init is no flag
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"diffedit_config": json.dumps(config), "recipe": json.dumps(recipe)})
     print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB, {recipe['unet_steps_done']} UNet steps)")
+
+
+def load_init(sd: StableDiffusion, path: Path) -> float:
+    """Load every weight of ``sd`` from an exported toy model (strictly); its latent scale."""
+    with safe_open(str(path), "pt") as f:
+        config = json.loads(f.metadata()["diffedit_config"])
+        sd.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=True)  # fp16 values, cast on copy
+    return float(config["vae"]["scaling_factor"])
 
 
 class EMA(torch.nn.Module):
@@ -335,6 +354,8 @@ def main(argv=None):
     phases = set() if cfg.export_only else set(cfg.phases.split(","))
     if unknown := sorted(phases - set(PHASES)):
         raise SystemExit(f"--phases: unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
+    if r.init and "vae" in phases:
+        raise SystemExit("--init keeps the VAE's encoder and latent scale: leave vae out of --phases")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -342,13 +363,14 @@ def main(argv=None):
     torch.manual_seed(r.seed)
     device = torch.device(cfg.device)
     sd = StableDiffusion(preset("toy")).to(device)
+    init_scale = load_init(sd, Path(r.init)) if r.init else None
     ema = EMA(sd)
     images, captions = dataset(cfg)
     if "vae" in phases:
         train_vae(cfg, sd, images, device)
     else:
         load_saved(cfg.out / "vae_state.pt", {"vae": sd.first_stage_model})
-    cached = cache_latents(cfg, sd, images, device)
+    cached = cache_latents(cfg, sd, images, device, init_scale)
     if "unet" in phases:
         train_unet(cfg, sd, ema, cached["latents"], captions, device)
     if "decoder" in phases and r.decoder_steps:

@@ -1,4 +1,5 @@
-"""scripts/train_toy.py end to end at a few steps: phases, resume, the decoder phases' fixed encoder, the export."""
+"""scripts/train_toy.py end to end at a few steps: phases, resume, the decoder phases' fixed encoder, the export,
+--world and --init."""
 import importlib.util
 import json
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from diffedit.checkpoint import load_model
 from diffedit.toy import world
@@ -84,3 +86,50 @@ def test_splice_phase_moves_only_the_decoder_and_the_export_records_it(tmp_path)
     assert_only_the_decoder_moved(decoder, spliced["vae"])  # starts from phase 4's decoder
     recipe = exported(export, spliced["vae"])
     assert recipe["splice_steps_done"] == 2 and recipe["decoder_steps_done"] == 1 and recipe["splice_gain"] == 2.0
+
+
+def test_world_v2_trains_on_v2_scenes_and_the_export_records_the_world(tmp_path):
+    out, export = tmp_path / "run", tmp_path / "toy.safetensors"
+    tt.main(["--out", str(out), *SMALL, "--world", "v2", "--splice-steps", "1", "--export", str(export)])
+    data = np.load(out / "data.npz")
+    assert np.array_equal(data["images"], world.render_batch(world.scenes(6, world.TRAIN_SEED, spec=world.V2)))
+    recipe = exported(export, torch.load(out / "splice_state.pt", weights_only=False)["vae"])
+    assert recipe["world"] == "v2" and "--world v2" in recipe["command"] and "--init" not in recipe["command"]
+
+
+def test_splice_batch_draws_its_edits_from_the_recipes_world():
+    from diffedit.models import StableDiffusion, preset
+    vae = StableDiffusion(preset("toy")).first_stage_model
+    for name, spec in world.WORLDS.items():
+        _, x = tt.splice_batch(tt.Recipe(world=name), vae, np.random.default_rng(3), 4, "cpu")
+        rng = np.random.default_rng(3)
+        want = world.render_batch([world.sample_edit(rng, spec=spec).target for _ in range(4)])
+        assert torch.equal(x, tt.to_model_range(want, "cpu")), name
+
+
+def test_init_starts_from_an_export_keeps_its_latent_scale_and_moves_only_what_is_trained(tmp_path):
+    base, export = tmp_path / "base", tmp_path / "base.safetensors"
+    tt.main(["--out", str(base), *SMALL, "--export", str(export)])
+    start = load_file(str(export))
+    out, warm = tmp_path / "warm", tmp_path / "warm.safetensors"
+    tt.main(["--out", str(out), *SMALL, "--world", "v2", "--init", str(export), "--phases", "splice",
+             "--splice-steps", "1", "--export", str(warm)])
+    got = load_file(str(warm))
+    with safe_open(str(export), "pt") as f:
+        scale, base_recipe = json.loads(f.metadata()["diffedit_config"])["vae"]["scaling_factor"], f.metadata()["recipe"]
+    assert torch.load(out / "latents.pt")["scale"] == scale  # kept, not recomputed from v2 scenes
+    moved = {k for k in got if not torch.equal(got[k], start[k])}
+    assert moved and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))
+                         for k in moved)  # UNet, text encoder, encoder: the init's, bit for bit
+    recipe = exported(warm, torch.load(out / "splice_state.pt", weights_only=False)["vae"])
+    assert recipe["init"] == str(export) and f"--init {export}" in recipe["command"]
+    assert recipe["init_recipe"] == json.loads(base_recipe) and len(recipe["init_sha256"]) == 64
+    tt.main(["--out", str(out), *SMALL, "--world", "v2", "--init", str(export), "--phases", "unet"])
+    unet = torch.load(out / "unet_state.pt", weights_only=False)
+    assert unet["step"] == 2  # the UNet phase runs from the init (loaded strictly) and resumes as before
+
+
+def test_init_refuses_the_vae_phase(tmp_path):
+    import pytest
+    with pytest.raises(SystemExit, match="--init keeps the VAE's encoder and latent scale: leave vae out of --phases"):
+        tt.main(["--out", str(tmp_path / "run"), *SMALL, "--init", str(tmp_path / "any.safetensors")])

@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import itertools
 import re
 import time
@@ -94,7 +95,7 @@ def test_captions_follow_the_grammar_and_list_objects_left_to_right():
 def _independent_edit_mask(e):
     """The pixels an edit must change, from geometry alone (no rendering)."""
     if e.kind == "background":
-        covered = np.zeros((64, 64), bool)
+        covered = np.zeros((e.source.size,) * 2, bool)
         for o in e.source.objects:
             covered |= o.mask()
         return ~covered
@@ -148,6 +149,134 @@ def test_render_batch_of_2000_scenes_takes_under_5_seconds():
     assert time.perf_counter() - t < 5.0
 
 
+# ---------------------------------------------------------------- world specs
+def _digest(edits=(), scenes=(), renders=None) -> str:
+    """sha256 of edits' renders, kinds, descriptions and scenes, and of scenes' renders and captions."""
+    h = hashlib.sha256()
+    for e in edits:
+        h.update(e.source.render().tobytes())
+        h.update(e.target.render().tobytes())
+        h.update(repr((e.kind, e.description, e.source, e.target)).encode())
+    for s in scenes:
+        h.update(s.render().tobytes())
+        h.update(s.caption.encode())
+    if renders is not None:
+        h.update(renders.tobytes())
+    return h.hexdigest()
+
+
+def test_v1_is_the_default_and_draws_bit_identically_to_the_world_before_specs():
+    # digests computed with the world.py the shipped model was trained on
+    assert _digest(edits=world.edits(20, 2024)) == "1310ae03a693b893c09e7ff3459c0831b8b8b1839de443561160b55bf4dd2026"
+    assert _digest(edits=world.edits(20, 2024, spec=world.WORLDS["v1"])) == _digest(edits=world.edits(20, 2024))
+    assert _digest(scenes=world.scenes(30, 7, max_objects=3)) == (
+        "4a5793340ff65aa45a238dea42708705686acb669f1037746c1861210e3084ae")
+    assert _digest(renders=world.render_batch(world.scenes(30, 5, size=128))) == (
+        "dcc10861aba304da01ca82f64fa160b23fc79fb530a90f5696549bc6feae2376")
+
+
+def test_v2_scenes_hold_one_or_two_large_objects_inside_apart_in_distinct_colours_with_exact_masks():
+    lo, hi = world.V2.radius
+    counts, radii = set(), set()
+    for s in world.scenes(400, seed=21, spec=world.V2):
+        counts.add(len(s.objects))
+        assert len({o.colour for o in s.objects}) == len(s.objects)
+        for o in s.objects:
+            radii.add(o.r)
+            assert lo <= o.r <= hi and o.r <= o.cx <= 63 - o.r and o.r <= o.cy <= 63 - o.r
+        for p, q in itertools.combinations(s.objects, 2):
+            assert (p.cx - q.cx) ** 2 + (p.cy - q.cy) ** 2 >= (p.r + q.r + world.V2.margin) ** 2
+        img = s.render()
+        for o in s.objects:
+            assert np.array_equal(np.all(img == OBJECT_COLOURS[o.colour], -1), o.mask())
+    assert counts == {1, 2} and radii == set(range(lo, hi + 1))  # the whole radius range is drawn
+
+
+def test_v2_edits_have_exact_masks_and_footprints_that_contain_them():
+    kinds = set()
+    for e in world.edits(150, seed=22, spec=world.V2):
+        kinds.add(e.kind)
+        m, fp = e.mask(), e.footprint()
+        assert fp.dtype == bool and fp.shape == (64, 64)
+        assert np.array_equal(m, _independent_edit_mask(e))
+        if e.kind == "background":
+            assert np.array_equal(fp, m)
+            continue
+        i = e.edited_object_index
+        assert np.array_equal(fp, e.source.objects[i].mask() | e.target.objects[i].mask())
+        assert not (m & ~fp).any()
+        assert np.array_equal(fp, m) == (e.kind == "colour")  # a shape edit leaves the overlap unchanged
+    assert kinds == set(world.EDIT_KINDS)
+
+
+def test_v1_footprint_is_the_edited_object_in_source_or_target():
+    for e in world.edits(60, seed=23):
+        i = e.edited_object_index
+        want = e.mask() if i is None else e.source.objects[i].mask() | e.target.objects[i].mask()
+        assert np.array_equal(e.footprint(), want)
+
+
+def test_first_of_two_placements_are_exactly_those_that_leave_room_for_a_smallest_second():
+    size, lo, hi, margin = 24, 4, 7, 2  # small enough to check every pair of placements
+    first = world._placements(size, lo, hi, margin, [], leave_room=True)
+    for i, cy, cx in np.argwhere(world._placements(size, lo, hi, margin, [], leave_room=False)):
+        second = world._placements(size, lo, lo, margin, [(int(cx), int(cy), lo + int(i))], leave_room=False)
+        assert first[i, cy, cx] == second.any(), (lo + i, cx, cy)
+    assert first.any() and not first.all()
+
+
+def test_feasible_layout_never_retries_and_refuses_a_pair_that_cannot_fit():
+    rng = np.random.default_rng(24)
+    for _ in range(200):  # radii summing to at most 36 fit in 64 px (corner to corner)
+        a, b = world._feasible_layout(rng, 2, 64, 18, 18, 2)
+        assert (a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 >= 38 ** 2
+    with pytest.raises(ValueError, match="2 objects of radius >= 19 px do not fit in 64 px"):
+        world._feasible_layout(rng, 2, 64, 19, 19, 2)
+
+
+def test_world_spec_input_errors_name_the_problem():
+    with pytest.raises(ValueError, match="max_objects must be in 1..2 for world v2, got 3"):
+        world.scenes(1, 0, max_objects=3, spec=world.V2)
+    with pytest.raises(ValueError, match=r"radius range \(20, 40\)"):
+        world.WorldSpec("bad", radius=(20, 40))
+    with pytest.raises(ValueError, match="unknown layout 'grid'"):
+        world.WorldSpec("bad", layout="grid")
+    assert set(world.WORLDS) == {"v1", "v2"} and world.WORLDS["v1"] == world.V1
+
+
+def _brute_force_ceiling(mask: np.ndarray, factor: int) -> float:
+    """Best IoU over every subset of cells (2^cells masks), upsampled by ``factor``."""
+    h, w = mask.shape[0] // factor, mask.shape[1] // factor
+    subsets = ((np.arange(2 ** (h * w))[:, None] >> np.arange(h * w)) & 1).astype(bool)  # (2^cells, cells)
+    up = subsets.reshape(-1, h, 1, w, 1).repeat(factor, 2).repeat(factor, 4).reshape(len(subsets), *mask.shape)
+    inter, union = (up & mask).sum((1, 2)), (up | mask).sum((1, 2))
+    return float(np.max(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+
+
+def test_latent_iou_ceiling_equals_a_brute_force_search_over_every_cell_mask():
+    rng = np.random.default_rng(25)
+    for k in range(12):  # 4 x 4 cells of 2 x 2 px, masks from sparse to dense
+        mask = rng.random((8, 8)) < (k + 1) / 13
+        assert judge.latent_iou_ceiling(mask, 2) == pytest.approx(_brute_force_ceiling(mask, 2), abs=1e-12)
+    ring = Obj("circle", "red", 6, 6, 5).mask(12) ^ Obj("square", "red", 6, 6, 5).mask(12)
+    assert judge.latent_iou_ceiling(ring, 3) == pytest.approx(_brute_force_ceiling(ring, 3), abs=1e-12)
+    assert judge.latent_iou_ceiling(np.ones((8, 8), bool), 4) == 1.0
+    assert judge.latent_iou_ceiling(np.zeros((8, 8), bool), 4) == 1.0
+
+
+def test_latent_iou_ceiling_refuses_a_factor_that_does_not_divide_the_mask():
+    with pytest.raises(ValueError, match="factor 3 must divide the mask's size 8 x 8"):
+        judge.latent_iou_ceiling(np.ones((8, 8), bool), 3)
+
+
+def test_v2_shape_edits_are_better_resolvable_at_16x16_latents_than_v1s():
+    def mean_ceiling(spec, truth):
+        return np.mean([judge.latent_iou_ceiling(getattr(e, truth)(), 4)
+                        for e in world.edits(150, seed=26, kinds=("shape",), spec=spec)])
+    assert mean_ceiling(world.V1, "mask") < 0.56 and mean_ceiling(world.V2, "mask") > 0.62
+    assert mean_ceiling(world.V2, "footprint") > 0.87
+
+
 # ---------------------------------------------------------------- judge
 @pytest.fixture(scope="module")
 def judge_rates():
@@ -174,6 +303,17 @@ def test_judge_accepts_ground_truth_targets_at_least_98_percent(judge_rates, mod
 @pytest.mark.parametrize("mode", ["clean", "noise_blur", "down4"])
 def test_judge_rejects_unedited_sources_at_least_95_percent(judge_rates, mode):
     assert judge_rates["source", mode] <= 0.05
+
+
+def test_judge_accepts_v2_ground_truth_targets_and_rejects_v2_sources():
+    eds = world.edits(150, seed=27, spec=world.V2)
+    rng = np.random.default_rng(28)
+    for mode in ("clean", "noise_blur", "down4"):
+        def rate(which):
+            imgs = (getattr(e, which).render() for e in eds)
+            return np.mean([judge.edit_success(i if mode == "clean" else judge.degrade(i, mode, rng), e)
+                            for i, e in zip(imgs, eds)])
+        assert rate("target") >= 0.98 and rate("source") <= 0.05, mode
 
 
 def test_judge_rejects_wrong_colour_and_partial_edits():

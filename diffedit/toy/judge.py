@@ -107,6 +107,23 @@ def edit_success(edited: np.ndarray, edit: Edit) -> bool:
     return judge(edited, edit)["success"]
 
 
+def latent_iou_ceiling(mask: np.ndarray, factor: int) -> float:
+    """The best IoU with ``mask`` (bool (H, W)) that any cell mask upsampled by ``factor`` reaches (exact).
+
+    A mask of k cells covering I pixels of ``mask`` scores I / (|mask| + k f^2 - I), which grows with I: so the best
+    k-cell mask takes the k most covered cells, and the best mask is the best of these over k."""
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    if factor < 1 or h % factor or w % factor:
+        raise ValueError(f"factor {factor} must divide the mask's size {h} x {w}")
+    if not mask.any():
+        return 1.0  # the empty cell mask matches an empty mask exactly (the convention of _iou)
+    cover = np.sort(mask.reshape(h // factor, factor, w // factor, factor).sum((1, 3)).ravel())[::-1]
+    inter = np.cumsum(cover)
+    cells = np.arange(1, len(cover) + 1) * factor * factor
+    return float(np.max(inter / (np.count_nonzero(mask) + cells - inter)))
+
+
 def degrade(img: np.ndarray, mode: str, rng: np.random.Generator | None = None) -> np.ndarray:
     """Imitate a lossy autoencoder, for calibrating the judge. Modes:
     "noise_blur": 3x3 box blur, then Gaussian noise sigma 8 (of 255);
