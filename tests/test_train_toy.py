@@ -116,7 +116,8 @@ def test_init_starts_from_an_export_keeps_its_latent_scale_and_moves_only_what_i
              "--splice-steps", "1", "--export", str(warm)])
     got = load_file(str(warm))
     with safe_open(str(export), "pt") as f:
-        scale, base_recipe = json.loads(f.metadata()["diffedit_config"])["vae"]["scaling_factor"], f.metadata()["recipe"]
+        meta = f.metadata()
+    scale, base_recipe = json.loads(meta["diffedit_config"])["vae"]["scaling_factor"], meta["recipe"]
     assert torch.load(out / "latents.pt")["scale"] == scale  # kept, not recomputed from v2 scenes
     moved = {k for k in got if not torch.equal(got[k], start[k])}
     assert moved and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))

@@ -268,7 +268,7 @@ def _feasible_layout(rng: np.random.Generator, n: int, size: int, r_lo: int, r_h
 
 def sample_scene(rng: np.random.Generator, size: int | None = None, max_objects: int = 2,
                  spec: WorldSpec = V1) -> Scene:
-    """One scene of ``spec``'s world: 1..max_objects objects of distinct colours, at ``size`` px (default the spec's)."""
+    """One scene of ``spec``'s world: 1..max_objects objects in distinct colours, at ``size`` px (default: spec's)."""
     size = spec.size if size is None else size
     if not 1 <= max_objects <= spec.max_objects:
         raise ValueError(f"max_objects must be in 1..{spec.max_objects} for world {spec.name}, got {max_objects}")
