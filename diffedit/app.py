@@ -60,7 +60,8 @@ def run_app(args) -> int:
         raise UsageError(MISSING) from None
     _check_device(args.device)
     from .app_state import Engine
-    demo = build_app(Engine(_load_pipeline(args)), toy=args.model == "toy")
+    from .toy import model_world
+    demo = build_app(Engine(_load_pipeline(args)), toy=args.model == "toy", toy_world=model_world(args.model))
     try:
         launch(demo, args.host, args.port, block=True)
     except OSError as e:
@@ -102,9 +103,10 @@ def _knob_inputs(gr, d: EditSettings) -> dict:
     return out
 
 
-def build_app(engine, defaults: EditSettings | None = None, toy: bool = False):
+def build_app(engine, defaults: EditSettings | None = None, toy: bool = False, toy_world=None):
     """The page and its API on ``engine`` (``app_state.Engine``); ``defaults``: the knobs' starting values
-    and what /mask and /edit use for the knobs they do not take (the paper's by default)."""
+    and what /mask and /edit use for the knobs they do not take (the paper's by default); ``toy``: offer to draw
+    scenes of ``toy_world`` (a ``world.WorldSpec``; None: v1)."""
     gr = _gradio()
     from PIL.Image import DecompressionBombError, UnidentifiedImageError
 
@@ -215,7 +217,7 @@ def build_app(engine, defaults: EditSettings | None = None, toy: bool = False):
 
     def draw_scene(session):
         session.scenes += 1  # held-out seeds, a new scene each press
-        e = world.edits(1, world.EVAL_SEED + session.scenes)[0]
+        e = world.edits(1, world.EVAL_SEED + session.scenes, spec=toy_world or world.V1)[0]
         return e.source.render(), e.source_caption, e.target_caption
 
     # --- the API (gradio_client) -----------------------------------------------------------------------

@@ -318,7 +318,8 @@ def run_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    ed = world.edits(args.index + 1, world.EVAL_SEED)[args.index]
+    from .toy import model_world
+    ed = world.edits(args.index + 1, world.EVAL_SEED, spec=model_world(args.model))[args.index]
     from PIL import Image
     image = Image.fromarray(ed.source.render())
     de = _load_pipeline(args)

@@ -26,7 +26,7 @@ from diffedit.edit import masked_decode, sdedit
 from diffedit.guidance import batched_eps
 from diffedit.inversion import ddim_encode, num_encoding_steps
 from diffedit.pipeline import DiffEdit
-from diffedit.toy import world
+from diffedit.toy import model_world, world
 from diffedit.viz import heatmap, overlay
 
 SHOW = 192  # px: every picture is shown this wide, pixelated (the toy scenes are 64 px)
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=world.EVAL_SEED, help="toy edits are drawn at this seed")
     p.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r")
     p.add_argument("--n", type=int, default=10, help="noises averaged into D")
-    p.add_argument("--size", type=int, default=world.SIZE, help="toy scene size in px (tests use less)")
+    p.add_argument("--size", type=int, default=None, help="toy scene size in px (default: the world's; tests use less)")
     return p
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     de = DiffEdit.from_pretrained(args.model)
-    edit = world.edits(args.index + 1, args.seed, size=args.size)[args.index]
+    edit = world.edits(args.index + 1, args.seed, size=args.size, spec=model_world(args.model))[args.index]
     steps, ratio, n, strength, guidance, threshold = args.steps, args.ratio, args.n, 0.5, 7.5, 0.5
     seed = args.seed * 1000 + args.index  # the seed toy/evaluate.py and diffedit sweep use for this edit
     pil = Image.fromarray(edit.source.render())
