@@ -1,14 +1,21 @@
 """DiffEdit step by step on one toy-world edit: writes an HTML page with a picture of every intermediate.
 
-    python docs/walkthrough.py --out walkthrough/ [--model toy] [--steps 50] [--index 0]
+    python docs/walkthrough.py --out walkthrough/ [--model toy] [--steps 50] [--index I] [--grid 8]
+
+The step-by-step edit is, unless ``--index`` forces one, the first of the first 20 held-out edits (in the
+order the seed draws them) that DiffEdit at the page's settings edits successfully by the toy judge
+(``toy.judge.edit_success``); the first edit if none does, and the page says so. A teaching example should
+show the method working; the grid below it shows how often it does.
 
 The page shows the input scene and its caption, the target caption, the noise estimates under the two texts
 for one noise (channel means of eps_Q and eps_R), the difference map D and the mask (Sec. 3.1), the DDIM
 encoding decoded at a few levels (Sec. 3.2), the mask-guided decoding step by step (Sec. 3.2, "decoding with
-mask guidance"), and the result next to SDEdit and Encode-Decode. Everything is computed with the same
-functions ``DiffEdit.edit`` uses (masking.py, inversion.py, edit.py), so the page cannot drift from the code;
-tests/test_walkthrough.py runs it on a tiny random model. On the toy model it takes well under 2 minutes on
-a laptop CPU (about 300 UNet evaluations on 16 x 16 latents at 50 steps).
+mask guidance"), and the result next to SDEdit and Encode-Decode. Below the steps, a grid of the first
+``--grid`` held-out edits as they come (failures included), each method judged by the toy judge. Everything
+is computed with the same functions ``DiffEdit.edit`` uses (masking.py, inversion.py, edit.py), so the page
+cannot drift from the code; tests/test_walkthrough.py runs it on a tiny random model. On the toy model the
+steps take about 300 UNet evaluations on 16 x 16 latents at 50 steps, and every edit the search or the grid
+runs about as many.
 """
 from __future__ import annotations
 
@@ -26,10 +33,17 @@ from diffedit.edit import masked_decode, sdedit
 from diffedit.guidance import batched_eps
 from diffedit.inversion import ddim_encode, num_encoding_steps
 from diffedit.pipeline import DiffEdit
-from diffedit.toy import model_world, world
+from diffedit.toy import judge, model_world, world
 from diffedit.viz import heatmap, overlay
 
 SHOW = 192  # px: every picture is shown this wide, pixelated (the toy scenes are 64 px)
+THUMB = 112  # px: the grid's pictures
+SEARCH = 20  # held-out edits the selection rule looks at, at most
+STRENGTH, GUIDANCE, THRESHOLD = 0.5, 7.5, 0.5  # the paper's, and DiffEdit.edit's defaults
+METHODS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode"}
+RULE = (f"the first of the first {SEARCH} held-out edits, in the order the seed draws them, that DiffEdit at the "
+        "settings of the page edits successfully by the toy judge (toy.judge.edit_success); the first edit if "
+        "none does")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (index.html + PNGs)")
     p.add_argument("--model", default="toy", help='"toy" or a checkpoint file / folder')
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the full grid")
-    p.add_argument("--index", type=int, default=0, help="which held-out toy edit to show")
+    p.add_argument("--index", type=int, default=None,
+                   help=f"show this held-out toy edit step by step (default %(default)s: {RULE})")
+    p.add_argument("--grid", type=int, default=8,
+                   help="a grid of every method on the first this many held-out edits (0: none)")
     p.add_argument("--seed", type=int, default=world.EVAL_SEED, help="toy edits are drawn at this seed")
     p.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r")
     p.add_argument("--n", type=int, default=10, help="noises averaged into D")
@@ -62,12 +79,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.seed == world.TRAIN_SEED:
         raise SystemExit(f"--seed {args.seed} is the toy world's training seed; use a held-out seed")
+    if (args.index is not None and args.index < 0) or args.grid < 0:
+        raise SystemExit("--index and --grid must be >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     de = DiffEdit.from_pretrained(args.model)
-    edit = world.edits(args.index + 1, args.seed, size=args.size, spec=model_world(args.model))[args.index]
-    steps, ratio, n, strength, guidance, threshold = args.steps, args.ratio, args.n, 0.5, 7.5, 0.5
-    seed = args.seed * 1000 + args.index  # the seed toy/evaluate.py and diffedit sweep use for this edit
+    # world.edits draws one edit after another, so a longer list keeps every index's edit
+    pool = world.edits(max(SEARCH, args.grid, (args.index or 0) + 1), args.seed, size=args.size,
+                       spec=model_world(args.model))
+    runs = {}
+
+    def run(i: int, method: str = "diffedit"):
+        """``de.edit`` on held-out edit i at the page's settings, and the judge's verdict (each run once)."""
+        if (i, method) not in runs:
+            e = pool[i]
+            r = de.edit(Image.fromarray(e.source.render()), e.target_caption, source=e.source_caption,
+                        ratio=args.ratio, n=args.n, steps=args.steps, strength=STRENGTH, guidance=GUIDANCE,
+                        threshold=THRESHOLD, seed=args.seed * 1000 + i, method=method)
+            runs[i, method] = r, judge.edit_success(np.asarray(r.image.convert("RGB"), np.uint8), e)
+        return runs[i, method]
+
+    if args.index is not None:
+        index, found = args.index, None
+    else:
+        found = next((i for i in range(SEARCH) if run(i)[1]), None)
+        index = 0 if found is None else found
+    edit = pool[index]
+    steps, ratio, n, strength, guidance, threshold = args.steps, args.ratio, args.n, STRENGTH, GUIDANCE, THRESHOLD
+    seed = args.seed * 1000 + index  # the seed toy/evaluate.py and diffedit sweep use for this edit
     pil = Image.fromarray(edit.source.render())
     size = pil.size
     pngs: list[str] = []
@@ -129,20 +168,78 @@ def main(argv: list[str] | None = None) -> int:
     y_ed = masked_decode(de.eps, trajectory, query, reference, guidance, de.alpha_bar, None, max_batch=de.max_batch)
     y_sd = sdedit(de.eps, x0, query, reference, ratio, steps, guidance, de.alpha_bar,
                   torch.Generator().manual_seed(seed), de.max_batch)
-    save("result_diffedit.png", latent_image(y0[0]))
+    result = latent_image(y0[0])
+    save("result_diffedit.png", result)
     save("result_sdedit.png", latent_image(y_sd[0]))
     save("result_encode_decode.png", latent_image(y_ed[0]))
     save("vae_reconstruction.png", latent_image(x0[0]))
+    success = judge.edit_success(np.asarray(result.convert("RGB"), np.uint8), edit)  # the picture shown
 
-    (out / "index.html").write_text(_page(args, edit, encoded, decoding, k, strength, noises.t, threshold, guidance),
-                                    encoding="utf-8")
+    # The grid: the first edits as they come, so that it shows the failures the selection skips.
+    grid = []
+    for i in range(args.grid):
+        item, source, names, verdicts = pool[i], Image.fromarray(pool[i].source.render()), {}, {}
+        names["input"] = save(f"grid_{i:02d}_input.png", source)
+        names["target"] = save(f"grid_{i:02d}_target.png", Image.fromarray(item.target.render()))
+        for method in METHODS:
+            r, verdicts[method] = run(i, method)
+            names[method] = save(f"grid_{i:02d}_{method}.png", r.image)
+        names["mask"] = save(f"grid_{i:02d}_mask.png", overlay(source, run(i)[0].mask))
+        grid.append((i, item, names, verdicts))
+
+    choice = _choice(args, index, found, success)
+    (out / "index.html").write_text(_page(args, edit, encoded, decoding, k, strength, noises.t, threshold, guidance,
+                                          choice, success, grid), encoding="utf-8")
     missing = [p for p in pngs if p not in (out / "index.html").read_text()]
     assert not missing, f"walkthrough page does not show {missing}"
     print(f"wrote {out / 'index.html'} and {len(pngs)} PNGs")
     return 0
 
 
-def _page(args, edit, encoded, decoding, k, strength, t_mask, threshold, guidance) -> str:
+def _verdict(success: bool) -> str:
+    """The judge's verdict as a coloured word."""
+    return "<b style='color:#080'>success</b>" if success else "<b style='color:#c00'>failure</b>"
+
+
+def _choice(args, index: int, found: int | None, success: bool) -> str:
+    """The paragraph that says why the page shows edit ``index`` and how the judge rates DiffEdit on it."""
+    rule = f"The rule: {html.escape(RULE)}."
+    if args.index is not None:
+        why = (f"This is held-out edit {index}, forced with <code>--index {index}</code>. Without it the page shows "
+               f"{html.escape(RULE)}.")
+    elif found is None:
+        why = (f"None of the first {SEARCH} held-out edits succeeded with DiffEdit at these settings, so this page "
+               f"shows the first one (edit 0), a failed edit. {rule}")
+    else:
+        skipped = f" Edits 0 to {index - 1} failed." if index > 1 else " Edit 0 failed." if index else ""
+        why = f"This is held-out edit {index}, chosen by a fixed rule. {rule}{skipped}"
+    return f"<p>{why} The toy judge calls DiffEdit's result on it a {_verdict(success)}.</p>"
+
+
+def _grid(grid, seed: int) -> str:
+    """The table of the first held-out edits, every method judged, and the count of successes per method."""
+    if not grid:
+        return ""
+    img = lambda name: f"<img src='{html.escape(name)}' width='{THUMB}'>"
+    head = "".join(f"<th>{h}</th>" for h in ("edit", "input", "ground truth", "DiffEdit's mask", *METHODS.values()))
+    rows = "".join(
+        f"<tr><td>{i}: {html.escape(e.kind)}<br>{html.escape(e.description)}</td><td>{img(names['input'])}</td>"
+        f"<td>{img(names['target'])}</td><td>{img(names['mask'])}</td>"
+        + "".join(f"<td>{img(names[m])}<br>{_verdict(verdicts[m])}</td>" for m in METHODS) + "</tr>"
+        for i, e, names, verdicts in grid)
+    counts = ", ".join(f"{label} {sum(v[m] for *_, v in grid)} / {len(grid)}" for m, label in METHODS.items())
+    return f"""
+<h2>The first {len(grid)} held-out edits, as they come</h2>
+<p>The example above was chosen; these are not: edits 0 to {len(grid) - 1} of seed {seed}, failures
+included, each edited by <code>DiffEdit.edit</code> with the settings above (method "diffedit", "sdedit" or
+"encode-decode") and judged by the toy judge (<code>toy/judge.py</code>: the target colour or shape where the
+edit should be, or the new background).</p>
+<table style="border-collapse:collapse;font-size:12px;text-align:center"><tr>{head}</tr>{rows}</table>
+<p>Successes: {counts}.</p>
+"""
+
+
+def _page(args, edit, encoded, decoding, k, strength, t_mask, threshold, guidance, choice, success, grid) -> str:
     esc = html.escape
 
     def fig(name, caption):
@@ -163,6 +260,7 @@ held-out toy-world edit (model <code>{esc(args.model)}</code>, {args.steps} DDIM
 r = {args.ratio:g}, n = {args.n}, strength {strength:g}, threshold {threshold:g}, guidance {guidance:g}).
 The code that computed each picture is named under it; <code>docs/paper-map.md</code> maps the paper's
 equations to it.</p>
+{choice}
 
 <h2>The input</h2>
 {fig("input.png", "input x (the source scene)")}{fig("target_truth.png", "what the edit should give (ground truth)")}
@@ -202,11 +300,11 @@ so outside the mask only the VAE's reconstruction error remains.</p>
 <p><b>SDEdit</b> (<code>edit.sdedit</code>) noises x<sub>0</sub> to r with fresh noise and decodes with Q, no
 mask. <b>Encode-Decode</b> decodes the same DDIM encoding with Q and no mask (DiffEdit with M = 1). Both change
 the whole image; DiffEdit only the masked region.</p>
-{fig("result_diffedit.png", "DiffEdit")}{fig("result_sdedit.png", "SDEdit")}
+{fig("result_diffedit.png", f"DiffEdit ({_verdict(success)})")}{fig("result_sdedit.png", "SDEdit")}
 {fig("result_encode_decode.png", "Encode-Decode")}
 {fig("vae_reconstruction.png", "VAE reconstruction of the input (the ceiling)")}
 {fig("target_truth.png", "ground truth")}
-</body></html>
+{_grid(grid, args.seed)}</body></html>
 """
 
 

@@ -1,6 +1,7 @@
 """docs/walkthrough.py, the teaching page, runs end to end on a tiny random checkpoint, so it cannot rot."""
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import re
@@ -14,7 +15,7 @@ from diffedit.models import StableDiffusion, preset
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "walkthrough.py"
 
 
-def test_walkthrough_writes_a_page_that_shows_every_png(tmp_path):
+def test_walkthrough_writes_a_page_that_shows_every_png(tmp_path, monkeypatch):
     torch.manual_seed(0)
     cfg = preset("tiny")
     ckpt = tmp_path / "tiny.safetensors"
@@ -25,7 +26,8 @@ def test_walkthrough_writes_a_page_that_shows_every_png(tmp_path):
     spec.loader.exec_module(walkthrough)
 
     out = tmp_path / "walkthrough"
-    assert walkthrough.main(["--out", str(out), "--model", str(ckpt), "--steps", "4", "--n", "2", "--size", "16"]) == 0
+    tiny = ["--model", str(ckpt), "--steps", "4", "--n", "2", "--size", "16"]
+    assert walkthrough.main(["--out", str(out), *tiny, "--grid", "2"]) == 0
 
     page = (out / "index.html").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -37,3 +39,21 @@ def test_walkthrough_writes_a_page_that_shows_every_png(tmp_path):
                  "result_sdedit.png", "result_encode_decode.png"):
         assert name in pngs
     assert any(n.startswith("encoded_") for n in pngs) and any(n.startswith("decoding_") for n in pngs)
+
+    # the grid: every method on edits 0 and 1, and a count per method
+    for i in range(2):
+        for part in ("input", "target", "mask", "diffedit", "sdedit", "encode-decode"):
+            assert f"grid_{i:02d}_{part}.png" in pngs and f"grid_{i:02d}_{part}.png" in page
+    assert "grid_02_input.png" not in pngs
+    assert re.search(r"Successes: DiffEdit \d / 2, SDEdit \d / 2, Encode-Decode \d / 2\.", page)
+    # the selection rule, on the page and in --help
+    assert html.escape(walkthrough.RULE) in page and "chosen by a fixed rule" in page
+    assert walkthrough.RULE in " ".join(walkthrough.build_parser().format_help().split())
+
+    # a random model's gray output can pass a gray-background edit, so force the fallback with a judge that fails all
+    monkeypatch.setattr(walkthrough.judge, "edit_success", lambda edited, edit: False)
+    assert walkthrough.main(["--out", str(tmp_path / "fallback"), *tiny, "--grid", "0"]) == 0
+    page = (tmp_path / "fallback" / "index.html").read_text()
+    assert f"None of the first {walkthrough.SEARCH} held-out edits succeeded" in page
+    assert "(edit 0), a failed edit" in page
+    assert "grid_" not in page
