@@ -63,3 +63,23 @@ def test_benchmark_quick_mode_covers_both_dtypes(tmp_path):
     case = r["cases"]["toy"]["dtypes"]
     assert {run["unet"]["rows"] for run in case["bfloat16"]["runs"].values()} == {44, 52, 72}
     assert all(math.isfinite(x) for x in numbers(r))
+
+
+def test_bench_sdxl_dry_run_races_both_unets_on_shared_tensors(tmp_path):
+    r = run_script(tmp_path, "bench_sdxl", "--preset", "tiny-sdxl", "--sides", "8", "--repeats", "1")
+    assert r["edit_rows"]["paper"]["rows"] == r["edit_rows"]["paper"]["expected_rows"] == 140
+    assert r["edit_rows"]["library_defaults"]["rows"] == 125
+    for d in ("bfloat16", "float32"):
+        assert r["dtypes"][d]["shared_tensors"]
+        side = r["dtypes"][d]["sides"]["8"]
+        assert side["ours"]["flops_counted_on_cpu"] == side["diffusers"]["flops_counted_on_cpu"] > 0
+        assert side["flops"] == 2 * r["row_flops_batch1"]["8"] >= side["ours"]["flops_counted_on_cpu"]
+        assert side["relative_difference"] < (0.05 if d == "bfloat16" else 1e-4)
+    assert all(math.isfinite(x) for x in numbers(r))
+
+
+def test_cpu_memory_runs_an_sdxl_edit(tmp_path):
+    r = run_script(tmp_path, "cpu_memory", "--preset", "tiny-sdxl", "--size", "64", "--steps", "2")
+    assert r["unet_rows"] == 2 * 10 + 3 * round(0.8 * 2)
+    assert r["largest_unet_call_rows"] == 10  # a mask-pass call: n rows under one text
+    assert r["peak_rss_mib"] >= r["rss_with_weights_mib"] > 0
