@@ -81,27 +81,28 @@ class ModuleCounter(Rows):
 
 # --- random full-size weights -------------------------------------------------------------------------------------
 
-def random_model(name: str, device="cpu", dtype=None, seed: int = 0):
-    """A preset's StableDiffusion with random weights, built on the device (meta first: no CPU init pass).
-    Matrices and kernels N(0, 1/fan_in) (activations stay O(1) through the full-size networks), norms the
-    identity, other vectors N(0, 0.02^2)."""
+def random_model(name: str, device="cpu", dtype=None, seed: int = 0, parts=None):
+    """A preset's StableDiffusion with random weights, made on the device straight in ``dtype`` (meta first: no CPU
+    init pass, no float32 copy of the whole model). Matrices and kernels N(0, 1/fan_in) (activations stay O(1)
+    through the full-size networks), norms the identity, other vectors N(0, 0.02^2). ``parts``: the attribute names
+    that get weights (e.g. ("model", "first_stage_model")); the others stay on meta. None: all."""
     import torch
     from .models import StableDiffusion, preset
     with torch.device("meta"):
-        model = StableDiffusion(preset(name))
-    model.to_empty(device=device)
+        model = StableDiffusion(preset(name)).to(dtype or torch.float32)
     gen = torch.Generator(device).manual_seed(seed)
-    norms = {id(p) for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-             for p in m.parameters()}
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if id(p) in norms:
-                p.fill_(1.0 if pname.endswith("weight") else 0.0)
-            elif p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, device=device) * p[0].numel() ** -0.5)
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen, device=device))
-    return model.to(dtype or torch.float32).eval().requires_grad_(False)
+        for part in [model] if parts is None else [getattr(model, p) for p in parts]:
+            part.to_empty(device=device)
+            norms = {id(p) for m in part.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+                     for p in m.parameters()}
+            for pname, p in part.named_parameters():
+                if id(p) in norms:
+                    p.fill_(1.0 if pname.endswith("weight") else 0.0)
+                else:  # drawn in float32 one tensor at a time: the same weights in every dtype
+                    scale = p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02
+                    p.copy_(torch.randn(p.shape, generator=gen, device=device) * scale)
+    return model.eval().requires_grad_(False)
 
 
 # --- memory -------------------------------------------------------------------------------------------------------

@@ -48,25 +48,6 @@ EDIT = dict(ratio=0.8, n=10, strength=0.5, steps=50, guidance=7.5, seed=0)  # th
 T = 481  # the timestep of every timed forward
 
 
-@torch.no_grad()
-def random_weights(name: str, dtype, parts=("model", "first_stage_model"), seed: int = 0) -> StableDiffusion:
-    """A preset's model with random weights made in ``dtype``; only ``parts`` (attribute names) leave meta.
-    measure.random_model's distribution: matrices and kernels N(0, 1/fan_in), norms 1 and 0, vectors N(0, .02^2)."""
-    with torch.device("meta"):
-        model = StableDiffusion(preset(name)).to(dtype)
-    gen = torch.Generator().manual_seed(seed)
-    for part in (getattr(model, p) for p in parts):
-        part.to_empty(device="cpu")
-        norms = {id(p) for m in part.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-                 for p in m.parameters()}
-        for pname, p in part.named_parameters():
-            if id(p) in norms:
-                p.fill_(1.0 if pname.endswith("weight") else 0.0)
-            else:
-                p.normal_(0.0, p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02, generator=gen)
-    return model.eval().requires_grad_(False)
-
-
 def meta_flops(name: str, side: int, batch: int = 1) -> int:
     """FLOPs of one UNet forward counted on the meta device, where attention decomposes into matmuls (on a CPU,
     torch's FlopCounterMode misses the fused scaled_dot_product_attention kernel: it counts 0 for it)."""
@@ -123,7 +104,7 @@ def race(de: DiffEdit, unet, side: int, args, deadline: float) -> dict:
 def run_dtype(dtype, args, deadline: float) -> dict:
     """Both UNets on one set of random weights in ``dtype``, every latent side raced; the model freed after."""
     t0 = time.perf_counter()
-    de = DiffEdit(random_weights(args.preset, dtype), device="cpu", dtype=dtype)  # channels-last first: twin shares it
+    de = DiffEdit(random_model(args.preset, dtype=dtype, parts=("model", "first_stage_model")), device="cpu", dtype=dtype)  # channels-last first: twin shares it
     unet = oracles._networks(de.model, dtype)["unet"]
     ours_p = list(de.model.unet.parameters())
     ours = {p.data_ptr() for p in ours_p}

@@ -23,28 +23,9 @@ from pathlib import Path
 import torch
 
 import oracles
-from diffedit.measure import ModuleCounter, PeakMemory
-from diffedit.models import StableDiffusion, preset
+from diffedit.measure import ModuleCounter, PeakMemory, random_model
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import DTYPES, resolve_dtype
-
-
-@torch.no_grad()
-def random_weights(name: str, dtype, seed: int = 0) -> StableDiffusion:
-    """A preset's model with random weights made in ``dtype``: matrices and kernels N(0, 1/fan_in), norms the
-    identity, other vectors N(0, 0.02^2) (measure.random_model's, without a float32 copy first)."""
-    with torch.device("meta"):
-        model = StableDiffusion(preset(name)).to(dtype)
-    model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    norms = {id(p) for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-             for p in m.parameters()}
-    for pname, p in model.named_parameters():
-        if id(p) in norms:
-            p.fill_(1.0 if pname.endswith("weight") else 0.0)
-        else:
-            p.normal_(0.0, p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02, generator=gen)
-    return model.eval().requires_grad_(False)
 
 
 def main(argv=None):
@@ -64,7 +45,7 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     cpu = torch.device("cpu")
     dtype = resolve_dtype(args.dtype, cpu)
-    de = DiffEdit(random_weights(args.preset, dtype), device=cpu, max_batch=args.max_batch)
+    de = DiffEdit(random_model(args.preset, dtype=dtype), device=cpu, max_batch=args.max_batch)
     image = oracles.astronaut(args.size)
     t0 = time.perf_counter()
     calls = []
