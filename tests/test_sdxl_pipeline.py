@@ -44,11 +44,14 @@ def picture(size=(40, 24), seed=0) -> Image.Image:
 
 
 @torch.no_grad()
-def test_generate_equals_diffusers_sdxl_pipeline(de, pipe):
-    side = de.cfg.resolution // de.cfg.vae.downsampling
+def test_generate_from_a_diffusers_sdxl_folder_equals_diffusers_sdxl_pipeline(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "tiny-sdxl")  # written by diffusers itself; loaded by our loader
+    de = DiffEdit.from_pretrained(str(tmp_path / "tiny-sdxl"), dtype=torch.float32)
+    px = 32  # the folder's sample_size says 512 px: too slow for a test, and the size is an argument anyway
+    side = px // de.cfg.vae.downsampling
     noise = torch.randn((1, 4, side, side), generator=torch.Generator().manual_seed(7))
-    ours = np.asarray(de.generate(PROMPT, seed=7, steps=5, guidance=5.0), np.float64) / 255
-    theirs = pipe(PROMPT, negative_prompt="", height=de.cfg.resolution, width=de.cfg.resolution, num_inference_steps=5,
+    ours = np.asarray(de.generate(PROMPT, seed=7, steps=5, guidance=5.0, size=px), np.float64) / 255
+    theirs = pipe(PROMPT, negative_prompt="", height=px, width=px, num_inference_steps=5,
                   guidance_scale=5.0, latents=noise, output_type="np").images[0].astype(np.float64)
     diff = np.abs(ours - theirs)
     print(f"[parity] sdxl generate vs StableDiffusionXLPipeline: max abs {diff.max():.2e} of [0, 1]")
