@@ -21,7 +21,7 @@ import torch
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import DTYPES
 from diffedit.settings import REFERENCES
-from diffedit.toy import evaluate, model_world, world
+from diffedit.toy import evaluate, resolve_world, world
 
 
 def _work(model, dtype, job, kwargs):
@@ -61,9 +61,9 @@ def main(argv=None):
     if not args.guidance >= 1.0:
         p.error(f"--guidance must be >= 1 (1: no guidance), got {args.guidance}")
     try:
-        spec = world.WORLDS[args.world] if args.world else model_world(args.model)
+        spec = resolve_world(args.world, args.model)
     except ValueError as e:
-        p.error(f"--model {e}")
+        p.error(str(e))
     t0 = time.time()
     w = args.workers
     edit_kw = dict(n=args.n, seed=args.seed, ratio=args.ratio, steps=args.steps, reference=args.reference,

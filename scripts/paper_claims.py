@@ -39,7 +39,7 @@ from pathlib import Path
 from diffedit.settings import METHODS
 from diffedit.sweep import mean_by, read_rows
 from diffedit.sweep.cli import DTYPES
-from diffedit.toy import model_world
+from diffedit.toy import resolve_world
 from diffedit.toy.world import WORLDS
 
 SWEEPS = {
@@ -190,7 +190,7 @@ def main(argv=None):
     if args.nproc < 1:
         raise SystemExit(f"paper_claims: --nproc must be >= 1, got {args.nproc}")
     try:
-        args.world = args.world or model_world(args.model).name  # one world for every sweep, named in the report
+        args.world = resolve_world(args.world, args.model).name  # one world for every sweep, named in the report
     except ValueError as e:
         raise SystemExit(f"paper_claims: --model {e}") from None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -91,10 +91,13 @@ def infer_config(path: Path, shape: dict[str, tuple[int, ...]]) -> ModelConfig:
     """The architecture of a single file from its tensor shapes."""
     family = family_of(path, shape)
     try:
-        if family == "sdxl":
+        if family == "sdxl":  # the scaling factor, the upcast and the resolution are SDXL base's
+            xl = PRESETS["sdxl"]
+            vae = dataclasses.replace(_vae_config(shape), scaling_factor=xl.vae.scaling_factor,
+                                      force_upcast=xl.vae.force_upcast)
             cfg = ModelConfig(unet=_unet_config(shape, family), text=_text_config(shape, SDXL_TEXT_PREFIX, "openai"),
-                              vae=dataclasses.replace(_vae_config(shape), scaling_factor=0.13025, force_upcast=True),
-                              text_2=_text_config(shape, SDXL_TEXT_2_PREFIX, "openclip", pooled=True), resolution=1024)
+                              vae=vae, text_2=_text_config(shape, SDXL_TEXT_2_PREFIX, "openclip", pooled=True),
+                              resolution=xl.resolution)
         else:
             prefix, kind = (SD1_TEXT_PREFIX, "openai") if family == "sd1" else (SD2_TEXT_PREFIX, "openclip")
             cfg = ModelConfig(unet=_unet_config(shape, family), vae=_vae_config(shape),

@@ -40,12 +40,13 @@ class StableDiffusion(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Texts -> (context (B, 77, D), pooled (B, P) for SDXL's y, else None); ids go to ``device`` (None: where
         the text encoder's weights are)."""
-        if self.cfg.family != "sdxl":
-            encoder = self.cond_stage_model
-            device = device or next(encoder.parameters()).device
-            return encoder(tokenize(texts, self.cfg.text).to(device)), None
-        device = device or next(self.conditioner.parameters()).device
-        return self.conditioner(tokenize(texts, self.cfg.text).to(device), tokenize(texts, self.cfg.text_2).to(device))
+        xl = self.cfg.family == "sdxl"
+        encoder = self.conditioner if xl else self.cond_stage_model
+        device = device or next(encoder.parameters()).device
+        ids = tokenize(texts, self.cfg.text).to(device)
+        if not xl:
+            return encoder(ids), None
+        return encoder(ids, tokenize(texts, self.cfg.text_2).to(device))
 
 
 __all__ = ["StableDiffusion", "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "PRESETS", "preset",

@@ -176,16 +176,9 @@ def parse_config(args) -> Config:
 
 
 def _world(args):
-    """The toy world of --world, or the one the model was trained in (``toy.model_world``)."""
-    from ..toy import model_world, world
-    if args.world is None:
-        try:
-            return model_world(args.model)
-        except ValueError as e:
-            raise ValueError(f"--model {e}") from None
-    if args.world not in world.WORLDS:
-        raise ValueError(f"--world: {args.world!r} is not a toy world ({', '.join(world.WORLDS)})")
-    return world.WORLDS[args.world]
+    """The toy world of --world, or the one the model was trained in."""
+    from ..toy import resolve_world
+    return resolve_world(args.world, args.model)
 
 
 def _network_dtype(args) -> str:

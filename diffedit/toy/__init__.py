@@ -23,3 +23,17 @@ def model_world(model: str):
     if name not in WORLDS:
         raise ValueError(f"{model}: its recipe names toy world {name!r}, not one of {', '.join(WORLDS)}")
     return WORLDS[name]
+
+
+def resolve_world(name: str | None, model: str):
+    """The toy world called ``name`` (a key of ``world.WORLDS``), or for None the one ``model`` was trained in
+    (``model_world``); a ValueError names the command-line flag at fault."""
+    from .world import WORLDS
+    if name is None:
+        try:
+            return model_world(model)
+        except ValueError as e:
+            raise ValueError(f"--model {e}") from None
+    if name not in WORLDS:
+        raise ValueError(f"--world: {name!r} is not a toy world ({', '.join(WORLDS)})")
+    return WORLDS[name]
