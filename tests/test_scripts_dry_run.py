@@ -83,3 +83,27 @@ def test_cpu_memory_runs_an_sdxl_edit(tmp_path):
     assert r["unet_rows"] == 2 * 10 + 3 * round(0.8 * 2)
     assert r["largest_unet_call_rows"] == 10  # a mask-pass call: n rows under one text
     assert r["peak_rss_mib"] >= r["rss_with_weights_mib"] > 0
+
+
+def test_mask_anatomy_finds_the_shipped_models_map_on_the_changed_cells(tmp_path):
+    if not (ROOT / "diffedit" / "toy" / "toy.safetensors").is_file():
+        pytest.skip("no toy weights")
+    r = run_script(tmp_path, "mask_anatomy", "--n", "6", "--seed", "12345", "--strength", "0.5,0.7", "--noises", "2")
+    assert [(x["strength"], x["n"]) for x in r["results"]] == [(0.5, 2), (0.7, 2)] and r["world"] == "v1"
+    for x in r["results"]:
+        every = x["by_kind"]["all"]
+        assert every["count"] == 6 == sum(k["count"] for name, k in x["by_kind"].items() if name != "all")
+        assert every["d_changed"] > 2 * every["d_outside"]  # D is on the edit, not spread over the image
+        assert 0 < every["iou"] <= 1 and 0 < every["iou_footprint"] <= 1
+        for kind in ("colour", "background"):  # their footprint is the changed pixels: no rest of the object
+            if kind in x["by_kind"]:
+                assert x["by_kind"][kind]["d_rest_of_object"] is None
+    assert all(math.isfinite(x) for x in numbers(r))
+
+
+def test_mask_anatomy_refuses_the_training_seed_and_bad_lists():
+    for flags, message in ((["--seed", "0"], "training seed"), (["--noises", "ten"], "--noises"),
+                           (["--strength", "0"], "strength must be in (0, 1]")):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "mask_anatomy.py"), "--n", "1", *flags],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
