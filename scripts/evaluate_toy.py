@@ -18,6 +18,7 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
+from diffedit.checkpoint.sources import resolve
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import DTYPES
 from diffedit.settings import REFERENCES
@@ -60,6 +61,10 @@ def main(argv=None):
         p.error("--n and --workers must be >= 1")
     if not args.guidance >= 1.0:
         p.error(f"--guidance must be >= 1 (1: no guidance), got {args.guidance}")
+    try:
+        resolve(args.model)  # a missing model: one line here, not a traceback from a worker
+    except ValueError as e:
+        p.error(f"--model {e}")
     try:
         spec = resolve_world(args.world, args.model)
     except ValueError as e:

@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from diffedit.checkpoint.sources import resolve
 from diffedit.settings import METHODS
 from diffedit.sweep import mean_by, read_rows
 from diffedit.sweep.cli import DTYPES
@@ -190,6 +191,7 @@ def main(argv=None):
     if args.nproc < 1:
         raise SystemExit(f"paper_claims: --nproc must be >= 1, got {args.nproc}")
     try:
+        resolve(args.model)  # a missing model: one line now, not a traceback from the first sweep
         args.world = resolve_world(args.world, args.model).name  # one world for every sweep, named in the report
     except ValueError as e:
         raise SystemExit(f"paper_claims: --model {e}") from None

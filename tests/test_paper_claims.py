@@ -73,3 +73,16 @@ def test_the_dilate_ablation_is_judged_on_success_and_background_psnr_not_iou(tm
     assert "shape edits 0.000 at 0, 1.000 at 1, 1.000 at 2" in success["evidence"]
     assert (psnr["metric"], psnr["a"], psnr["b"], psnr["verdict"]) == ("bg_psnr", 0, 1, "yes")
     assert psnr["mean_diff"] == pytest.approx(1.0)
+
+
+def test_paper_claims_and_evaluate_toy_refuse_a_missing_model_in_one_line_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    root, missing = Path(__file__).parents[1], str(tmp_path / "none.safetensors")
+    for script, flags in (("paper_claims", ["--out", str(tmp_path / "out")]), ("evaluate_toy", ["--n", "1"])):
+        proc = subprocess.run([sys.executable, str(root / "scripts" / f"{script}.py"), "--model", missing, *flags],
+                              cwd=root, capture_output=True, text=True, timeout=120)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert err[-1].endswith(f"--model no such file or folder: {missing}")
+    assert not (tmp_path / "out").exists()  # stopped before the first sweep
