@@ -1,13 +1,15 @@
-"""Where the difference map D lands on held-out toy-world edits, per edit kind, at several strengths and n.
+"""Where the difference map D lands on held-out toy-world edits, per edit kind, at several strengths, n and rules.
 
-    python scripts/mask_anatomy.py --model toy --n 40 --seed 12345 --strength 0.5,0.7,0.9 --noises 10,40 --json out.json
+    python scripts/mask_anatomy.py --model toy --n 40 --seed 12345 --strength 0.5,0.7,0.9 --noises 10,40 \
+        [--normalization quantile,clamp] --json out.json
 
 For each edit: the mean rescaled D (Sec. 3.1, the paper's other knobs at their defaults) over three sets of latent
 cells, the cells holding a changed pixel, the other cells of the edited object's footprint (source or target object:
 empty for colour and background edits) and the cells outside the footprint; the mask's area and the changed area in cells; the mask's IoU
 with the changed pixels and with the footprint at pixel resolution (as evaluate_toy). A mask that is too small
 while D is high on the changed cells is a threshold matter; D low on part of the changed cells is the model's
-estimate, and more noise maps (--noises) tell its noise from its bias.
+estimate, and more noise maps (--noises) tell its noise from its bias; --normalization compares the rules that
+remove D's extremes before the threshold (settings.NORMALIZATIONS).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 from diffedit import metrics
 from diffedit.pipeline import DiffEdit
+from diffedit.settings import NORMALIZATIONS
 from diffedit.sweep import toy_items
 from diffedit.toy import resolve_world, world
 
@@ -30,9 +33,9 @@ def _floats(text: str, name: str, cast=float) -> list:
         raise SystemExit(f"--{name}: expected a comma list of numbers, got {text!r}") from None
 
 
-def anatomy(de: DiffEdit, item, strength: float, n: int) -> dict:
+def anatomy(de: DiffEdit, item, strength: float, n: int, normalization: str) -> dict:
     """D's means over the changed cells, the rest of the footprint and the cells outside it; areas and IoUs."""
-    r = de.mask(item.load(), item.target, source=item.source, strength=strength, n=n)
+    r = de.mask(item.load(), item.target, source=item.source, strength=strength, n=n, normalization=normalization)
     d, cells = r.map.float().numpy(), de.cfg.vae.downsampling
     changed, footprint = item.edit.mask(), item.edit.footprint()
     ch, fp = (metrics.downsample_mask(m, cells, "any") for m in (changed, footprint))
@@ -66,6 +69,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=world.EVAL_SEED, help=f"scene seed (not {world.TRAIN_SEED})")
     p.add_argument("--strength", default="0.5", help="comma list of noise strengths (paper 0.5)")
     p.add_argument("--noises", default="10", help="comma list of the number of noise maps n (paper 10)")
+    p.add_argument("--normalization", default="quantile",
+                   help=f"comma list of mask rules ({', '.join(NORMALIZATIONS)}; paper-faithful default quantile)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.seed == world.TRAIN_SEED:
@@ -73,16 +78,20 @@ def main(argv=None):
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
     strengths, noises = _floats(args.strength, "strength"), _floats(args.noises, "noises", int)
+    rules = args.normalization.split(",")
+    if unknown := [r for r in rules if r not in NORMALIZATIONS]:
+        p.error(f"--normalization: unknown rule(s) {unknown}; choose from {', '.join(NORMALIZATIONS)}")
     try:
         spec = resolve_world(args.world, args.model)
         de = DiffEdit.from_pretrained(args.model, dtype="float32")
         items = toy_items(args.n, args.seed, spec.size, spec)
         results = []
         with torch.no_grad():
-            for s in strengths:
-                for n in noises:
-                    rows = [anatomy(de, item, s, n) for item in items]
-                    results.append({"strength": s, "n": n, "by_kind": summarize(rows)})
+            for rule in rules:
+                for s in strengths:
+                    for n in noises:
+                        rows = [anatomy(de, item, s, n, rule) for item in items]
+                        results.append({"normalization": rule, "strength": s, "n": n, "by_kind": summarize(rows)})
     except ValueError as e:  # a knob out of range, an unknown world: the settings' one-line message
         p.error(str(e))
     out = {"model": args.model, "world": spec.name, "seed": args.seed, "edits": args.n, "results": results}

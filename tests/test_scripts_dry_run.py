@@ -88,8 +88,10 @@ def test_cpu_memory_runs_an_sdxl_edit(tmp_path):
 def test_mask_anatomy_finds_the_shipped_models_map_on_the_changed_cells(tmp_path):
     if not (ROOT / "diffedit" / "toy" / "toy.safetensors").is_file():
         pytest.skip("no toy weights")
-    r = run_script(tmp_path, "mask_anatomy", "--n", "6", "--seed", "12345", "--strength", "0.5,0.7", "--noises", "2")
-    assert [(x["strength"], x["n"]) for x in r["results"]] == [(0.5, 2), (0.7, 2)] and r["world"] == "v1"
+    r = run_script(tmp_path, "mask_anatomy", "--n", "6", "--seed", "12345", "--strength", "0.5,0.7", "--noises", "2",
+                   "--normalization", "quantile,minmax")
+    assert [(x["normalization"], x["strength"], x["n"]) for x in r["results"]] == [
+        ("quantile", 0.5, 2), ("quantile", 0.7, 2), ("minmax", 0.5, 2), ("minmax", 0.7, 2)] and r["world"] == "v1"
     for x in r["results"]:
         every = x["by_kind"]["all"]
         assert every["count"] == 6 == sum(k["count"] for name, k in x["by_kind"].items() if name != "all")
@@ -103,7 +105,8 @@ def test_mask_anatomy_finds_the_shipped_models_map_on_the_changed_cells(tmp_path
 
 def test_mask_anatomy_refuses_the_training_seed_and_bad_lists():
     for flags, message in ((["--seed", "0"], "training seed"), (["--noises", "ten"], "--noises"),
-                           (["--strength", "0"], "strength must be in (0, 1]")):
+                           (["--strength", "0"], "strength must be in (0, 1]"),
+                           (["--normalization", "max"], "unknown rule(s) ['max']")):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "mask_anatomy.py"), "--n", "1", *flags],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
