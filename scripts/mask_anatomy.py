@@ -5,11 +5,11 @@
 
 For each edit: the mean rescaled D (Sec. 3.1, the paper's other knobs at their defaults) over three sets of latent
 cells, the cells holding a changed pixel, the other cells of the edited object's footprint (source or target object:
-empty for colour and background edits) and the cells outside the footprint; the mask's area and the changed area in cells; the mask's IoU
-with the changed pixels and with the footprint at pixel resolution (as evaluate_toy). A mask that is too small
-while D is high on the changed cells is a threshold matter; D low on part of the changed cells is the model's
-estimate, and more noise maps (--noises) tell its noise from its bias; --normalization compares the rules that
-remove D's extremes before the threshold (settings.NORMALIZATIONS).
+empty for colour and background edits) and the cells outside the footprint; the mask's area and the changed area in
+cells; the mask's IoU with the changed pixels and with the footprint at pixel resolution (as evaluate_toy). A mask
+that is too small while D is high on the changed cells is a threshold matter; D low on part of the changed cells is
+the model's estimate, and more noise maps (--noises) tell its noise from its bias; --normalization compares the
+rules that remove D's extremes before the threshold (settings.NORMALIZATIONS).
 """
 from __future__ import annotations
 

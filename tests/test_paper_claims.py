@@ -1,6 +1,8 @@
 """scripts/paper_claims.py: the verdicts follow from the rows (synthetic rows with known answers)."""
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,8 +78,6 @@ def test_the_dilate_ablation_is_judged_on_success_and_background_psnr_not_iou(tm
 
 
 def test_paper_claims_and_evaluate_toy_refuse_a_missing_model_in_one_line_before_any_work(tmp_path):
-    import subprocess
-    import sys
     root, missing = Path(__file__).parents[1], str(tmp_path / "none.safetensors")
     for script, flags in (("paper_claims", ["--out", str(tmp_path / "out")]), ("evaluate_toy", ["--n", "1"])):
         proc = subprocess.run([sys.executable, str(root / "scripts" / f"{script}.py"), "--model", missing, *flags],
