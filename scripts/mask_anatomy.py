@@ -16,21 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
 from diffedit import metrics
 from diffedit.pipeline import DiffEdit
 from diffedit.settings import NORMALIZATIONS
-from diffedit.sweep import toy_items
+from diffedit.sweep import group_means, toy_items
+from diffedit.sweep.cli import knob_values
 from diffedit.toy import resolve_world, world
-
-
-def _floats(text: str, name: str, cast=float) -> list:
-    try:
-        return [cast(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--{name}: expected a comma list of numbers, got {text!r}") from None
 
 
 def anatomy(de: DiffEdit, item, strength: float, n: int, normalization: str) -> dict:
@@ -40,24 +33,21 @@ def anatomy(de: DiffEdit, item, strength: float, n: int, normalization: str) -> 
     changed, footprint = item.edit.mask(), item.edit.footprint()
     ch, fp = (metrics.downsample_mask(m, cells, "any") for m in (changed, footprint))
     rest_of_object, outside = fp & ~ch, ~fp
-    binary = np.asarray(r.image) > 127
+    binary = r.binary.numpy()
     return {"kind": item.edit.kind, "d_changed": float(d[ch].mean()),
             "d_rest_of_object": float(d[rest_of_object].mean()) if rest_of_object.any() else None,
             "d_outside": float(d[outside].mean()) if outside.any() else None,
             "mask_cells": int(r.binary.sum()), "changed_cells": int(ch.sum()),
-            "iou": metrics.iou(binary, changed), "iou_footprint": metrics.iou(binary, footprint)}
+            "iou": metrics.iou(metrics.resize_mask(binary, changed.shape), changed),
+            "iou_footprint": metrics.iou(metrics.resize_mask(binary, footprint.shape), footprint)}
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Means per kind (keys present in some row; None entries left out) and over all."""
-    out = {}
-    for kind in (*world.EDIT_KINDS, "all"):
-        group = [r for r in rows if kind in ("all", r["kind"])]
-        if group:
-            keys = [k for k in group[0] if k != "kind"]
-            out[kind] = {k: float(np.mean(v)) if (v := [r[k] for r in group if r[k] is not None]) else None
-                         for k in keys} | {"count": len(group)}
-    return out
+    """Means per kind and over all, each over the rows that have the value (None where none has it)."""
+    keys = [k for k in rows[0] if k != "kind"]
+    kinds = {g["kind"]: g for g in group_means(rows, ("kind",), keys)}
+    groups = {**{k: kinds[k] for k in world.EDIT_KINDS if k in kinds}, "all": group_means(rows, (), keys)[0]}
+    return {kind: {k: g.get(k) for k in keys} | {"count": g["count"]} for kind, g in groups.items()}
 
 
 def main(argv=None):
@@ -77,10 +67,12 @@ def main(argv=None):
         p.error(f"--seed {args.seed} is the training seed; choose a held-out seed")
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
-    strengths, noises = _floats(args.strength, "strength"), _floats(args.noises, "noises", int)
-    rules = args.normalization.split(",")
-    if unknown := [r for r in rules if r not in NORMALIZATIONS]:
-        p.error(f"--normalization: unknown rule(s) {unknown}; choose from {', '.join(NORMALIZATIONS)}")
+    try:  # each value checked by its knob (settings.py) before the model loads
+        strengths = knob_values("--strength", args.strength, "strength")
+        noises = knob_values("--noises", args.noises, "n")
+        rules = knob_values("--normalization", args.normalization, "normalization")
+    except ValueError as e:
+        p.error(str(e))
     try:
         spec = resolve_world(args.world, args.model)
         de = DiffEdit.from_pretrained(args.model, dtype="float32")
@@ -92,7 +84,7 @@ def main(argv=None):
                     for n in noises:
                         rows = [anatomy(de, item, s, n, rule) for item in items]
                         results.append({"normalization": rule, "strength": s, "n": n, "by_kind": summarize(rows)})
-    except ValueError as e:  # a knob out of range, an unknown world: the settings' one-line message
+    except ValueError as e:  # a missing model, a world whose objects do not fit: one line
         p.error(str(e))
     out = {"model": args.model, "world": spec.name, "seed": args.seed, "edits": args.n, "results": results}
     text = json.dumps(out, indent=1)

@@ -104,9 +104,11 @@ def test_mask_anatomy_finds_the_shipped_models_map_on_the_changed_cells(tmp_path
 
 
 def test_mask_anatomy_refuses_the_training_seed_and_bad_lists():
-    for flags, message in ((["--seed", "0"], "training seed"), (["--noises", "ten"], "--noises"),
+    for flags, message in ((["--seed", "0"], "training seed"),
+                           (["--noises", "ten"], "--noises: 'ten' is not an integer"),
                            (["--strength", "0"], "strength must be in (0, 1]"),
-                           (["--normalization", "max"], "unknown rule(s) ['max']")):
+                           (["--normalization", "max"],
+                            "--normalization must be one of quantile, clamp, minmax, clamp-mean, got 'max'")):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "mask_anatomy.py"), "--n", "1", *flags],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr

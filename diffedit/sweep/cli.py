@@ -125,8 +125,9 @@ def _value(flag: str, text: str, knob: str):
         raise ValueError(e.message_for(flag)) from None
 
 
-def _values(flag: str, text: str, knob: str) -> list:
-    """A comma list of values of a flag, each checked (``_value``), duplicates dropped."""
+def knob_values(flag: str, text: str, knob: str) -> list:
+    """A comma list of values of a flag, each checked by its knob (``_value``), duplicates dropped; a ValueError
+    naming the flag."""
     parts = [t.strip() for t in str(text).split(",")]
     if any(not t for t in parts):
         raise ValueError(f"{flag}: {text!r} is not a comma list (e.g. {DEFAULTS.get(knob, '0.5,0.7')})")
@@ -151,7 +152,7 @@ class Config:
 def parse_config(args) -> Config:
     """Check every argument (ValueError naming the flag) and read the images list; loads no model."""
     from ..toy import world
-    lists = {k: _values(f"--{k}", getattr(args, k), k) for k in ("ratio", "threshold", "n", "strength", "reference",
+    lists = {k: knob_values(f"--{k}", getattr(args, k), k) for k in ("ratio", "threshold", "n", "strength", "reference",
                                                                  "method", "dilate")}  # grid's argument order
     steps = _value("--steps", args.steps, "steps")
     guidance = _value("--guidance", args.guidance, "guidance")
