@@ -180,8 +180,8 @@ class Work:
 
     def text(self, text: str, pic: Picture) -> torch.Tensor:
         """The conditioning of ``text`` for ``pic`` (SDXL's carries the image size)."""
-        w, h = images.model_size(pic.pil.size, self.de.multiple)
-        return self.cache.cached(("text", text, h, w), lambda: self.de.encode_prompt([text], (h, w)))
+        size = self.de.image_size(self.x0(pic))  # as the pipeline derives it
+        return self.cache.cached(("text", text, *size), lambda: self.de.encode_prompt([text], size))
 
     @staticmethod
     def _d_key(pic, source, target, s: EditSettings):
