@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["diffedit", "diffedit.*", "oracles"]),
+    packages=find_packages(include=["diffedit", "diffedit.*"]),
     package_data={"diffedit.toy": ["*.safetensors"]},
     install_requires=["torch>=2.1", "einops", "open_clip_torch", "safetensors", "huggingface_hub", "numpy",
                       "pillow", "tqdm"],
