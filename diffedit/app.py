@@ -36,14 +36,14 @@ BRUSH = dict(colors=["rgb(255, 255, 255)"], color_mode="fixed")
 
 
 def add_app_parser(subparsers):
-    from .cli import _HelpFormatter, _add_model_args  # the same --model / --device / --dtype as elsewhere
+    from .frontend import HelpFormatter, add_model_args  # the same --model / --device / --dtype as elsewhere
     p = subparsers.add_parser(
-        "app", formatter_class=_HelpFormatter,
+        "app", formatter_class=HelpFormatter,
         help="a local web app where DiffEdit's knobs answer at once (needs the 'app' extra)",
         description="Serve an interactive DiffEdit page on HOST:PORT (gradio; nothing leaves the machine). "
                     "Each browser session caches its work, so moving the threshold or painting the mask runs "
                     "no UNet evaluation.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--port", type=int, default=7860, help="TCP port to serve on")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the app to the network")
     p.set_defaults(run=run_app)
@@ -51,17 +51,17 @@ def add_app_parser(subparsers):
 
 
 def run_app(args) -> int:
-    from .cli import UsageError, _check_device, _load_pipeline
+    from .frontend import UsageError, check_device, load_pipeline
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     try:
         _gradio()
     except ImportError:
         raise UsageError(MISSING) from None
-    _check_device(args.device)
+    check_device(args.device)
     from .app_state import Engine
     from .toy import model_world
-    demo = build_app(Engine(_load_pipeline(args)), toy=args.model == "toy", toy_world=model_world(args.model))
+    demo = build_app(Engine(load_pipeline(args)), toy=args.model == "toy", toy_world=model_world(args.model))
     try:
         launch(demo, args.host, args.port, block=True)
     except OSError as e:

@@ -20,52 +20,11 @@ from pathlib import Path
 
 from .settings import KNOBS, METHODS, NORMALIZATIONS, EditSettings, SettingsError
 
-PROG = "diffedit"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-class UsageError(Exception):
-    """Bad input found by the command line itself: reported in one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line: ``diffedit: error: <problem> (see '<prog> --help')``."""
-
-    def error(self, message):
-        _fail(f"{message} (see '{self.prog} --help')")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown, except where there is none or the help text already says it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if unset or "default" in text:
-            return text
-        if action.default == "":
-            return text + ' (default: "")'
-        return super()._get_help_string(action)
-
-
-def _fail(message: str):
-    message = " ".join(str(message).split())  # one line, whatever the exception text held
-    sys.stderr.write(f"{PROG}: error: {message}\n")
-    raise SystemExit(2)
+from .frontend import (PROG, HelpFormatter, Parser, UsageError, add_model_args, check_device, fail,
+                       load_pipeline)
 
 
 # --- shared arguments and checks -----------------------------------------------------------------------
-
-def _add_model_args(p):
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="toy", metavar="NAME",
-                   help='"toy", a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id')
-    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
-    g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="precision of the networks (auto: bf16 on a CPU with native bf16, fp16 on CUDA, else fp32)")
-    g.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                   help="override what the UNet predicts (default: what the checkpoint says or is detected)")
-
 
 def _add_knob(group, name: str, help: str | None = None):
     """A flag ``--name`` for a knob of ``settings.KNOBS``: its type, default, choices and range in the help."""
@@ -99,26 +58,8 @@ def _check_common(args) -> EditSettings:
     if not args.target or not args.target.strip():
         raise UsageError("--target must be a non-empty text")
     s = _settings(args)
-    _check_device(args.device)
+    check_device(args.device)
     return s
-
-
-def _check_device(name: str):
-    import torch
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"--device: unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device {name}: MPS is not available on this machine")
-    elif device.type != "cpu":
-        raise UsageError(f"--device: unsupported device {name!r} (use cpu, cuda, cuda:N or mps)")
 
 
 def _load_input(path: str):
@@ -171,16 +112,6 @@ def _check_outputs(image: str, outputs: dict[str, str | None]) -> dict[str, Path
     return out
 
 
-def _load_pipeline(args):
-    from .checkpoint import CheckpointError
-    from .pipeline import DiffEdit
-    try:
-        return DiffEdit.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                        prediction_type=args.prediction_type)
-    except CheckpointError as e:
-        raise UsageError(f"--model: {e}" if args.model in str(e) else f"--model {args.model}: {e}") from None
-
-
 def _save(image, path: Path, quiet: bool):
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
@@ -196,7 +127,7 @@ def add_edit_parser(subparsers):
         description="Edit IMAGE towards --target: DiffEdit estimates a mask from the disagreement between "
                     "--target and --source, DDIM-encodes the image to --ratio and decodes it with --target "
                     "inside the mask only.",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="the input image (any size and mode; it is never modified)")
     p.add_argument("--target", required=True, metavar="TEXT", help="the query text Q: what the image should show")
     p.add_argument("--out", default=None, metavar="PATH",
@@ -210,7 +141,7 @@ def add_edit_parser(subparsers):
     g.add_argument("--mask", default=None, metavar="PATH",
                    help="an external mask image (white = edit): skips mask estimation")
     _add_mask_args(p)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(run=run_edit)
     return p
 
@@ -243,7 +174,7 @@ def run_edit(args) -> int:
                                        "--panel": args.panel})
     mask = _load_mask(args.mask, image.size) if args.mask else None
 
-    de = _load_pipeline(args)
+    de = load_pipeline(args)
     result = de.edit(image, args.target, source=args.source, ratio=s.ratio, threshold=s.threshold, n=s.n,
                      strength=s.strength, steps=s.steps, guidance=s.guidance, seed=s.seed, method=s.method,
                      mask=mask, normalization=s.normalization, dilate=s.dilate, progress=not args.quiet)
@@ -263,7 +194,7 @@ def add_mask_parser(subparsers):
         "mask", help="estimate DiffEdit's mask only (step 1)",
         description="Write the mask DiffEdit would use to edit IMAGE towards --target: where the noise "
                     "estimates under --target and --source disagree.",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="the input image (any size and mode; it is never modified)")
     p.add_argument("--target", required=True, metavar="TEXT", help="the query text Q: what the image should show")
     p.add_argument("--out", default=None, metavar="PATH",
@@ -272,7 +203,7 @@ def add_mask_parser(subparsers):
     p.add_argument("-q", "--quiet", action="store_true", help="no 'wrote' lines")
     _add_knob(p, "steps", "DDIM steps of the grid the strength is read on")
     _add_mask_args(p)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(run=run_mask)
     return p
 
@@ -282,7 +213,7 @@ def run_mask(args) -> int:
     image = _load_input(args.image)
     default_out = Path.cwd() / f"{Path(args.image).stem}_mask.png"
     outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--map-out": args.map_out})
-    de = _load_pipeline(args)
+    de = load_pipeline(args)
     result = de.mask(image, args.target, source=args.source, n=s.n, strength=s.strength, threshold=s.threshold,
                      seed=s.seed, steps=s.steps, normalization=s.normalization, dilate=s.dilate)
     _save(result.image, outs["--out"], args.quiet)
@@ -296,7 +227,7 @@ def run_mask(args) -> int:
 
 def add_demo_parser(subparsers):
     p = subparsers.add_parser(
-        "demo", formatter_class=_HelpFormatter,
+        "demo", formatter_class=HelpFormatter,
         help="edit a held-out toy-world scene with the embedded toy model (no download, seconds on a CPU)",
         description="Draws a held-out scene from the toy world, edits it with DiffEdit on the embedded toy model "
                     "and writes input.png, edited.png, mask.png and panel.png (input | D | mask | edit).")
@@ -306,7 +237,7 @@ def add_demo_parser(subparsers):
     _add_knob(p, "steps")
     _add_knob(p, "seed")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no 'wrote' lines")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(run=run_demo)
 
 
@@ -322,7 +253,7 @@ def run_demo(args) -> int:
     ed = world.edits(args.index + 1, world.EVAL_SEED, spec=model_world(args.model))[args.index]
     from PIL import Image
     image = Image.fromarray(ed.source.render())
-    de = _load_pipeline(args)
+    de = load_pipeline(args)
     result = de.edit(image, ed.target_caption, source=ed.source_caption, steps=s.steps, seed=s.seed,
                      progress=not args.quiet)
     from .viz import panel
@@ -348,9 +279,9 @@ SUBCOMMANDS = [add_edit_parser, add_mask_parser, add_demo_parser, add_sweep_pars
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="DiffEdit: mask-guided, text-driven image editing with diffusion "
+    parser = Parser(prog=PROG, description="DiffEdit: mask-guided, text-driven image editing with diffusion "
                                             "(Couairon et al., ICLR 2023).")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     subparsers.required = True
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -367,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except UsageError as e:
-        _fail(str(e))
+        fail(str(e))
     except (ImageError, CheckpointError, ValueError, OSError) as e:  # bad input met during the run; not bugs
-        _fail(str(e) or type(e).__name__)
+        fail(str(e) or type(e).__name__)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         raise SystemExit(130) from None

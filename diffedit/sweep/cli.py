@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import settings
+from ..frontend import DTYPES, HelpFormatter, add_model_args
 from ..settings import METHODS, REFERENCES, Knob, SettingsError
 from .items import load_items
 from .plan import GRID_KNOBS, grid, ordered, row_key, separate_cost, setting_key, shared_cost
@@ -26,7 +27,6 @@ from .results import append, check_fingerprint, read_rows
 
 # clamp-mean is the diffusers recipe's rule; the sweep edits with the paper's recipe only.
 NORMALIZATIONS = tuple(m for m in settings.NORMALIZATIONS if m != settings.RECIPES["diffusers"].normalization)
-DTYPES = ("auto", "float32", "float16", "bfloat16")  # precision.DTYPES but float64 (a test checks), without torch
 # The sweep's own knobs, checked as settings' are.
 _KNOBS = {**settings.KNOBS,
           "reference": Knob("reference", str, "caption", "caption", "reference text R", choices=REFERENCES),
@@ -64,15 +64,12 @@ def _add_arguments(p):
     g.add_argument("--guidance", default=DEFAULTS["guidance"], help="classifier-free guidance scale (paper 7.5)")
     g.add_argument("--normalization", default="quantile", choices=NORMALIZATIONS,
                    help="how D's extremes are removed before the rescaling (quantile: clip at its 98th percentile)")
-    g.add_argument("--model", default="toy", help='"toy", a .safetensors/.ckpt file, a diffusers folder or a hub id')
-    g.add_argument("--device", default="cpu", help="torch device (under torchrun, cuda means cuda:LOCAL_RANK)")
-    g.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="the networks' dtype (auto: bf16 on a CPU with native bf16, fp16 on CUDA, else fp32)")
     g.add_argument("--max-batch", default=DEFAULTS["max_batch"], help="most rows per UNet call")
     g.add_argument("--toy-size", default=DEFAULTS["toy_size"],
                    help="toy scene size in px (64: the toy model's; smaller for tests)")
     g.add_argument("--examples", default=DEFAULTS["examples"],
                    help="images shown in index.html (input, D, mask, edits)")
+    add_model_args(p, device_help="torch device (under torchrun, cuda means cuda:LOCAL_RANK)")
     g = p.add_argument_group("perceptual metrics (local weights only; the paper's axes)")
     g.add_argument("--lpips-weights", default=None, metavar="PATH",
                    help="torchvision AlexNet checkpoint (alexnet-owt-7be5be79.pth): adds lpips (to the input)")
@@ -86,26 +83,16 @@ DESCRIPTION = ("Run DiffEdit and its baselines (SDEdit, Encode-Decode) over a gr
                "sharing the work between grid points; write results.jsonl, summary.csv, plots and index.html.")
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown, except where there is none or the help text already gives it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default in (None, False) or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
 def add_sweep_parser(subparsers):
     p = subparsers.add_parser("sweep", help="DiffEdit and its baselines over a grid of settings and images",
-                              description=DESCRIPTION, formatter_class=_Help)
+                              description=DESCRIPTION, formatter_class=HelpFormatter)
     _add_arguments(p)
     p.set_defaults(run=run_sweep)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffedit.sweep", description=DESCRIPTION, formatter_class=_Help)
+    p = argparse.ArgumentParser(prog="python -m diffedit.sweep", description=DESCRIPTION, formatter_class=HelpFormatter)
     _add_arguments(p)
     return p
 
@@ -268,7 +255,8 @@ def _run(args, cfg: Config, todo, own: Path, out: Path, device, scorers, rank: i
     counter = EvalCounter(None)
     if todo:
         try:
-            de = DiffEdit.from_pretrained(args.model, device=device, dtype=args.dtype, max_batch=cfg.max_batch)
+            de = DiffEdit.from_pretrained(args.model, device=device, dtype=args.dtype, max_batch=cfg.max_batch,
+                                          prediction_type=args.prediction_type)
         except CheckpointError as e:
             raise ValueError(f"--model {args.model}: {e}") from None
         counter.eps = de.eps
