@@ -172,3 +172,35 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """SD3 / SD3.5 MMDiT hyper-parameters: each one can be read off a Stability single file's shapes and names."""
+    in_channels: int = 16
+    out_channels: int = 16
+    hidden_size: int = 1536                # x_embedder.proj.weight.shape[0]
+    depth: int = 24                        # joint_blocks.N
+    patch_size: int = 2                    # x_embedder.proj kernel
+    pos_embed_max_size: int = 192          # sqrt(pos_embed.shape[1]): the position table's side, in patches
+    context_dim: int = 4096                # context_embedder.weight.shape[1] (T5-XXL width; CLIP states zero-padded)
+    pooled_dim: int = 2048                 # y_embedder.mlp.0.weight.shape[1] ([CLIP-L | CLIP-G] pooled)
+    qk_norm: bool = False                  # SD3.5: RMS-norm on q and k per head (attn.ln_q / ln_k present)
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5 MMDiT-X: blocks with x_block.attn2
+    head_dim: int = 64                     # every released model; smaller only in tests
+    mlp_ratio: int = 4
+
+    @property
+    def heads(self) -> int:
+        return self.hidden_size // self.head_dim
+
+
+# From Stability's released single files (sd3_medium, sd3.5_medium, sd3.5_large) and diffusers' model configs.
+MMDIT_PRESETS: dict[str, MMDiTConfig] = {
+    "sd3-medium": MMDiTConfig(),
+    "sd35-medium": MMDiTConfig(pos_embed_max_size=384, qk_norm=True, dual_attention_layers=tuple(range(13))),
+    "sd35-large": MMDiTConfig(hidden_size=2432, depth=38, qk_norm=True),
+    # Random-weight model for tests: every code path of sd35-medium (qk-norm, dual attention, the pre-only last block).
+    "tiny-sd3": MMDiTConfig(in_channels=16, out_channels=16, hidden_size=64, depth=3, pos_embed_max_size=16,
+                            context_dim=40, pooled_dim=24, qk_norm=True, dual_attention_layers=(0,), head_dim=16),
+}
