@@ -1,10 +1,10 @@
-"""Evaluate DiffEdit, SDEdit and Encode-Decode on held-out toy-world edits (see diffedit/toy/evaluate.py).
+"""Evaluate DiffEdit, SDEdit and Encode-Decode on held-out toy-world edits (see diffedit/evaluation.py).
 
     python scripts/evaluate_toy.py --n 40 --seed 777 --json eval.json [--ratio 0.7] [--generation 50] [--workers 2]
                                    [--dtype auto] [--world v2] [--md table.md]
 
 Prints the JSON (means per method, overall and per kind; the ceilings; the caption following) and, on stderr, the
-per-kind table (``evaluate.table``). The toy world defaults to the one the model's recipe names (v1 without one).
+per-kind table (``evaluation.table``). The toy world defaults to the one the model's recipe names (v1 without one).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from diffedit.checkpoint.sources import resolve
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import DTYPES
 from diffedit.settings import REFERENCES
-from diffedit.toy import evaluate, resolve_world, world
+from diffedit import evaluation
+from diffedit.toy import resolve_world, world
 
 
 def _work(model, dtype, job, kwargs):
@@ -31,10 +32,10 @@ def _work(model, dtype, job, kwargs):
     de = DiffEdit.from_pretrained(model, dtype=dtype)
     with torch.no_grad():
         if job == "edit":
-            return evaluate.edit_rows(de, progress=False, **kwargs)
+            return evaluation.edit_rows(de, progress=False, **kwargs)
         if job == "generate":
-            return evaluate.caption_following(de, progress=False, **kwargs)
-        return evaluate.vae_reconstruction_psnr(de, seed=kwargs["seed"], spec=kwargs["spec"])
+            return evaluation.caption_following(de, progress=False, **kwargs)
+        return evaluation.vae_reconstruction_psnr(de, seed=kwargs["seed"], spec=kwargs["spec"])
 
 
 def main(argv=None):
@@ -80,7 +81,7 @@ def main(argv=None):
     with ProcessPoolExecutor(w, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(_work, [args.model] * len(jobs), [args.dtype] * len(jobs), *zip(*jobs)))
     rows = sorted((r for (job, _), res in zip(jobs, results) if job == "edit" for r in res), key=lambda r: r["index"])
-    out = evaluate.summarize(rows, **edit_kw, world=spec.name)
+    out = evaluation.summarize(rows, **edit_kw, world=spec.name)
     out["vae_psnr"] = results[-1]
     if args.generation:
         gen = [r for (job, _), res in zip(jobs, results) if job == "generate" for r in res]
@@ -90,7 +91,7 @@ def main(argv=None):
     out["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(out, indent=1)
     print(text)
-    table = evaluate.table(out)
+    table = evaluation.table(out)
     print(table, file=sys.stderr)  # stdout stays one JSON document
     if args.json:
         with open(args.json, "w") as f:

@@ -12,7 +12,8 @@ from diffedit import DiffEdit, metrics
 from diffedit.images import to_pil, to_tensor
 from diffedit.cli import main as cli_main
 from diffedit.models import preset
-from diffedit.toy import evaluate, judge, world
+from diffedit import evaluation
+from diffedit.toy import judge, world
 
 TOY = resources.files("diffedit.toy") / "toy.safetensors"
 
@@ -43,7 +44,7 @@ def test_toy_model_loads_through_the_normal_loader_by_name(toy):
 
 
 def test_small_heldout_evaluation_meets_the_floor_that_proves_the_model_works(toy):
-    out = evaluate.evaluate(toy, n=8, seed=world.EVAL_SEED + 1, steps=25, progress=False)
+    out = evaluation.evaluate(toy, n=8, seed=world.EVAL_SEED + 1, steps=25, progress=False)
     print(json.dumps(out, indent=1))
     # measured with the shipped model: IoU 0.62, bg PSNR 24.8 vs SDEdit 16.5 dB, success 0.75 (6 of 8)
     assert out["diffedit"]["iou"] > 0.5
@@ -53,7 +54,7 @@ def test_small_heldout_evaluation_meets_the_floor_that_proves_the_model_works(to
     for kind in ("all", *world.EDIT_KINDS):  # the best a 4 x 4-cell mask can do, for both ground truths
         c = out["ceiling"][kind]
         assert c["count"] == 0 or (0 < c["iou"] <= 1 and 0 < c["iou_footprint"] <= 1 and c["vae_bg_psnr"] > 20)
-    assert "| all (8) |" in evaluate.table(out)
+    assert "| all (8) |" in evaluation.table(out)
 
 
 @pytest.mark.parametrize("spec", [world.V1, world.V2])
@@ -63,15 +64,15 @@ def test_the_generation_shape_judge_names_the_shape_of_rendered_objects(spec):
     for i, scene in enumerate(world.scenes(60, world.EVAL_SEED + 3, spec=spec)):
         for img in (scene.render(), judge.degrade(scene.render(), "noise_blur", np.random.default_rng(i))):
             for o in scene.objects:
-                right += evaluate.shape_of(img, o.colour, scene.background) == o.shape
+                right += evaluation.shape_of(img, o.colour, scene.background) == o.shape
                 total += 1
     assert right / total >= 0.98
-    assert evaluate.shape_of(np.zeros((64, 64, 3), np.uint8), "red", "black") is None
+    assert evaluation.shape_of(np.zeros((64, 64, 3), np.uint8), "red", "black") is None
 
 
 def test_evaluation_refuses_the_training_seed(toy):
     with pytest.raises(ValueError, match="training seed"):
-        evaluate.evaluate(toy, n=1, seed=world.TRAIN_SEED)
+        evaluation.evaluate(toy, n=1, seed=world.TRAIN_SEED)
 
 
 def test_demo_command_writes_input_edit_mask_and_panel(tmp_path):

@@ -1,4 +1,5 @@
-"""The embedded toy world: scenes with exact ground truth (world), the judge, the evaluation, the trained model."""
+"""The embedded toy world: scenes with exact ground truth (world), the judge, the trained model (the evaluation
+harness that uses them is diffedit/evaluation.py, above both this package and the sweep)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,24 +6,21 @@ are hard (no anti-aliasing) so the ground-truth edit mask is exact, and every co
 palettes is >= 108 apart in RGB, so a judge can classify pixels by nearest palette colour
 even after a lossy autoencoder.
 
-An ``Edit`` changes one attribute (an object's colour or shape, or the background colour) and
-keeps everything else, including the background texture, bit-identical.
+An ``Edit`` changes one attribute (an object's colour or shape, or the background colour) or removes one object
+of a scene of two or more (its phrase leaves the caption, the background shows where it was), and keeps everything
+else, including the background texture, bit-identical.
 
 Worlds: a ``WorldSpec`` says what a world draws, and every sampler takes one (default ``V1``, the shipped
 model's world, which every existing seed still draws bit for bit). ``V2`` has larger objects, radius 16-26 px
 (4-6.5 latent cells at 16 x 16 latents; v1: 8-18 px), 1-2 of them, laid out by a sampler that draws only
 placements that fit (two objects fit in 64 px only when their radii sum to <= 36, so a v2 pair has radii 16-20).
 A shape edit changes the band between two outlines, at most 0.29 r (circle/square) to 0.5 r (circle/triangle)
-wide: at v1's radii mostly one latent cell, which no cell mask covers. The best IoU that any mask of 4 x 4 px
-cells reaches (judge.latent_iou_ceiling, exact per edit), mean over 1000 edits per kind at EVAL_SEED, against
-the changed pixels / the edited object's footprint (Edit.footprint):
+wide: at v1's radii mostly one latent cell, which no cell mask covers, while the edited object's footprint
+(Edit.footprint: what an editor is asked to repaint) is resolvable. docs/results/toy_kinds/README.md has the best
+IoU any mask of latent cells reaches per kind (judge.latent_iou_ceiling).
 
-    world   colour        shape         background
-    v1      0.800/0.800   0.522/0.834   0.972/0.972
-    v2      0.867/0.867   0.650/0.892   0.948/0.948
-
-Shape edits stay below 0.7 against the changed pixels: one object of radius 28 reaches 0.74, but two objects
-that large do not fit at 64 px; the footprint (what an editor is asked to repaint) is resolvable.
+Kinds: ``EDIT_KINDS`` are every kind; ``edits`` (evaluation) deals them in equal shares, ``sample_edit`` (training)
+draws from ``TRAIN_KINDS``, the kinds the shipped model's training drew, so its draws are what they always were.
 
 Seeds: training data is drawn with ``TRAIN_SEED``; evaluation must use a different seed
 (e.g. ``EVAL_SEED``) so that the edited scenes were never seen in training; the evaluation
@@ -51,7 +48,9 @@ BACKGROUND_COLOURS = {
     "black": (20, 20, 20), "gray": (128, 128, 128), "brown": (120, 75, 20), "navy": (15, 25, 135),
 }
 SHAPES = ("circle", "square", "triangle")
-EDIT_KINDS = ("colour", "shape", "background")
+EDIT_KINDS = ("colour", "shape", "background", "remove")
+TRAIN_KINDS = ("colour", "shape", "background")  # sample_edit's default: what scripts/train_toy.py drew
+MIN_OBJECTS = {"remove": 2}  # a kind that needs more than one object: an empty scene has no caption
 # Every word a caption can contain (for a tiny text encoder's vocabulary).
 VOCAB = ("a", "an", "and", "on", "background", *SHAPES, *OBJECT_COLOURS, *BACKGROUND_COLOURS)
 
@@ -158,7 +157,10 @@ class Edit:
 
     @property
     def edited_object_index(self) -> int | None:
-        """Index into source.objects / target.objects (same order), None for background edits."""
+        """Index into source.objects / target.objects (same order; a removal: into source.objects, of the object
+        the target lacks), None for background edits."""
+        if self.kind == "remove":
+            return next(i for i, o in enumerate(self.source.objects) if o not in self.target.objects)
         for i, (a, b) in enumerate(zip(self.source.objects, self.target.objects)):
             if a != b:
                 return i
@@ -169,11 +171,13 @@ class Edit:
         return np.any(self.source.render() != self.target.render(), axis=-1)
 
     def footprint(self) -> np.ndarray:
-        """Bool (H, W): the edited object's pixels in the source or the target (background edit: the changed pixels)."""
+        """Bool (H, W): the edited object's pixels in the source or the target (background edit: the changed pixels;
+        a removal: the removed object's, which are the changed pixels too)."""
         i = self.edited_object_index
         if i is None:
             return self.mask()
-        return self.source.objects[i].mask(self.source.size) | self.target.objects[i].mask(self.target.size)
+        out = self.source.objects[i].mask(self.source.size)
+        return out if self.kind == "remove" else out | self.target.objects[i].mask(self.target.size)
 
 
 @lru_cache(maxsize=16)
@@ -267,12 +271,15 @@ def _feasible_layout(rng: np.random.Generator, n: int, size: int, r_lo: int, r_h
 
 
 def sample_scene(rng: np.random.Generator, size: int | None = None, max_objects: int = 2,
-                 spec: WorldSpec = V1) -> Scene:
-    """One scene of ``spec``'s world: 1..max_objects objects in distinct colours, at ``size`` px (default: spec's)."""
+                 spec: WorldSpec = V1, min_objects: int = 1) -> Scene:
+    """One scene of ``spec``'s world: min_objects..max_objects objects in distinct colours, at ``size`` px (default:
+    spec's)."""
     size = spec.size if size is None else size
     if not 1 <= max_objects <= spec.max_objects:
         raise ValueError(f"max_objects must be in 1..{spec.max_objects} for world {spec.name}, got {max_objects}")
-    n = int(rng.integers(1, max_objects + 1))
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"min_objects must be in 1..max_objects ({max_objects}), got {min_objects}")
+    n = int(rng.integers(min_objects, max_objects + 1))
     colours = [list(OBJECT_COLOURS)[k] for k in rng.permutation(len(OBJECT_COLOURS))[:n]]  # distinct
     shapes = [SHAPES[k] for k in rng.integers(len(SHAPES), size=n)]
     layout = _feasible_layout if spec.layout == "feasible" else _rejection_layout
@@ -282,20 +289,27 @@ def sample_scene(rng: np.random.Generator, size: int | None = None, max_objects:
     return Scene(background, objs, int(rng.integers(2**31)), size)
 
 
-def sample_edit(rng: np.random.Generator, scene: Scene | None = None, kinds: tuple[str, ...] = EDIT_KINDS,
+def sample_edit(rng: np.random.Generator, scene: Scene | None = None, kinds: tuple[str, ...] = TRAIN_KINDS,
                 size: int | None = None, max_objects: int = 2, spec: WorldSpec = V1) -> Edit:
-    """One edit of ``scene`` (default: a new scene of ``spec``'s world) of a kind drawn from ``kinds``."""
-    if scene is None:
-        scene = sample_scene(rng, size, max_objects, spec)
+    """One edit of ``scene`` (default: a new scene of ``spec``'s world) of a kind drawn from those of ``kinds`` the
+    scene allows (a removal needs two objects)."""
     if not kinds or set(kinds) - set(EDIT_KINDS):
         raise ValueError(f"kinds must be a non-empty subset of {EDIT_KINDS}, got {kinds}")
-    kind = str(rng.choice(list(kinds)))
+    if scene is None:
+        scene = sample_scene(rng, size, max_objects, spec)
+    allowed = [k for k in kinds if len(scene.objects) >= MIN_OBJECTS.get(k, 1)]
+    if not allowed:
+        raise ValueError(f"a scene of {len(scene.objects)} object(s) allows no edit of kinds {kinds}")
+    kind = str(rng.choice(allowed))
     if kind == "background":
         new = str(rng.choice([c for c in BACKGROUND_COLOURS if c != scene.background]))
         target = dataclasses.replace(scene, background=new)
         return Edit(scene, target, kind, f"{scene.background} background -> {new} background")
     i = int(rng.integers(len(scene.objects)))
     old = scene.objects[i]
+    if kind == "remove":  # the others stay where they were; the caption lists them alone
+        target = dataclasses.replace(scene, objects=scene.objects[:i] + scene.objects[i + 1:])
+        return Edit(scene, target, kind, f"remove the {old.colour} {old.shape}")
     if kind == "colour":  # a colour no object of the scene uses, so captions stay unambiguous
         used = {o.colour for o in scene.objects}
         new_obj = dataclasses.replace(old, colour=str(rng.choice([c for c in OBJECT_COLOURS if c not in used])))
@@ -314,9 +328,22 @@ def scenes(n: int, seed: int, size: int | None = None, max_objects: int = 2, spe
 
 def edits(n: int, seed: int, size: int | None = None, max_objects: int = 2,
           kinds: tuple[str, ...] = EDIT_KINDS, spec: WorldSpec = V1) -> list[Edit]:
-    """n edits (each of a new scene of ``spec``'s world) drawn from ``seed``."""
+    """n edits (each of a new scene of ``spec``'s world) drawn from ``seed``, the kinds in equal shares: every block
+    of len(kinds) edits holds each kind once, in a drawn order (so per-kind means rest on equal counts, and a
+    longer list keeps every index's edit). A removal's scene is drawn with two objects or more."""
+    if not kinds or set(kinds) - set(EDIT_KINDS):
+        raise ValueError(f"kinds must be a non-empty subset of {EDIT_KINDS}, got {kinds}")
+    if max_objects < max(MIN_OBJECTS.get(k, 1) for k in kinds):
+        raise ValueError(f"kinds {kinds} need max_objects >= 2 (a removal leaves one object), got {max_objects}")
     rng = np.random.default_rng(seed)
-    return [sample_edit(rng, None, kinds, size, max_objects, spec) for _ in range(n)]
+    out = []
+    for i in range(n):
+        if i % len(kinds) == 0:
+            order = [kinds[k] for k in rng.permutation(len(kinds))]
+        kind = order[i % len(kinds)]
+        scene = sample_scene(rng, size, max_objects, spec, min_objects=MIN_OBJECTS.get(kind, 1))
+        out.append(sample_edit(rng, scene, (kind,)))
+    return out
 
 
 def render_batch(scene_list, chunk: int = 64) -> np.ndarray:

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import metrics
-from ..images import to_pil, to_tensor
-from ..settings import REFERENCES, EditSettings
-from ..sweep import METRICS, Setting, edit_grid, rows_for, toy_items
-from . import judge, world
+from . import metrics
+from .images import to_pil, to_tensor
+from .settings import REFERENCES, EditSettings
+from .sweep import METRICS, Setting, edit_grid, rows_for, toy_items
+from .toy import judge, world
 
 KEYS = {"diffedit": "diffedit", "sdedit": "sdedit", "encode-decode": "encode_decode"}  # method -> its JSON key
 METHODS = tuple(KEYS.values())
@@ -133,10 +133,7 @@ def caption_following(de, n: int = 50, seed: int = world.EVAL_SEED, steps: int =
 def shape_of(img: np.ndarray, colour: str, background: str) -> str | None:
     """The shape (world.SHAPES) whose outline best fits (IoU) the pixels of ``colour`` in ``img`` (uint8 (H, W, 3)),
     None without any: of each shape, templates of those pixels' area, radius +-2 px, centred +-1 px off their centroid.
-
-    Every shape's centroid is its bounding circle's centre (the triangle is equilateral). Measured on the 300 scenes
-    of each world at seed 77: right on 100 % of clean renders; judge.degrade noise_blur 99.6 % (v1) / 100 % (v2),
-    down4 87 % (v1: squares of radius <= 11 px lose their corners) / 100 % (v2)."""
+    Every shape's centroid is its bounding circle's centre (the triangle is equilateral)."""
     got = judge.target_colour_mask(img, colour, background)
     if not got.any():
         return None
