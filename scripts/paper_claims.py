@@ -6,7 +6,9 @@
 Each claim is one ``diffedit sweep`` over a single knob, the others at the paper's defaults (Sec. 4:
 r 0.7, threshold 0.5, n 10, strength 0.5, reference = the source caption), on the same held-out toy edits:
 
-  tradeoff   r in 0.3, 0.5, 0.7, 0.9 for DiffEdit, SDEdit and Encode-Decode (Fig. 3: DiffEdit's curve dominates)
+  tradeoff   r in 0.3, 0.5, 0.7, 0.9 for every method (Fig. 3: DiffEdit's curve dominates SDEdit's and
+             Encode-Decode's, judged over all edits and per kind of edit: colour, shape, background, remove),
+             masked SDEdit included (the abstract: DDIM encoding works with the mask better than fresh noise does)
   threshold  0.25, 0.5, 0.75   (Sec. 4.1 / App.: 0.5 gives the best masks)
   n          1, 2, 5, 10       (more noises, a better map D)
   strength   0.25, 0.5, 0.75   (0.5 best)
@@ -20,7 +22,9 @@ A comparison "a beats b" is judged on the per-image paired difference of a metri
 with either ground truth: the changed pixels, and the edited object's footprint, the region an editor repaints): "yes" when its mean has the claimed sign and exceeds twice its standard error,
 "no" when the opposite sign does, "within noise" otherwise. The trade-off curve of a baseline is dominated when
 every baseline point has a DiffEdit point at least as close to the input (1 - background SSIM) and at least as
-successful (toy judge), the axes of ``plots.tradeoff``. The dilate ablation is judged on edit success and
+successful (toy judge), the axes of ``plots.tradeoff``. The synergy claim compares DiffEdit with masked SDEdit
+(the same mask, fresh noise instead of the DDIM encoding) at the paper's r 0.7, paired per image, on edit success
+and background PSNR. The dilate ablation is judged on edit success and
 background PSNR (a deliberately larger mask has a worse IoU by design) and reported in its own table. Writes
 OUT/claims.md, OUT/claims.json and one sweep folder per knob (results.jsonl, summary.csv, cost.json, plots/,
 index.html).
@@ -37,14 +41,14 @@ import time
 from pathlib import Path
 
 from diffedit.checkpoint.sources import resolve
-from diffedit.settings import METHODS
+from diffedit.settings import KNOBS, METHODS
 from diffedit.sweep import mean_by, read_rows
 from diffedit.sweep.cli import DTYPES
 from diffedit.toy import resolve_world
-from diffedit.toy.world import WORLDS
+from diffedit.toy.world import EDIT_KINDS, WORLDS
 
 SWEEPS = {
-    "tradeoff": ["--ratio", "0.3,0.5,0.7,0.9", "--method", "diffedit,sdedit,encode-decode"],
+    "tradeoff": ["--ratio", "0.3,0.5,0.7,0.9", "--method", ",".join(METHODS)],
     "threshold": ["--threshold", "0.25,0.5,0.75"],
     "n": ["--noises", "1,2,5,10"],
     "strength": ["--strength", "0.25,0.5,0.75"],
@@ -55,6 +59,10 @@ SWEEPS = {
 IOUS = (("iou", ""), ("iou_footprint", " (IoU with the edited object's footprint)"))
 # (metric, its name, the better direction): how a grown mask is judged against the paper's (dilate 0)
 BEYOND = (("success", "edit success", 1), ("bg_psnr", "background PSNR (dB)", -1))
+KINDS = ("all", *EDIT_KINDS)  # the trade-off is judged over every edit and per kind: the kinds test different things
+# The synergy claim: DiffEdit against the same mask decoded from fresh noise, on these metrics, at the paper's r
+SYNERGY = (("success", "edit success"), ("bg_psnr", "background PSNR (dB)"))
+SYNERGY_RATIO = KNOBS["ratio"].default
 
 
 def run_sweep(name: str, args) -> float:
@@ -80,30 +88,87 @@ def paired(rows: list[dict], knob: str, a, b, metric: str, method: str = "diffed
     diffs = [v[a] - v[b] for v in by.values() if a in v and b in v]
     if not diffs:
         raise SystemExit(f"paper_claims: no {method} rows with {knob} = {a!r} and {b!r} to compare")
+    return _verdict(diffs, a=a, b=b, metric=metric)
+
+
+def versus(rows: list[dict], a: str, b: str, metric: str, ratio: float) -> dict:
+    """``paired`` between two methods at one ratio: metric(method a) - metric(method b), per image."""
+    by = {}
+    for r in rows:
+        if r["ratio"] == ratio and r["method"] in (a, b) and r.get(metric) is not None:
+            by.setdefault(r["image"], {})[r["method"]] = r[metric]
+    diffs = [v[a] - v[b] for v in by.values() if a in v and b in v]
+    if not diffs:
+        raise SystemExit(f"paper_claims: no rows of both {a} and {b} at ratio {ratio:g} to compare")
+    return _verdict(diffs, a=a, b=b, metric=metric, ratio=ratio)
+
+
+def _verdict(diffs: list[float], **info) -> dict:
+    """Mean and standard error of paired differences; "yes" beyond +2 SE, "no" below -2 SE, else "within noise"."""
     m = sum(diffs) / len(diffs)
     se = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else math.inf
-    return {"a": a, "b": b, "metric": metric, "mean_diff": m, "se": se, "images": len(diffs),
+    return {**info, "mean_diff": m, "se": se, "images": len(diffs),
             "verdict": "yes" if m > 2 * se else "no" if m < -2 * se else "within noise"}
 
 
-def dominated(rows: list[dict], baseline: str) -> dict:
-    """Whether every baseline (ratio) point has a DiffEdit point at least as near the input and as successful."""
+def dominated(rows: list[dict], baseline: str, kind: str = "all") -> dict:
+    """Whether every baseline (ratio) point has a DiffEdit point at least as near the input and as successful, over
+    the edits of ``kind`` ("all": every edit)."""
+    rows = rows if kind == "all" else [r for r in rows if r.get("kind") == kind]
+
     def curve(method):
         dist, succ = mean_by(rows, "ratio", "bg_ssim", method), mean_by(rows, "ratio", "success", method)
         return {r: (1 - dist[r], succ[r]) for r in dist}
     ours, theirs = curve("diffedit"), curve(baseline)
     covered = {r: any(d <= x and s >= y for d, s in ours.values()) for r, (x, y) in theirs.items()}
-    return {"baseline": baseline, "points_dominated": sum(covered.values()), "points": len(covered),
-            "verdict": "yes" if all(covered.values()) else "no", "diffedit": ours, baseline: theirs}
+    images = len({r["image"] for r in rows if r["method"] == "diffedit"})
+    return {"baseline": baseline, "kind": kind, "images": images, "points_dominated": sum(covered.values()),
+            "points": len(covered), "verdict": "yes" if all(covered.values()) and covered else "no",
+            "diffedit": ours, baseline: theirs}
+
+
+def _tradeoff_evidence(d: dict) -> str:
+    """The dominated count and, at the paper's r, both methods' success and background SSIM."""
+    r, base = SYNERGY_RATIO, d["baseline"]
+    ours, theirs = d["diffedit"].get(r), d[base].get(r)
+    at = "" if ours is None or theirs is None else (
+        f"; at r {r:g} success {ours[1]:.2f} vs {theirs[1]:.2f}, 1 - bg SSIM {ours[0]:.3f} vs {theirs[0]:.3f}")
+    return f"{d['points_dominated']}/{d['points']} {base} points dominated ({d['images']} edits){at}"
+
+
+def synergy(rows: list[dict]) -> list[dict]:
+    """DiffEdit (DDIM encoding) against masked SDEdit (fresh noise) under the same mask, at the paper's r: paired
+    per image on edit success and background PSNR; the evidence adds the means per kind."""
+    table = []
+    for metric, name in SYNERGY:
+        p = versus(rows, "diffedit", "masked-sdedit", metric, SYNERGY_RATIO)
+        by_kind = {}
+        for kind in EDIT_KINDS:
+            sub = [r for r in rows if r.get("kind") == kind and r["ratio"] == SYNERGY_RATIO]
+            means = {m: mean_by(sub, "ratio", metric, m).get(SYNERGY_RATIO) for m in ("diffedit", "masked-sdedit")}
+            if None not in means.values():
+                by_kind[kind] = means
+        per_kind = "; ".join(f"{k} {v['diffedit']:.2f} vs {v['masked-sdedit']:.2f}" for k, v in by_kind.items())
+        table.append({"claim": f"DDIM encoding gives a higher {name} than fresh noise under the same mask "
+                               f"(DiffEdit vs masked SDEdit, r {SYNERGY_RATIO:g}; the abstract)",
+                      "sweep": "synergy", "kind": "all", "by_kind": by_kind,
+                      "evidence": f"paired diff {p['mean_diff']:+.3f} +/- {p['se']:.3f} (SE, {p['images']} images); "
+                                  f"per kind: {per_kind}", **p})
+    return table
 
 
 def claims(out: Path) -> list[dict]:
     rows = {name: read_rows(out / name / "results.jsonl") for name in SWEEPS}
     table = []
-    for base in ("sdedit", "encode-decode"):
-        d = dominated(rows["tradeoff"], base)
-        table.append({"claim": f"DiffEdit's trade-off curve dominates {base}'s (Fig. 3)", "sweep": "tradeoff",
-                      "evidence": f"{d['points_dominated']}/{d['points']} {base} points dominated", **d})
+    for kind in KINDS:
+        for base in ("sdedit", "encode-decode"):
+            d = dominated(rows["tradeoff"], base, kind)
+            if not d["images"]:
+                continue  # no edit of this kind among the images
+            where = "" if kind == "all" else f" on {kind} edits"
+            table.append({"claim": f"DiffEdit's trade-off curve dominates {base}'s{where} (Fig. 3)", "sweep": "tradeoff",
+                          "evidence": _tradeoff_evidence(d), **d})
+    table += synergy(rows["tradeoff"])
     for metric, truth in IOUS:
         for knob, best, others in (("threshold", 0.5, (0.25, 0.75)), ("n", 10, (1, 2, 5)),
                                    ("strength", 0.5, (0.25, 0.75)), ("reference", "caption", ("empty",))):
@@ -157,6 +222,17 @@ def write_report(out: Path, table: list[dict], times: dict, args, extra: list[di
         lines.append(f"| {r:g} | " + " | ".join(
             f"{stats[m]['bg_psnr'][r]:.1f} / {stats[m]['bg_ssim'][r]:.3f} / {stats[m]['success'][r]:.2f}"
             for m in METHODS) + " |")
+    r = SYNERGY_RATIO
+    lines += ["", f"Trade-off sweep at r {r:g}, per kind of edit (mean over its images): success / background PSNR (dB)",
+              "", "| kind (images) | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
+    for kind in KINDS:
+        sub = [row for row in trade if kind == "all" or row.get("kind") == kind]
+        count = len({row["image"] for row in sub})
+        if count:
+            cells = [(mean_by(sub, "ratio", "success", m).get(r), mean_by(sub, "ratio", "bg_psnr", m).get(r))
+                     for m in METHODS]
+            lines.append(f"| {kind} ({count}) | " + " | ".join(
+                "-" if None in c else f"{c[0]:.2f} / {c[1]:.1f}" for c in cells) + " |")
     lines += ["", "| sweep | wall s | UNet evaluations | as separate edits | saving | plots |",
               "| --- | --- | --- | --- | --- | --- |"]
     for name in SWEEPS:

@@ -86,3 +86,32 @@ def test_paper_claims_and_evaluate_toy_refuse_a_missing_model_in_one_line_before
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert err[-1].endswith(f"--model no such file or folder: {missing}")
     assert not (tmp_path / "out").exists()  # stopped before the first sweep
+
+
+def test_the_tradeoff_sweep_runs_every_method_and_dominance_is_judged_per_kind():
+    assert pc.SWEEPS["tradeoff"][-1] == ",".join(pc.METHODS) and "masked-sdedit" in pc.METHODS
+    ours = _curve("diffedit", {0.5: (0.1, 0.5)})
+    base = _curve("sdedit", {0.5: (0.3, 0.4)})
+    kinds = {"colour": (ours, base), "shape": (_curve("diffedit", {0.5: (0.1, 0.1)}), _curve("sdedit", {0.5: (0.3, 0.9)}))}
+    rows = [dict(r, image=kind, kind=kind) for kind, (a, b) in kinds.items() for r in a + b]
+    assert pc.dominated(rows, "sdedit", "colour")["verdict"] == "yes"
+    shape = pc.dominated(rows, "sdedit", "shape")
+    assert (shape["verdict"], shape["kind"], shape["images"]) == ("no", "shape", 1)
+    assert pc.dominated(rows, "sdedit", "remove")["images"] == 0  # no such edits: claims() leaves the kind out
+
+
+def test_synergy_pairs_diffedit_with_masked_sdedit_per_image_at_the_papers_ratio():
+    r = pc.SYNERGY_RATIO
+    rows = [{"image": f"img{i}", "kind": kind, "method": m, "ratio": ratio, "success": s, "bg_psnr": p}
+            for i, kind in enumerate(["colour", "shape"] * 3)
+            for m, s, p in (("diffedit", 1.0, 30.0 + i), ("masked-sdedit", float(kind == "shape"), 30.0 + i))
+            for ratio in (r, 0.9)]
+    rows.append({"image": "lonely", "kind": "colour", "method": "diffedit", "ratio": r, "success": 0.0, "bg_psnr": 0.0})
+    success, psnr = pc.synergy(rows)
+    assert (success["sweep"], success["a"], success["b"], success["ratio"]) == ("synergy", "diffedit", "masked-sdedit", r)
+    # diffs 1, 0, 1, 0, 1, 0: mean 0.5, SE 0.224
+    assert success["images"] == 6 and success["mean_diff"] == pytest.approx(0.5) and success["verdict"] == "yes"
+    assert success["by_kind"]["colour"] == {"diffedit": 0.75, "masked-sdedit": 0.0}  # means include every image
+    assert (psnr["mean_diff"], psnr["verdict"]) == (0.0, "within noise")
+    with pytest.raises(SystemExit, match="no rows of both diffedit and masked-sdedit at ratio 0.3"):
+        pc.versus(rows, "diffedit", "masked-sdedit", "success", 0.3)
