@@ -156,5 +156,5 @@ def _text(t: dict, kind: str, projection_dim: int | None = None, **reading) -> T
     w = t["hidden_size"]
     return TextConfig(kind=kind, vocab_size=t.get("vocab_size", 49408), width=w,
                       context_length=t.get("max_position_embeddings", 77), heads=t["num_attention_heads"],
-                      layers=t["num_hidden_layers"], mlp_ratio=t["intermediate_size"] // w,
+                      layers=t["num_hidden_layers"], mlp_width=t["intermediate_size"],
                       projection_dim=projection_dim or w, **reading)

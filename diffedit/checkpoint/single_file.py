@@ -173,6 +173,6 @@ def _text_config(shape: dict, p: str, kind: str, skip_last_layer: bool = True, f
     # the pooled tower needs its projection; elsewhere it is unused and zero-filled when absent
     projection = shape[p + "text_projection"] if pooled else shape.get(p + "text_projection", (w, w))
     return TextConfig(kind=kind, vocab_size=vocab, context_length=shape[pos][0], width=w, heads=max(1, w // 64),
-                      layers=_count(shape, layers), mlp_ratio=shape[f"{layers}0.{fc1}"][0] // w,
+                      layers=_count(shape, layers), mlp_width=shape[f"{layers}0.{fc1}"][0],
                       projection_dim=projection[1], skip_last_layer=skip_last_layer, final_norm=final_norm,
                       pooled=pooled)

@@ -1,18 +1,20 @@
-"""The three networks of Stable Diffusion, assembled under the names of a single-file LDM / sgm checkpoint."""
+"""The networks of Stable Diffusion, assembled under the names of a single file: LDM / sgm (``StableDiffusion``) or
+Stability's SD3 / SD3.5 (``StableDiffusion3``)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .conditioner import GeneralConditioner, size_conditioning
-from .configs import PRESETS, ModelConfig, TextConfig, UNetConfig, VAEConfig, preset
+from .conditioner import GeneralConditioner, SD3TextEncoders, size_conditioning
+from .configs import PRESETS, MMDiTConfig, ModelConfig, T5Config, TextConfig, UNetConfig, VAEConfig, preset
+from .t5 import T5Tokenizer
 from .text import text_encoder, tokenize
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
 
 class DiffusionWrapper(nn.Module):
-    def __init__(self, unet: UNetModel):
+    def __init__(self, unet: nn.Module):
         super().__init__()
         self.diffusion_model = unet
 
@@ -49,5 +51,40 @@ class StableDiffusion(nn.Module):
         return encoder(ids, tokenize(texts, self.cfg.text_2).to(device))
 
 
-__all__ = ["StableDiffusion", "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "PRESETS", "preset",
-           "UNetModel", "AutoencoderKL", "GeneralConditioner", "text_encoder", "tokenize", "size_conditioning"]
+class StableDiffusion3(nn.Module):
+    """``model.diffusion_model`` (MMDiT), ``first_stage_model`` (the 16-channel VAE) and ``text_encoders``
+    (``clip_l``, ``clip_g``, optional ``t5xxl``): the key prefixes of Stability's SD3 / SD3.5 single files.
+    ``t5_tokenizer`` (set by the loader) is needed only with T5."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from .mmdit import MMDiT
+        if cfg.family != "sd3":
+            raise ValueError(f"StableDiffusion3 needs an SD3 config (mmdit set), got family {cfg.family!r}")
+        self.cfg = cfg
+        self.model = DiffusionWrapper(MMDiT(cfg.mmdit))
+        self.first_stage_model = AutoencoderKL(cfg.vae)
+        self.text_encoders = SD3TextEncoders(cfg.text, cfg.text_2, cfg.text_3, cfg.mmdit.context_dim, cfg.t5_tokens)
+        self.t5_tokenizer: T5Tokenizer | None = None
+
+    @property
+    def mmdit(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    def encode_text(self, texts: list[str], device: torch.device | str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (context (B, 77 + t5_tokens, context_dim), pooled (B, pooled_dim)): see ``SD3TextEncoders``."""
+        enc = self.text_encoders
+        device = device or next(enc.parameters()).device
+        ids_t5 = None
+        if self.cfg.text_3 is not None:
+            if self.t5_tokenizer is None:
+                raise ValueError("this SD3 model has T5-XXL but no T5 tokenizer: set model.t5_tokenizer = "
+                                 "T5Tokenizer('<a diffusers SD3 folder>/tokenizer_3/tokenizer.json')")
+            ids_t5 = self.t5_tokenizer(texts, self.cfg.t5_tokens).to(device)
+        return enc(tokenize(texts, self.cfg.text).to(device), tokenize(texts, self.cfg.text_2).to(device), ids_t5)
+
+
+__all__ = ["StableDiffusion", "StableDiffusion3", "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "T5Config",
+           "MMDiTConfig", "PRESETS", "preset", "UNetModel", "AutoencoderKL", "GeneralConditioner", "SD3TextEncoders",
+           "T5Tokenizer", "text_encoder", "tokenize", "size_conditioning"]

@@ -2,7 +2,8 @@
 
 Presets: ``sd15`` (CompVis v1-inference.yaml), ``sd21-base`` (v2-inference.yaml, 512 px, epsilon),
 ``sd21`` (v2-inference-v.yaml, 768 px, v-prediction), ``sdxl`` (sgm sd_xl_base.yaml, 1024 px), ``toy`` (the
-embedded toy model), ``tiny`` and ``tiny-sdxl`` (random-weight models for tests).
+embedded toy model), ``tiny`` and ``tiny-sdxl`` (random-weight models for tests); ``sd3-medium``,
+``sd35-medium``, ``sd35-large`` (Stability's SD3 / SD3.5 releases) and ``tiny-sd3``, after ``MMDiTConfig``.
 """
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ class VAEConfig:
     z_channels: int = 4
     embed_dim: int = 4
     norm_groups: int = 32
-    scaling_factor: float = 0.18215  # latent = scaling_factor * posterior mean
+    scaling_factor: float = 0.18215  # latent = scaling_factor * (posterior mean - shift_factor)
+    shift_factor: float = 0.0        # SD3: 0.0609
+    use_quant_conv: bool = True      # SD3's VAE has no quant_conv / post_quant_conv
     force_upcast: bool = False       # overflows in float16 (SDXL's VAE, encoder included): run it in float32
 
     @property
@@ -66,46 +69,80 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """CLIP text transformer. ``kind`` picks the checkpoint naming: ``openai`` (HF CLIPTextModel names,
+    """CLIP text transformer. ``kind`` picks the checkpoint naming: ``openai`` (HF CLIPTextModel names; by default
     QuickGELU, pad with end-of-text) or ``openclip`` (open_clip names, GELU, pad with 0). The conditioning is
     the last layer's output (the penultimate's with ``skip_last_layer``), through the final layer norm if
-    ``final_norm``: SD1 last + norm, SD2 penultimate + norm, SDXL's two towers penultimate, no norm."""
+    ``final_norm``: SD1 last + norm, SD2 penultimate + norm, SDXL's and SD3's towers penultimate, no norm.
+    Left unset, ``mlp_width`` (4 x width), ``hidden_act`` and ``pad_id`` take the kind's values on creation."""
     kind: str = "openai"
     vocab_size: int = 49408
     context_length: int = 77
     width: int = 768
     heads: int = 12
     layers: int = 12
-    mlp_ratio: int = 4
+    mlp_width: int = 0              # the MLP's hidden width, read from the weights (tiny test towers: 37)
+    hidden_act: str = ""            # "quick_gelu" or "gelu" (SD3's CLIP-G: HF names with GELU)
+    pad_id: int = -1                # SDXL's and SD3's CLIP-G tokenizers pad with "!" (0)
     projection_dim: int = 768       # open_clip text_projection (unused for conditioning, kept to load strictly)
     skip_last_layer: bool = False   # single files hold all layers; SD2 and SDXL read the penultimate one
     final_norm: bool = True         # the final layer norm on the conditioning (SDXL: none)
-    pooled: bool = False            # SDXL bigG: also ln_final(last layer) at end-of-text @ text_projection
+    pooled: bool = False            # SDXL bigG, SD3: also ln_final(last layer) at end-of-text @ text_projection
+
+    def __post_init__(self):
+        openai = self.kind == "openai"
+        for name, unset, value in (("mlp_width", 0, 4 * self.width), ("pad_id", -1, 49407 if openai else 0),
+                                   ("hidden_act", "", "quick_gelu" if openai else "gelu")):
+            if getattr(self, name) == unset:
+                object.__setattr__(self, name, value)
 
     @property
-    def pad_id(self) -> int:
-        return 49407 if self.kind == "openai" else 0
+    def mlp_ratio(self) -> float:
+        """mlp_width / width, for callers that build transformers' CLIPTextConfig from it."""
+        return self.mlp_width / self.width if self.mlp_width % self.width else self.mlp_width // self.width
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder (HF ``T5Config`` names); the defaults are T5-v1.1-XXL's, SD3's third text encoder."""
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A whole Stable Diffusion model: three networks plus how the UNet output is read."""
+    """A whole Stable Diffusion model: three networks plus how the UNet output is read. SD3 (``mmdit`` set): the
+    MMDiT in place of the UNet (``unet`` unused), CLIP-L in ``text``, CLIP-G in ``text_2``, T5 in ``text_3``."""
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     prediction_type: str = "epsilon"  # or "v_prediction"
     resolution: int = 512             # the image size the model was trained at
     text_2: TextConfig | None = None  # SDXL's second tower (OpenCLIP bigG); its tokens follow the first's
+    mmdit: MMDiTConfig | None = None  # SD3 / SD3.5
+    text_3: T5Config | None = None    # SD3's T5-XXL, optional: zeros take its place when absent
+    t5_tokens: int = 256              # SD3: T5's tokens after CLIP's 77 (diffusers' max_sequence_length)
+    flow_shift: float = 0.0           # SD3: s' = k s / (1 + (k - 1) s) with k = flow_shift (scheduler's shift)
 
     @property
     def family(self) -> str:
+        if self.mmdit is not None:
+            return "sd3"
         if self.text_2 is not None:
             return "sdxl"
         return "sd1" if self.text.kind == "openai" else "sd2"
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's downsampling times the UNet's."""
+        """Image sides must be multiples of this: the VAE's downsampling times the UNet's (SD3: the patch size)."""
+        if self.mmdit is not None:
+            return self.vae.downsampling * self.mmdit.patch_size
         return self.vae.downsampling * 2 ** (len(self.unet.channel_mult) - 1)
 
     @property
@@ -119,9 +156,18 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         tup = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+
+        def text(t: dict) -> TextConfig:  # metadata written before mlp_width holds mlp_ratio, an integer
+            t = dict(t)
+            if "mlp_ratio" in t:
+                t["mlp_width"] = t.pop("mlp_ratio") * t["width"]
+            return TextConfig(**t)
         return cls(unet=UNetConfig(**tup(d["unet"])), vae=VAEConfig(**tup(d["vae"])),
-                   text=TextConfig(**d["text"]), text_2=TextConfig(**d["text_2"]) if d.get("text_2") else None,
-                   prediction_type=d["prediction_type"], resolution=d["resolution"])
+                   text=text(d["text"]), text_2=text(d["text_2"]) if d.get("text_2") else None,
+                   prediction_type=d["prediction_type"], resolution=d["resolution"],
+                   mmdit=MMDiTConfig(**tup(d["mmdit"])) if d.get("mmdit") else None,
+                   text_3=T5Config(**d["text_3"]) if d.get("text_3") else None,
+                   t5_tokens=d.get("t5_tokens", 256), flow_shift=d.get("flow_shift", 0.0))
 
 
 _SD2_UNET = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
@@ -204,3 +250,30 @@ MMDIT_PRESETS: dict[str, MMDiTConfig] = {
     "tiny-sd3": MMDiTConfig(in_channels=16, out_channels=16, hidden_size=64, depth=3, pos_embed_max_size=16,
                             context_dim=40, pooled_dim=24, qk_norm=True, dual_attention_layers=(0,), head_dim=16),
 }
+
+
+# SD3 / SD3.5: CLIP-L and CLIP-G in HF names, both pooled (CLIP-G's tokenizer pads with "!" = 0), T5-XXL, the
+# 16-channel VAE without quant convs, the flow schedule's shift 3.0 (the diffusers folders' scheduler configs).
+_SD3_CLIP_L = TextConfig(skip_last_layer=True, final_norm=False, pooled=True)
+_SD3_CLIP_G = TextConfig(width=1280, heads=20, layers=32, projection_dim=1280, hidden_act="gelu", pad_id=0,
+                         skip_last_layer=True, final_norm=False, pooled=True)
+_SD3_VAE = VAEConfig(z_channels=16, embed_dim=16, use_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+
+
+def _sd3(mmdit: MMDiTConfig, **small) -> ModelConfig:
+    return ModelConfig(**{**dict(mmdit=mmdit, vae=_SD3_VAE, text=_SD3_CLIP_L, text_2=_SD3_CLIP_G, text_3=T5Config(),
+                                 prediction_type="flow_prediction", resolution=1024, flow_shift=3.0), **small})
+
+
+PRESETS.update({name: _sd3(MMDIT_PRESETS[name]) for name in ("sd3-medium", "sd35-medium", "sd35-large")})
+# Every code path of SD3 at a fraction of the cost: MLP widths that are no multiple of the width, as in diffusers'
+# own tiny SD3 test pipeline.
+PRESETS["tiny-sd3"] = _sd3(
+    MMDIT_PRESETS["tiny-sd3"], resolution=32,
+    vae=dataclasses.replace(_SD3_VAE, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+    text=TextConfig(width=16, heads=2, layers=2, mlp_width=37, projection_dim=8, skip_last_layer=True,
+                    final_norm=False, pooled=True),
+    text_2=TextConfig(width=24, heads=2, layers=2, mlp_width=37, projection_dim=16, hidden_act="gelu", pad_id=0,
+                      skip_last_layer=True, final_norm=False, pooled=True),
+    text_3=T5Config(vocab_size=320, d_model=40, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=20))

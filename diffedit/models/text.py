@@ -4,11 +4,14 @@ SD1 conditions on OpenAI CLIP ViT-L/14's last hidden state (HF ``CLIPTextModel``
 ``cond_stage_model.transformer.``); SD2 on OpenCLIP ViT-H/14's penultimate layer followed by
 ``ln_final`` (open_clip names, under ``cond_stage_model.model.``). SDXL on both CLIP ViT-L's and OpenCLIP
 bigG's penultimate layers without a final norm, plus bigG's pooled, projected end-of-text vector (under
-``conditioner.embedders.{0,1}.``, see conditioner.py). All are causal pre-LN transformers.
+``conditioner.embedders.{0,1}.``, see conditioner.py). SD3 on CLIP-L's and CLIP-G's penultimate layers without a
+final norm, and both pooled, projected end-of-text vectors (HF ``CLIPTextModelWithProjection`` names, under
+``text_encoders.{clip_l,clip_g}.transformer.``). All are causal pre-LN transformers.
 """
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ from torch import nn
 from .configs import TextConfig
 
 SOT, EOT = 49406, 49407
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,13 +30,26 @@ def _bpe():
     return SimpleTokenizer()
 
 
+def warn_truncated(dropped: list[tuple[str, int]], limit: int) -> None:
+    """One warning for the (text, tokens dropped) pairs of one call, each text shortened to 40 characters."""
+    if dropped:
+        short = lambda t: repr(t if len(t) <= 40 else t[:37] + "...")
+        log.warning("text longer than the encoder's %d tokens: %s", limit,
+                    "; ".join(f"{n} token{'s' * (n > 1)} dropped from {short(t)}" for t, n in dropped))
+
+
 def tokenize(texts: list[str], cfg: TextConfig) -> torch.Tensor:
-    """Texts -> (B, context_length) ids: start, BPE tokens (truncated), end, then padding."""
+    """Texts -> (B, context_length) ids: start, BPE tokens (truncated, with a warning), end, then padding."""
     n = cfg.context_length
     ids = torch.full((len(texts), n), cfg.pad_id, dtype=torch.long)
+    dropped = []
     for row, text in enumerate(texts):
-        toks = [SOT, *_bpe().encode(text)[: n - 2], EOT]
+        bpe = _bpe().encode(text)
+        if len(bpe) > n - 2:
+            dropped.append((text, len(bpe) - (n - 2)))
+        toks = [SOT, *bpe[: n - 2], EOT]
         ids[row, : len(toks)] = torch.tensor(toks)
+    warn_truncated(dropped, n)
     return ids
 
 
@@ -55,13 +72,16 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, act: str):
         super().__init__()
+        if act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"CLIP activation must be 'quick_gelu' or 'gelu', got {act!r}")
+        self.quick = act == "quick_gelu"
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
 
     def forward(self, x):
         h = self.fc1(x)
-        return self.fc2(h * torch.sigmoid(1.702 * h))  # QuickGELU
+        return self.fc2(h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h))
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -69,7 +89,7 @@ class CLIPEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = CLIPAttention(cfg.width, cfg.heads)
         self.layer_norm1, self.layer_norm2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
-        self.mlp = CLIPMLP(cfg.width, cfg.width * cfg.mlp_ratio)
+        self.mlp = CLIPMLP(cfg.width, cfg.mlp_width, cfg.hidden_act)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -100,21 +120,32 @@ class CLIPTextTransformer(nn.Module):
 
 
 class OpenAICLIPText(nn.Module):
-    """OpenAI CLIP's text encoder: SD1 reads the last hidden state after the final layer norm, SDXL the
-    penultimate one without it (``skip_last_layer``, ``final_norm``)."""
+    """A CLIP text encoder in HF names: SD1 reads the last hidden state after the final layer norm, SDXL and SD3 the
+    penultimate one without it (``skip_last_layer``, ``final_norm``); SD3 also pools (``CLIPTextModelWithProjection``:
+    ``text_projection``, a Linear without bias)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg)
+        if cfg.pooled:
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, n) -> the conditioning (B, n, width)."""
+    def forward(self, ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, n) -> the conditioning (B, n, width), and with ``pooled`` the pooled text (B, projection_dim)."""
         m, layers = self.text_model, self.text_model.encoder.layers
+        n_context = len(layers) - 1 if self.cfg.skip_last_layer else len(layers)
         x = m.embeddings(ids)
-        for layer in layers[: len(layers) - 1] if self.cfg.skip_last_layer else layers:
+        for layer in layers[:n_context]:
             x = layer(x)
-        return m.final_layer_norm(x) if self.cfg.final_norm else x
+        context = m.final_layer_norm(x) if self.cfg.final_norm else x
+        if not self.cfg.pooled:
+            return context
+        for layer in layers[n_context:]:
+            x = layer(x)
+        # the first end of text: the largest id (49407), and argmax returns the first maximum
+        eot = m.final_layer_norm(x)[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        return context, self.text_projection(eot)
 
 
 # --- SD2: OpenCLIP naming ------------------------------------------------------------------------
@@ -140,9 +171,9 @@ class ResidualAttentionBlock(nn.Module):
         w = cfg.width
         self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(w), MultiheadSelfAttention(w, cfg.heads), nn.LayerNorm(w)
         self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(w, w * cfg.mlp_ratio))
+        self.mlp.add_module("c_fc", nn.Linear(w, cfg.mlp_width))
         self.mlp.add_module("gelu", nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(w * cfg.mlp_ratio, w))
+        self.mlp.add_module("c_proj", nn.Linear(cfg.mlp_width, w))
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -193,7 +224,8 @@ class OpenCLIPText(nn.Module):
 
 
 class FrozenCLIPEmbedder(nn.Module):
-    """SD1 ``cond_stage_model`` / SDXL ``conditioner.embedders.0``: holds the HF-named model under ``transformer``."""
+    """SD1 ``cond_stage_model`` / SDXL ``conditioner.embedders.0`` / SD3 ``text_encoders.clip_{l,g}``: holds the
+    HF-named model under ``transformer``."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()

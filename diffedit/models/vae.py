@@ -1,7 +1,8 @@
 """The Stable Diffusion autoencoder (LDM ``AutoencoderKL``, CompVis model.py naming).
 
 Attribute names equal the checkpoint keys under ``first_stage_model.``. The decoder's ``up`` list is
-indexed by resolution level (0 = full resolution) although it runs from the lowest level up.
+indexed by resolution level (0 = full resolution) although it runs from the lowest level up. SD3's VAE is the same
+network with 16 latent channels and without the 1x1 quant_conv / post_quant_conv.
 """
 from __future__ import annotations
 
@@ -149,14 +150,24 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        if cfg.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [-1, 1] -> (mean, logvar) of the diagonal Gaussian posterior (unscaled)."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        h = self.encoder(x)
+        mean, logvar = (self.quant_conv(h) if self.cfg.use_quant_conv else h).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents -> images in about [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z) if self.cfg.use_quant_conv else z)
+
+    def scale(self, mean: torch.Tensor) -> torch.Tensor:
+        """Posterior mean -> the diffusion model's latent: (mean - shift_factor) x scaling_factor."""
+        return (mean - self.cfg.shift_factor) * self.cfg.scaling_factor
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's latent -> what ``decode`` takes: the inverse of ``scale``."""
+        return latents / self.cfg.scaling_factor + self.cfg.shift_factor
