@@ -1,4 +1,7 @@
-"""Measure DiffEdit, SDEdit and Encode-Decode on held-out toy-world edits with ground truth.
+"""Measure DiffEdit, SDEdit, Encode-Decode and masked SDEdit on held-out toy-world edits with ground truth.
+
+Masked SDEdit is DiffEdit's mask with SDEdit's fresh noise in place of the DDIM encoding: beside DiffEdit it tests
+the paper's second claim, that the encoding works with the mask better than noise does.
 
 The edits and their metrics are the sweep's (``sweep.edit_grid`` at one ratio, the paper's other knobs, and
 ``sweep.rows_for``): mask IoU with the two ground truths, the changed pixels (``iou``) and the edited object's
@@ -21,8 +24,11 @@ from .settings import REFERENCES, EditSettings
 from .sweep import METRICS, Setting, edit_grid, rows_for, toy_items
 from .toy import judge, world
 
-KEYS = {"diffedit": "diffedit", "sdedit": "sdedit", "encode-decode": "encode_decode"}  # method -> its JSON key
+# method -> its JSON key
+KEYS = {"diffedit": "diffedit", "sdedit": "sdedit", "encode-decode": "encode_decode", "masked-sdedit": "masked_sdedit"}
 METHODS = tuple(KEYS.values())
+LABELS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode_decode": "Encode-Decode",
+          "masked_sdedit": "masked SDEdit"}
 
 
 def _u8(pil) -> np.ndarray:
@@ -32,7 +38,7 @@ def _u8(pil) -> np.ndarray:
 def evaluate(de, n: int = 40, seed: int = world.EVAL_SEED, ratio: float = 0.7, steps: int = 50,
              reference: str = "caption", guidance: float = 7.5, progress: bool = True,
              spec: world.WorldSpec = world.V1) -> dict:
-    """Run the three methods on ``n`` edits drawn at ``seed`` (never the training seed); the mean metrics."""
+    """Run the four methods on ``n`` edits drawn at ``seed`` (never the training seed); the mean metrics."""
     rows = edit_rows(de, n, seed, range(n), ratio, steps, reference, guidance, progress, spec)
     return summarize(rows, n=n, seed=seed, ratio=ratio, steps=steps, reference=reference, world=spec.name)
 
@@ -45,8 +51,9 @@ def edit_rows(de, n: int, seed: int, indices, ratio: float = 0.7, steps: int = 5
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     s = EditSettings(ratio=ratio, steps=steps, guidance=guidance)
-    points = [Setting("diffedit", s.ratio, reference, s.threshold, s.n, s.strength),
-              Setting("sdedit", s.ratio, reference), Setting("encode-decode", s.ratio, reference)]
+    mask = (s.threshold, s.n, s.strength)  # one mask for both masked methods
+    points = [Setting("diffedit", s.ratio, reference, *mask), Setting("sdedit", s.ratio, reference),
+              Setting("encode-decode", s.ratio, reference), Setting("masked-sdedit", s.ratio, reference, *mask)]
     items = toy_items(n, seed, spec.size, spec)
     factor = de.cfg.vae.downsampling
     rows = []
@@ -83,9 +90,9 @@ def table(summary: dict) -> str:
     def cell(d, *keys, fmt="{:.2f}"):
         return " / ".join("-" if d.get(k) is None else fmt.format(d[k]) for k in keys)
 
-    lines = ["| kind (count) | DiffEdit IoU changed / footprint | ceiling IoU changed / footprint | DiffEdit success / "
-             "bg PSNR | SDEdit success / bg PSNR | Encode-Decode success / bg PSNR | VAE bg PSNR |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| kind (count) | DiffEdit IoU changed / footprint | ceiling IoU changed / footprint | "
+             + " | ".join(f"{LABELS[m]} success / bg PSNR" for m in METHODS) + " | VAE bg PSNR |",
+             "| --- | --- | --- |" + " --- |" * len(METHODS) + " --- |"]
     for kind in (*world.EDIT_KINDS, "all"):
         by = {m: summary[m] if kind == "all" else summary["by_kind"][m][kind] for m in METHODS}
         ceiling = summary["ceiling"][kind]

@@ -1,4 +1,4 @@
-"""Evaluate DiffEdit, SDEdit and Encode-Decode on held-out toy-world edits (see diffedit/evaluation.py).
+"""Evaluate DiffEdit, SDEdit, Encode-Decode and masked SDEdit on held-out toy-world edits (diffedit/evaluation.py).
 
     python scripts/evaluate_toy.py --n 40 --seed 777 --json eval.json [--ratio 0.7] [--generation 50] [--workers 2]
                                    [--dtype auto] [--world v2] [--md table.md]

@@ -166,8 +166,8 @@ def claims(out: Path) -> list[dict]:
             if not d["images"]:
                 continue  # no edit of this kind among the images
             where = "" if kind == "all" else f" on {kind} edits"
-            table.append({"claim": f"DiffEdit's trade-off curve dominates {base}'s{where} (Fig. 3)", "sweep": "tradeoff",
-                          "evidence": _tradeoff_evidence(d), **d})
+            table.append({"claim": f"DiffEdit's trade-off curve dominates {base}'s{where} (Fig. 3)",
+                          "sweep": "tradeoff", "evidence": _tradeoff_evidence(d), **d})
     table += synergy(rows["tradeoff"])
     for metric, truth in IOUS:
         for knob, best, others in (("threshold", 0.5, (0.25, 0.75)), ("n", 10, (1, 2, 5)),
@@ -223,8 +223,8 @@ def write_report(out: Path, table: list[dict], times: dict, args, extra: list[di
             f"{stats[m]['bg_psnr'][r]:.1f} / {stats[m]['bg_ssim'][r]:.3f} / {stats[m]['success'][r]:.2f}"
             for m in METHODS) + " |")
     r = SYNERGY_RATIO
-    lines += ["", f"Trade-off sweep at r {r:g}, per kind of edit (mean over its images): success / background PSNR (dB)",
-              "", "| kind (images) | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
+    lines += ["", f"Trade-off sweep at r {r:g}, per kind of edit (mean over its images): success / background PSNR "
+              "(dB)", "", "| kind (images) | " + " | ".join(METHODS) + " |", "| --- |" + " --- |" * len(METHODS)]
     for kind in KINDS:
         sub = [row for row in trade if kind == "all" or row.get("kind") == kind]
         count = len({row["image"] for row in sub})

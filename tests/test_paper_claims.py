@@ -92,7 +92,8 @@ def test_the_tradeoff_sweep_runs_every_method_and_dominance_is_judged_per_kind()
     assert pc.SWEEPS["tradeoff"][-1] == ",".join(pc.METHODS) and "masked-sdedit" in pc.METHODS
     ours = _curve("diffedit", {0.5: (0.1, 0.5)})
     base = _curve("sdedit", {0.5: (0.3, 0.4)})
-    kinds = {"colour": (ours, base), "shape": (_curve("diffedit", {0.5: (0.1, 0.1)}), _curve("sdedit", {0.5: (0.3, 0.9)}))}
+    kinds = {"colour": (ours, base),
+             "shape": (_curve("diffedit", {0.5: (0.1, 0.1)}), _curve("sdedit", {0.5: (0.3, 0.9)}))}
     rows = [dict(r, image=kind, kind=kind) for kind, (a, b) in kinds.items() for r in a + b]
     assert pc.dominated(rows, "sdedit", "colour")["verdict"] == "yes"
     shape = pc.dominated(rows, "sdedit", "shape")
@@ -108,7 +109,8 @@ def test_synergy_pairs_diffedit_with_masked_sdedit_per_image_at_the_papers_ratio
             for ratio in (r, 0.9)]
     rows.append({"image": "lonely", "kind": "colour", "method": "diffedit", "ratio": r, "success": 0.0, "bg_psnr": 0.0})
     success, psnr = pc.synergy(rows)
-    assert (success["sweep"], success["a"], success["b"], success["ratio"]) == ("synergy", "diffedit", "masked-sdedit", r)
+    got = (success["sweep"], success["a"], success["b"], success["ratio"])
+    assert got == ("synergy", "diffedit", "masked-sdedit", r)
     # diffs 1, 0, 1, 0, 1, 0: mean 0.5, SE 0.224
     assert success["images"] == 6 and success["mean_diff"] == pytest.approx(0.5) and success["verdict"] == "yes"
     assert success["by_kind"]["colour"] == {"diffedit": 0.75, "masked-sdedit": 0.0}  # means include every image

@@ -171,7 +171,8 @@ def test_a_removal_takes_one_object_and_its_phrase_out_of_the_caption():
     for e in world.edits(80, 31, kinds=("remove",), max_objects=3):
         gone = e.source.objects[e.edited_object_index]
         assert gone not in e.target.objects and len(e.target.objects) == len(e.source.objects) - 1
-        assert e.target_caption == e.source_caption.replace(gone.phrase + " and ", "").replace(" and " + gone.phrase, "")
+        caption = e.source_caption.replace(gone.phrase + " and ", "").replace(" and " + gone.phrase, "")
+        assert e.target_caption == caption
         assert e.description == f"remove the {gone.colour} {gone.shape}"
         assert np.array_equal(e.mask(), gone.mask()) and np.array_equal(e.footprint(), e.mask())
         img = e.target.render()

@@ -83,8 +83,9 @@ def _class_map(scene) -> np.ndarray:
 
 def judge(edited: np.ndarray, edit: Edit) -> dict:
     """Verdict and details for ``edited`` (uint8 (H, W, 3)): kind, success, score, threshold,
-    iou_target / iou_source (object edits), kept_iou (removals: the worst kept object's IoU), and preserved: the fraction of pixels outside the
-    dilated edit mask whose palette class matches the target render (reported, not judged)."""
+    iou_target / iou_source (object edits), kept_iou (removals: the worst kept object's IoU), and preserved:
+    the fraction of pixels outside the dilated edit mask whose palette class matches the target render (reported,
+    not judged)."""
     edited = np.asarray(edited)
     size = edit.target.size
     if edited.shape != (size, size, 3) or edited.dtype != np.uint8:
