@@ -7,7 +7,7 @@
     image                               everything, with one VAE encode
 
 Torch only (no gradio). A ``Session`` is one browser session's cache, bounded in bytes; a ``Work`` is one
-user action on it: the algorithm's steps (masking.py, inversion.py, edit.py), each looked up in the cache
+user action on it: the edit engine (``diffedit.engine``) run with that cache as its memo, so each step is looked up
 under everything it depends on, and what the action cost (UNet rows per phase, VAE encodes, seconds).
 """
 from __future__ import annotations
@@ -16,22 +16,23 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import images, masking
-from .edit import masked_decode, sdedit
-from .guidance import Conditioning
-from .inversion import Trajectory, ddim_encode, num_encoding_steps
-from .measure import EvalCounter
-from .settings import EditSettings
+from . import images
+from .denoiser import encoding_steps
+from .engine import Input, Request
+from .guidance import Conditioning, Rows
+from .inversion import Trajectory
+from .settings import METHOD_TABLE, EditSettings
 
 CACHE_BYTES = 256 * 2 ** 20   # per session: a 512 px SD trajectory at 50 steps is 3.3 MB, a toy one 52 kB
 MAX_SIDE = 2048               # longer sides are shrunk to this (with a warning), not refused
+FULL_SIZE_BUDGET = 4          # full size is offered up to this many times the model's native pixel count
 MAX_PIXELS = 100_000_000      # larger files are refused from their header, before any decoding
 STROKE_COVER = 0.25           # a latent cell joins a stroke when a quarter of its pixels are painted
 PHASES = ("mask", "inversion", "decoding")
@@ -48,7 +49,7 @@ def nbytes(value) -> int:
     if isinstance(value, Image.Image):
         return value.width * value.height * len(value.getbands())
     if isinstance(value, Picture):
-        return nbytes(value.pil)
+        return nbytes(value.original) + sum(nbytes(im) for im in value.working.values())
     raise TypeError(f"no size rule for a cached {type(value).__name__}")
 
 
@@ -86,8 +87,13 @@ class LRUCache:
         return value
 
 
+class Cancelled(Exception):
+    """The session's running work was asked to stop (Stop, a newer action, the browser leaving)."""
+
+
 class Session:
-    """One browser session: its cache, the strokes painted on its image, the cost of its last action.
+    """One browser session: its cache, the strokes painted on its image, the cost of its last action, and ``stop``,
+    set to end its running work at the next UNet call (``check_stop``).
 
     gr.State deep-copies its initial value for each new session; the copy starts empty, so two sessions
     never share a cached tensor."""
@@ -97,6 +103,12 @@ class Session:
         self.strokes: dict[str, tuple] = {}  # image digest -> (add, erase) latent masks, the painted layers
         self.last_cost: Cost | None = None
         self.scenes = 0  # toy scenes drawn: each press draws the next held-out one
+        self.stop = threading.Event()
+
+    def check_stop(self):
+        """Called before every UNet call of this session's work: Cancelled once ``stop`` is set."""
+        if self.stop.is_set():
+            raise Cancelled("stopped")
 
     def __deepcopy__(self, memo):
         return Session(self.cache.limit)
@@ -104,10 +116,40 @@ class Session:
 
 @dataclass
 class Picture:
-    """An input image as the app works on it: RGB, its side capped, and a digest that keys the cache."""
+    """An input image as the app works on it. ``original``: the upload in RGB, its side capped (results come back
+    at its size); ``pil``: the copy the model works on (``at`` a working size); ``digest``: the cache's key for it,
+    the upload's pixels and the working size."""
     pil: Image.Image
-    digest: str
+    original: Image.Image
+    pixels: str                                 # a hash of the original's pixels
     shrunk_from: tuple[int, int] | None = None  # the uploaded size when MAX_SIDE shrank it
+    working: dict = field(default_factory=dict, repr=False)  # size -> the original resized to it, made once
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha1(f"{self.pixels} {self.pil.size}".encode()).hexdigest()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The size results come back at."""
+        return self.original.size
+
+    def at(self, side: int | None, multiple: int = 1) -> "Picture":
+        """This picture worked with ``side`` px on its longer side (None: its own size), each side then rounded to
+        a multiple of ``multiple`` (the model's)."""
+        w, h = self.original.size
+        if side is not None:
+            w, h = (max(1, round(s * side / max(w, h))) for s in (w, h))
+        size = images.model_size((w, h), multiple)
+        if size == self.original.size:
+            return replace(self, pil=self.original)
+        if size not in self.working:
+            self.working[size] = self.original.resize(size, Image.LANCZOS)
+        return replace(self, pil=self.working[size])
+
+    def restore(self, image: Image.Image) -> Image.Image:
+        """A result at the working size, resized back to the original's."""
+        return image if image.size == self.size else image.resize(self.size, Image.BICUBIC)
 
 
 @dataclass
@@ -131,14 +173,16 @@ class Engine:
     """The model every session shares, and ``evals``: every UNet evaluation run through it."""
 
     def __init__(self, de):
-        self.de, self.evals = de, EvalCounter(de.eps)
+        self.de, self.evals = de, Rows()
 
     def work(self, session: Session, report=None) -> "Work":
         return Work(self, session, report)
 
 
 class Work:
-    """One user action on one session. ``report(phase, rows_done, rows_total)`` follows the UNet work."""
+    """One user action on one session, run by the edit engine (``diffedit.engine``) with the session's cache as
+    its memo. ``report(phase, rows_done, rows_total)`` follows the UNet work; every UNet call first asks the
+    session whether to stop (``Session.check_stop``)."""
 
     def __init__(self, engine: Engine, session: Session, report=None):
         self.de, self.evals, self.session = engine.de, engine.evals, session
@@ -146,24 +190,32 @@ class Work:
         self.cost = Cost()
         self.report = report or (lambda *_: None)
         self._start = time.perf_counter()
+        self._phase, self._done, self._totals = None, 0, {}
+        self.engine = self.de.engine(memo=self.cache, wrap=self._wrap, on_phase=self._on_phase)
 
     def finish(self) -> Cost:
         self.cost.seconds = time.perf_counter() - self._start
         self.session.last_cost = self.cost
         return self.cost
 
-    def _eps(self, phase: str, total: int) -> EvalCounter:
-        """The model's eps, counted into the app's total and into this action's ``phase``."""
-        done = 0
+    def _on_phase(self, phase: str):
+        if phase == "encode":
+            self.cost.encodes += 1
+        else:
+            self._phase, self._done = phase, 0
 
-        def on_rows(rows):
-            nonlocal done
-            done += rows
-            self.cost.rows[phase] += rows
-            self.report(phase, done, total)
-        return EvalCounter(self.evals, on_rows)
+    def _wrap(self, model):
+        """The model call, counted into the app's total and this action's phase, stopped when the session asks."""
+        def call(x, t, context):
+            self.session.check_stop()
+            self.evals.add(x)
+            self.cost.rows[self._phase] += x.shape[0]
+            self._done += x.shape[0]
+            self.report(self._phase, self._done, self._totals.get(self._phase, self._done))
+            return model(x, t, context)
+        return call
 
-    # --- the cached steps --------------------------------------------------------------------------------
+    # --- the steps, through the engine ----------------------------------------------------------------------
 
     def picture(self, image) -> Picture:
         """A path (read, never written) or a PIL image -> Picture; images.ImageError if unreadable."""
@@ -172,37 +224,16 @@ class Work:
             return self.cache.cached(("file", str(image), st.st_size, st.st_mtime_ns), lambda: _picture(image))
         return _picture(image)
 
-    def x0(self, pic: Picture) -> torch.Tensor:
-        def encode():
-            self.cost.encodes += 1
-            return self.de.encode_image(images.to_tensor(pic.pil, self.de.multiple, self.de.device, self.de.dtype))
-        return self.cache.cached(("x0", pic.digest), encode)
-
-    def text(self, text: str, pic: Picture) -> torch.Tensor:
-        """The conditioning of ``text`` for ``pic`` (SDXL's carries the image size)."""
-        size = self.de.image_size(self.x0(pic))  # as the pipeline derives it
-        return self.cache.cached(("text", text, *size), lambda: self.de.encode_prompt([text], size))
-
-    @staticmethod
-    def _d_key(pic, source, target, s: EditSettings):
-        return ("D", pic.digest, source, target, s.n, s.strength, s.seed, s.steps)
+    def _input(self, pic: Picture) -> Input:
+        return Input(images.to_tensor(pic.pil, self.de.multiple, self.de.device, self.de.dtype), key=pic.digest)
 
     def has_difference(self, pic: Picture, source: str, target: str, s: EditSettings) -> bool:
-        return self.cache.has(self._d_key(pic, source, target, s))
-
-    def difference(self, pic: Picture, source: str, target: str, s: EditSettings) -> torch.Tensor:
-        """The raw map D (h, w) of ``target`` against ``source`` (Sec. 3.1): the mask pass, no guidance."""
-        def estimate():
-            noises = masking.noised_latents(self.x0(pic), s.n, s.strength, s.steps, self.de.alpha_bar,
-                                            torch.Generator().manual_seed(s.seed))
-            return masking.noise_difference_maps(self._eps("mask", 2 * s.n), noises, self.text(target, pic),
-                                                 self.text(source, pic), self.de.max_batch)[0].float()
-        return self.cache.cached(self._d_key(pic, source, target, s), estimate)
+        return self.engine.has_map(self._input(pic), Request(0, target, source, s))
 
     def mask(self, pic: Picture, source: str, target: str, s: EditSettings):
         """(D rescaled to [0, 1], the mask M): D thresholded, with the session's strokes painted in."""
-        d = masking.normalize(self.difference(pic, source, target, s)[None], s.mask_normalization)[0]
-        m = masking.binarize(d, s.threshold)
+        self._totals = {"mask": 2 * s.n}
+        ((d, m),) = self.engine.masks([self._input(pic)], [Request(0, target, source, s)])
         if pic.digest in self.session.strokes:
             add, erase, _ = self.session.strokes[pic.digest]
             m = (m | add.to(m.device)) & ~erase.to(m.device)
@@ -219,33 +250,22 @@ class Work:
         self.session.strokes = {pic.digest: (cells[0], cells[1], list(layers))}  # one image at a time
         return not all(torch.equal(a, b) for a, b in zip(cells, before))
 
-    def trajectory(self, pic: Picture, steps: int) -> Trajectory:
-        """The DDIM encoding (Sec. 3.2: text "", no guidance) to ratio 1: every ratio is a truncation of it."""
-        def invert():
-            return ddim_encode(self._eps("inversion", steps), self.x0(pic), self.text("", pic), 1.0, steps,
-                               self.de.alpha_bar, max_batch=self.de.max_batch)
-        return self.cache.cached(("trajectory", pic.digest, steps), invert)
-
     def edit(self, pic: Picture, source: str, target: str, s: EditSettings, mask: torch.Tensor | None = None):
-        """The edited image (input size) by ``s.method``; DiffEdit blends with ``mask`` (h, w) bool."""
-        k = num_encoding_steps(s.ratio, s.steps)
-        mask_key = None if s.method != "diffedit" else hashlib.sha1(mask.cpu().numpy().tobytes()).hexdigest()
+        """The edited image (input size) by ``s.method``; a masked method blends with ``mask`` (h, w) bool. The
+        encoding is made once to ratio 1: every ratio is a truncation of it."""
+        method = METHOD_TABLE[s.method]
+        k = encoding_steps(s.ratio, s.steps)
+        mask_key = hashlib.sha1(mask.cpu().numpy().tobytes()).hexdigest() if method.masked else None
         key = ("edit", pic.digest, s.method, k, s.steps, s.guidance, source, target,
-               s.seed if s.method == "sdedit" else None, mask_key)
+               s.seed if method.start == "noise" else None, mask_key)
 
-        def decode():
-            cond, ref = self.text(target, pic), self.text(source, pic)  # the paper's negative prompt is R
-            eps = self._eps("decoding", k * (1 if s.guidance == 1 else 2))
-            if s.method == "sdedit":
-                y0 = sdedit(eps, self.x0(pic), cond, ref, s.ratio, s.steps, s.guidance, self.de.alpha_bar,
-                            torch.Generator().manual_seed(s.seed), self.de.max_batch)
-            else:
-                trajectory = self.trajectory(pic, s.steps).truncate(s.ratio)
-                blend = mask[None, None].to(trajectory.latents.dtype) if s.method == "diffedit" else None
-                y0 = masked_decode(eps, trajectory, cond, ref, s.guidance, self.de.alpha_bar, blend,
-                                   max_batch=self.de.max_batch)
-            return images.to_pil(self.de.decode_latents(y0)[0], pic.pil.size)
-        return self.cache.cached(key, decode)
+        def run():
+            g = 1 if s.guidance == 1 else 2
+            self._totals = {"inversion": s.steps, "decoding": g * k}
+            r = Request(0, target, source, s, mask if method.masked else None)
+            (out,) = self.engine.edits([self._input(pic)], [r], invert_to=1.0)
+            return images.to_pil(out.pixels, pic.pil.size)
+        return self.cache.cached(key, run)
 
 
 def _picture(image) -> Picture:
@@ -263,8 +283,8 @@ def _picture(image) -> Picture:
     if max(pil.size) > MAX_SIDE:
         shrunk_from, pil = pil.size, pil.copy()
         pil.thumbnail((MAX_SIDE, MAX_SIDE), Image.LANCZOS)
-    digest = hashlib.sha1(repr(pil.size).encode() + pil.tobytes()).hexdigest()
-    return Picture(pil, digest, shrunk_from)
+    pixels = hashlib.sha1(repr(pil.size).encode() + pil.tobytes()).hexdigest()
+    return Picture(pil, pil, pixels, shrunk_from)  # at its own size; ``at`` gives a working size
 
 
 def stroke_cells(layer: Image.Image, latent_size: tuple[int, int]) -> torch.Tensor:

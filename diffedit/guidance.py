@@ -1,9 +1,10 @@
-"""The batched noise-estimate pass: every UNet evaluation of an edit goes through here.
+"""What a UNet evaluation is called with and how it is counted: the conditioning of a row, the model call that
+always returns eps, and the counters that wrap it.
 
 An edit needs the noise estimate eps_theta(x_t, t, c) for many rows at once: the n mask noises under the
 query and the reference text, the conditional and unconditional halves of classifier-free guidance, and
-several targets that share one inversion. Rows are stacked into as few UNet calls as ``max_batch`` allows;
-prompt embeddings are computed by the caller once and only indexed here (``expand``, no copies).
+several targets that share one inversion. ``denoiser.Denoiser`` stacks them into as few calls as ``max_batch``
+allows; prompt embeddings are computed once and only indexed (``expand``, no copies).
 
 A row's conditioning is a text embedding (B, L, D) for SD1/2, and a ``Conditioning`` for SDXL, which carries the
 vector y (pooled text and image sizes) beside it; both are indexed, expanded and concatenated alike, so masking,
@@ -63,6 +64,14 @@ Cond = Union[torch.Tensor, Conditioning]
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
+def mean_embedding(cond: Cond) -> Cond:
+    """The mean of several texts' conditionings (rows), as one row: the diffusers docs' recipe of averaging the
+    embeddings of many captions into one query or reference."""
+    if isinstance(cond, Conditioning):
+        return Conditioning(cond.context.mean(0, keepdim=True), cond.y.mean(0, keepdim=True))
+    return cond.mean(0, keepdim=True)
+
+
 def eps_model(unet: Callable, prediction_type: str, alpha_bar: torch.Tensor, dtype: torch.dtype | None = None) -> EpsFn:
     """Wrap the UNet so it always returns eps: v-prediction models are converted with alpha_bar_t.
 
@@ -84,27 +93,47 @@ def eps_model(unet: Callable, prediction_type: str, alpha_bar: torch.Tensor, dty
     return eps
 
 
-def batched_eps(eps: EpsFn, x: torch.Tensor, t: torch.Tensor, context: Cond,
-                max_batch: int = 64) -> torch.Tensor:
-    """eps for N rows (x: (N,C,h,w), t: (N,), context: (N,L,D)), in chunks of at most max_batch rows."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-    context = context.expand(x.shape[0], *context.shape[1:])
-    return torch.cat([eps(x[i:i + max_batch], t[i:i + max_batch], context[i:i + max_batch])
-                      for i in range(0, x.shape[0], max_batch)])
+class Rows:
+    """Rows (batch entries; for a UNet, sample evaluations) and calls; ``on_rows(n)`` is told of every call."""
+
+    def __init__(self, on_rows=None):
+        self.rows = self.calls = 0
+        self.on_rows = on_rows
+
+    def add(self, x) -> None:
+        self.rows += x.shape[0]
+        self.calls += 1
+        if self.on_rows is not None:
+            self.on_rows(x.shape[0])
+
+    @property
+    def count(self) -> int:
+        """Rows so far (for a UNet, sample evaluations)."""
+        return self.rows
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.rows = value
+
+    def reset(self) -> None:
+        self.rows = self.calls = 0
+
+    def get(self) -> dict:
+        return {"rows": self.rows, "calls": self.calls}
 
 
-def guided_eps(eps: EpsFn, x: torch.Tensor, t, cond: Cond, uncond: Cond, scale: float,
-               max_batch: int = 64) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans, 2022): eps_u + s (eps_c - eps_u), both halves in one pass.
+class EvalCounter(Rows):
+    """Wraps an eps function; ``count`` = UNet sample evaluations (batch rows) run through it."""
 
-    x: (K,C,h,w); cond, uncond: (K,L,D) or (1,L,D). With scale 1 only the conditional half is evaluated.
-    """
-    k = x.shape[0]
-    if scale == 1.0:
-        return batched_eps(eps, x, t, cond, max_batch)
-    ctx = torch.cat([uncond.expand(k, *uncond.shape[1:]), cond.expand(k, *cond.shape[1:])])
-    e = batched_eps(eps, torch.cat([x, x]), t, ctx, max_batch)
-    e_u, e_c = e[:k], e[k:]
-    return e_u + scale * (e_c - e_u)
+    def __init__(self, eps, on_rows=None):
+        super().__init__(on_rows)
+        self.eps = eps
+
+    def around(self, eps) -> "EvalCounter":
+        """This counter, now around ``eps`` (an engine's ``wrap``: totals carry over from model to model)."""
+        self.eps = eps
+        return self
+
+    def __call__(self, x, t, context):
+        self.add(x)
+        return self.eps(x, t, context)

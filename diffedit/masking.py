@@ -14,16 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ddim
-from .guidance import EpsFn, batched_eps
+from .denoiser import Denoiser
+from .guidance import Cond
 from .settings import NORMALIZATIONS
-
-
-def strength_timestep(strength: float, steps: int) -> int:
-    """The grid timestep reached by encoding ratio ``strength`` (481 for 0.5 on the 50-step grid)."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    return int(ddim.timesteps(steps)[max(1, round(strength * steps)) - 1])
 
 
 def difference_map(eps_q: torch.Tensor, eps_r: torch.Tensor) -> torch.Tensor:
@@ -86,43 +79,42 @@ def dilate(mask: torch.Tensor, cells: int = 0) -> torch.Tensor:
 class Noises:
     """The n noised copies of x_0 at one level, shared by every text contrasted against them."""
     x_t: torch.Tensor  # (n, B, C, h, w)
-    t: int
+    t: torch.Tensor    # the denoiser's level
 
 
-def noised_latents(x0: torch.Tensor, n: int, strength: float, steps: int, alpha_bar: torch.Tensor,
+def noised_latents(denoiser: Denoiser, x0: torch.Tensor, n: int, strength: float, steps: int,
                    generator: torch.Generator) -> Noises:
-    """n independent noises per image (never one noise broadcast n times) at the strength's timestep."""
+    """n independent noises per image (never one noise broadcast n times) at the strength's level."""
     if n < 1:
         raise ValueError(f"n (number of noise maps) must be >= 1, got {n}")
-    t = strength_timestep(strength, steps)
+    t = denoiser.strength_level(strength, steps)
     noise = torch.randn((n, *x0.shape), generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
-    ab = ddim.alpha_bar_at(t, alpha_bar).to(x0.dtype)
-    return Noises(ddim.add_noise(x0[None], noise, ab), t)
+    return Noises(denoiser.add_noise(x0[None], noise, t), t)
 
 
 @torch.no_grad()
-def noise_difference_maps(eps: EpsFn, noises: Noises, queries: torch.Tensor, reference: torch.Tensor,
-                          max_batch: int = 64, ns: list[int] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:
-    """D for K queries against one reference, for one image (noises.x_t: (n, 1, C, h, w)).
+def noise_difference_maps(denoiser: Denoiser, noises: Noises, texts: list[Cond], pairs: list[tuple[int, int]],
+                          ns: list[int]) -> list[dict[int, torch.Tensor]]:
+    """D (h, w) of each pair (a, b) of ``texts`` for one image (noises.x_t: (n, 1, C, h, w)), from its first n
+    noises for each n in ``ns``: [{n: D}] in the order of ``pairs``.
 
-    queries: (K, L, D) text embeddings, reference: (1, L, D); the reference's rows are shared by the K queries.
-    Each text's rows get their own batched pass (chunked by max_batch), so a query's D does not depend on the
-    other queries: CPU kernels round differently for other batch sizes. Returns (K, h, w); with ``ns``,
-    {n: (K, h, w)} for each n in ``ns``, D from the first n noises (max(ns) rows per text are evaluated).
+    Each text's n rows are evaluated once, in their own batched pass (chunked by max_batch), so a map never
+    depends on the other texts: CPU kernels round differently for other batch sizes. D is symmetric in its texts.
     """
     x = noises.x_t[:, 0]                                   # (n, C, h, w)
-    n_max = x.shape[0] if ns is None else max(ns)
-    if n_max > x.shape[0]:
-        raise ValueError(f"n {n_max} is more than the {x.shape[0]} noises drawn")
-    x = x[:n_max]
-    d = {n: x.new_zeros(queries.shape[0], *x.shape[-2:]) for n in (ns or [n_max])}
-    # A query equal to the reference has D = 0 by definition; evaluating it would only add rounding noise,
-    # which the rescaling would blow up into a random mask.
-    differ = [j for j in range(queries.shape[0]) if not torch.equal(queries[j], reference[0])]
-    if differ:
-        e_r = batched_eps(eps, x, noises.t, reference, max_batch)[:, None]
-        for j in differ:
-            e_q = batched_eps(eps, x, noises.t, queries[j:j + 1], max_batch)[:, None]
-            for n, dn in d.items():
-                dn[j] = difference_map(e_q[:n], e_r[:n])[0]
-    return d[n_max] if ns is None else d
+    if max(ns) > x.shape[0]:
+        raise ValueError(f"n {max(ns)} is more than the {x.shape[0]} noises drawn")
+    x = x[:max(ns)]
+    estimates: dict[int, torch.Tensor] = {}
+    out = []
+    for a, b in pairs:
+        if a == b or torch.equal(texts[a], texts[b]):
+            # D = 0 by definition; evaluating it would only add rounding noise, which the rescaling would blow
+            # up into a random mask.
+            out.append({n: x.new_zeros(x.shape[-2:]) for n in ns})
+            continue
+        for i in (a, b):
+            if i not in estimates:
+                estimates[i] = denoiser(x, noises.t, texts[i])[:, None]
+        out.append({n: difference_map(estimates[a][:n], estimates[b][:n])[0] for n in ns})
+    return out

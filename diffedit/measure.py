@@ -1,10 +1,8 @@
-"""Measuring tools shared by the sweep, the benchmark scripts and the tests (torch only; no diffusers).
+"""Measuring tools of the benchmark scripts and the tests (torch only; no diffusers); the package never imports it.
 
-Counting: one rule in ``Rows`` (a call adds its first tensor's batch size); ``EvalCounter`` applies it to an eps
-function, ``ModuleCounter`` to any module's forward (ours or diffusers'). Also: random full-size weights, peak memory,
-interleaved median timing, the matmul rate (a dtype's practical peak), FLOP counts and the agreement of two edits
-(mask IoU, PSNR). Importing this module loads no torch (torch-free code such as a command-line parser may import it);
-the functions import it when called.
+``ModuleCounter`` applies the counting rule of ``guidance.Rows`` (a call adds its first tensor's batch size) to any
+module's forward (ours or diffusers'). Also: random full-size weights, peak memory, interleaved median timing, the
+matmul rate (a dtype's practical peak), FLOP counts and the agreement of two edits (mask IoU, PSNR).
 """
 from __future__ import annotations
 
@@ -14,48 +12,10 @@ import statistics
 import time
 from pathlib import Path
 
+from .guidance import Rows
+
 
 # --- counting UNet evaluations ------------------------------------------------------------------------------------
-
-class Rows:
-    """Rows (batch entries; for a UNet, sample evaluations) and calls; ``on_rows(n)`` is told of every call."""
-
-    def __init__(self, on_rows=None):
-        self.rows = self.calls = 0
-        self.on_rows = on_rows
-
-    def add(self, x) -> None:
-        self.rows += x.shape[0]
-        self.calls += 1
-        if self.on_rows is not None:
-            self.on_rows(x.shape[0])
-
-    def reset(self) -> None:
-        self.rows = self.calls = 0
-
-    def get(self) -> dict:
-        return {"rows": self.rows, "calls": self.calls}
-
-
-class EvalCounter(Rows):
-    """Wraps an eps function; ``count`` = UNet sample evaluations (batch rows) run through it."""
-
-    def __init__(self, eps, on_rows=None):
-        super().__init__(on_rows)
-        self.eps = eps
-
-    @property
-    def count(self) -> int:
-        return self.rows
-
-    @count.setter
-    def count(self, value: int) -> None:
-        self.rows = value
-
-    def __call__(self, x, t, context):
-        self.add(x)
-        return self.eps(x, t, context)
-
 
 class ModuleCounter(Rows):
     """Counts the forward calls of modules (a pre-hook: the first tensor argument's batch size); a context manager

@@ -14,14 +14,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import ddim, images, masking, precision
-from .edit import ddim_sample, masked_decode, sdedit
-from .guidance import Conditioning, eps_model
-from .inversion import Trajectory, ddim_encode, num_encoding_steps
+from . import ddim, images, precision
+from .denoiser import Denoiser, encoding_steps
+from .engine import Engine, Input, Request, resolve, text_key
+from .guidance import Conditioning, EvalCounter, eps_model
+from .images import load_image
+from .inversion import Trajectory
 from .models import ModelConfig, StableDiffusion
 from .models.conditioner import size_conditioning
 from .models.unet import CrossAttention
-from .settings import METHODS, EditSettings
+from .settings import METHOD_TABLE, EditSettings
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class DiffEdit:
         self.max_batch = max_batch
         self.alpha_bar = ddim.alphas_cumprod(dtype=torch.float64).to(self.device)
         self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar, dtype)
+        self.vae_batch = 8  # images per VAE decoder call
         self.multiple = self.cfg.size_multiple  # image sides must be multiples of this
         if attention_dtype == "auto":
             fp16_overflows = dtype == torch.float16 and (self.cfg.family == "sd2" or self.prediction_type == "v_prediction")
@@ -167,90 +170,125 @@ class DiffEdit:
             return self.model.unet(latents, timesteps, context.context, context.y)
         return self.model.unet(latents, timesteps, context)
 
-    # --- the algorithm -------------------------------------------------------------------------------
+    # --- the algorithm (composed in engine.py) -------------------------------------------------------------
 
-    def _prepare(self, image):
-        pil = images.load_image(image)
-        return pil, self.encode_image(images.to_tensor(pil, self.multiple, self.device, self.dtype))
+    @property
+    def denoiser(self) -> Denoiser:
+        """The model call (``eps``) with the DDIM schedule and ``max_batch`` (see ``denoiser.Denoiser``)."""
+        return Denoiser(self.eps, self.alpha_bar, self.max_batch)
 
-    def invert(self, image, ratio: float = 0.7, steps: int = 50) -> Trajectory:
-        """DDIM-encode an image to ratio r with the unconditional model (Sec. 3.2)."""
-        _, x0 = self._prepare(image)
-        return ddim_encode(self.eps, x0, self.encode_prompt([""], self.image_size(x0)), ratio, steps, self.alpha_bar,
-                           max_batch=self.max_batch)
+    def engine(self, memo=None, wrap=None, on_phase=None) -> Engine:
+        """The engine that runs this model's edits (``memo``, ``wrap``, ``on_phase``: see ``engine.Engine``)."""
+        return Engine(self, memo, wrap, on_phase)
 
-    def _masks(self, x0, queries, reference, s: EditSettings):
-        gen = torch.Generator().manual_seed(s.seed)
-        noises = masking.noised_latents(x0, s.n, s.strength, s.steps, self.alpha_bar, gen)
-        d = masking.noise_difference_maps(self.eps, noises, queries, reference, self.max_batch)
-        d = masking.normalize(d.float(), s.mask_normalization)
-        return d, masking.dilate(masking.binarize(d, s.threshold), s.dilate)
+    def _inputs(self, image) -> tuple[list[Image.Image], list[Input], bool]:
+        """(PIL images, engine inputs, whether a list was given) from one image or a list of them."""
+        many = isinstance(image, (list, tuple))
+        pils = [load_image(im) for im in (image if many else [image])]
+        if not pils:
+            raise ValueError("images must be an image or a non-empty list of images")
+        return pils, [Input(images.to_tensor(p, self.multiple, self.device, self.dtype)) for p in pils], many
 
-    def mask(self, image, target, source: str = "", n: int = 10, strength: float = 0.5, threshold: float = 0.5,
-             seed: int = 0, steps: int = 50, normalization: str = "quantile", dilate: int = 0):
-        """Step 1 alone: the mask for ``target`` against ``source`` (a list of targets gives a list).
+    def _requests(self, count: int, many: bool, target, source, settings: EditSettings, mask=None, latent_sizes=None):
+        """The engine's requests for ``count`` images: one target for all or one per image; for one image,
+        several targets. Returns (requests, whether a list comes out)."""
+        targets, many_targets = _texts("target", target)
+        sources, many_sources = _texts("source", source, empty_ok=True)
+        if many and many_targets and len(targets) != count:
+            raise ValueError(f"target: give one text for all {count} images or one per image, got {len(targets)}")
+        if many_sources and len(sources) != count:
+            raise ValueError(f"source: give one text for all images or one per image ({count}), got {len(sources)}")
+        masks = mask if isinstance(mask, (list, tuple)) else [mask] * count
+        if len(masks) != count:
+            raise ValueError(f"mask: give one mask for all {count} images or one per image, got {len(masks)}")
+        masks = [None if m is None else self._external_mask(m, latent_sizes[i]) for i, m in enumerate(masks)]
+        if many:
+            pairs = [(i, targets[i] if many_targets else targets[0]) for i in range(count)]
+        else:
+            pairs = [(0, t) for t in targets]
+        reqs = [Request(i, t, sources[i] if many_sources else sources[0], settings, masks[i]) for i, t in pairs]
+        return reqs, many or many_targets
+
+    def _latent_sizes(self, inputs: list[Input]) -> list[tuple[int, int]]:
+        f = self.cfg.vae.downsampling
+        return [tuple(s // f for s in inp.pixels.shape[-2:]) for inp in inputs]
+
+    def invert(self, image, ratio: float = 0.7, steps: int = 50, source="", guidance: float = 7.5,
+               compat: str | None = None) -> Trajectory | list[Trajectory]:
+        """Step 2 alone (Sec. 3.2): the encoding of an image (or a list) to ratio r, every latent on the grid, for
+        ``edit(..., trajectory=...)``. The paper's recipe inverts with the unconditional model (``source`` and
+        ``guidance`` unused); ``compat="diffusers"`` with CFG under ``source``."""
+        s = EditSettings(method="encode-decode", ratio=ratio, steps=steps, guidance=guidance, compat=compat)
+        _, inputs, many = self._inputs(image)
+        reqs, _ = self._requests(len(inputs), many, [""] * len(inputs) if many else "", source, s)
+        out = self.engine().trajectories(inputs, reqs)
+        return out if many else out[0]
+
+    def mask(self, image, target, source="", n: int = 10, strength: float = 0.5, threshold: float = 0.5,
+             seed: int = 0, steps: int = 50, normalization: str | None = None, dilate: int = 0,
+             compat: str | None = None):
+        """Step 1 alone (Sec. 3.1): the mask of ``target`` against ``source``, with the defaults of ``edit``.
+        ``image``, ``target`` and ``source`` as in ``edit``; a list in gives a list out.
         ``dilate``: grow the binary mask by this many latent cells (not in the paper); the map D is unchanged."""
-        targets = _targets(target)
         s = EditSettings(n=n, strength=strength, threshold=threshold, seed=seed, steps=steps,
-                         normalization=normalization, dilate=dilate)
-        pil, x0 = self._prepare(image)
-        cond, ref = self._embed(targets, [source], size=self.image_size(x0))
-        d, m = self._masks(x0, cond, ref, s)
-        out = [MaskResult(d[i].cpu(), m[i].cpu(), images.mask_to_pil(m[i], pil.size)) for i in range(len(targets))]
-        return out if isinstance(target, (list, tuple)) else out[0]
+                         normalization=normalization, dilate=dilate, compat=compat)
+        pils, inputs, many = self._inputs(image)
+        reqs, listed = self._requests(len(inputs), many, target, source, s)
+        out = [MaskResult(d.cpu(), m.cpu(), images.mask_to_pil(m, pils[r.image].size))
+               for r, (d, m) in zip(reqs, self.engine().masks(inputs, reqs))]
+        return out if listed else out[0]
 
-    def edit(self, image, target, source: str = "", ratio: float = 0.7, threshold: float = 0.5, n: int = 10,
+    def edit(self, image, target, source="", ratio: float = 0.7, threshold: float = 0.5, n: int = 10,
              strength: float = 0.5, steps: int = 50, guidance: float = 7.5, seed: int = 0, method: str = "diffedit",
              mask=None, normalization: str | None = None, compat: str | None = None, progress: bool = False,
-             dilate: int = 0):
-        """Edit ``image`` towards ``target`` (a list of targets shares one inversion and the reference half
-        of the mask pass). ``mask``: a PIL mask at image size or a (h, w) tensor at latent size; skips step 1.
-        ``dilate``: grow the estimated mask by this many latent cells (not in the paper; a given ``mask`` is used
-        as it is). ``compat``: a recipe name of ``settings.RECIPES`` (None: the paper's)."""
-        targets = _targets(target)
+             dilate: int = 0, trajectory=None):
+        """Edit ``image`` (one image, or a list of images) towards ``target``.
+
+        ``target`` / ``source``: a text, or what ``encode_prompt`` returns (one row; e.g. the mean of several
+        captions' embeddings, ``guidance.mean_embedding``); one for all images or a list with one per image. For
+        one image, a list of targets gives one edit each (sharing the encoding and the reference's mask rows).
+        A list in (images or targets) gives a list of ``EditResult`` out, else one.
+        ``mask``: a PIL mask at image size or a (h, w) tensor at latent size (one, or one per image): replaces
+        step 1. ``dilate``: grow the estimated mask by this many latent cells (not in the paper).
+        ``trajectory``: what ``invert`` returned for these images (one, or one per image): no second encoding.
+        ``compat``: a recipe name of ``settings.RECIPES`` (None: the paper's)."""
         s = EditSettings(method=method, ratio=ratio, steps=steps, guidance=guidance, threshold=threshold, n=n,
                          strength=strength, normalization=normalization, dilate=dilate, seed=seed, compat=compat)
-        if mask is not None and s.method != "diffedit":
-            raise ValueError(f"mask= is used by method 'diffedit' only; {s.method!r} edits without a mask")
-        recipe = s.recipe
-        if recipe.floor_grid:  # diffusers takes int(r * steps) grid steps where we round: 3.5 -> 3, not 4
-            s = s.replace(ratio=_floor_fraction("ratio", s.ratio, s.steps))
-            if s.method == "diffedit" and mask is None:  # the level of the mask's noises
-                s = s.replace(strength=_floor_fraction("strength", s.strength, s.steps))
-        pil, x0 = self._prepare(image)
-        cond, ref, empty = self._embed(targets, [source], [""], size=self.image_size(x0))  # each text once
-        k = num_encoding_steps(s.ratio, s.steps)
-        inversion = 0 if s.method == "sdedit" else k * (2 if recipe.inversion_guidance else 1)  # CFG: 2 rows a step
-        bar = tqdm(total=inversion + k, desc=s.method, disable=not progress, leave=False)
-        step = lambda *_: bar.update(1)
-        d = m = None
-        if s.method == "sdedit":
-            y0 = sdedit(self.eps, x0, cond, ref, s.ratio, s.steps, s.guidance, self.alpha_bar,
-                        torch.Generator().manual_seed(s.seed), self.max_batch, step)
-            trajectory = None
-        else:
-            if recipe.inversion_guidance:  # CFG under the source prompt
-                trajectory = ddim_encode(self.eps, x0, ref, s.ratio, s.steps, self.alpha_bar, s.guidance, empty,
-                                         self.max_batch)
-            else:
-                trajectory = ddim_encode(self.eps, x0, empty, s.ratio, s.steps, self.alpha_bar,
-                                         max_batch=self.max_batch)
-            bar.update(inversion)
-            if s.method == "diffedit":
-                if mask is None:
-                    d, m = self._masks(x0, cond, ref, s)
-                else:
-                    m = self._external_mask(mask, x0.shape[-2:]).expand(len(targets), -1, -1)
-            blend = None if m is None else m[:, None].to(x0.dtype)
-            y0 = masked_decode(self.eps, trajectory, cond, ref, s.guidance, self.alpha_bar, blend, recipe.blend_late,
-                               self.max_batch, step)
+        pils, inputs, many = self._inputs(image)
+        if trajectory is not None:
+            given = list(trajectory) if isinstance(trajectory, (list, tuple)) else [trajectory]
+            if len(given) != len(inputs):
+                raise ValueError(f"trajectory: give one per image ({len(inputs)}), got {len(given)}")
+            for inp, t in zip(inputs, given):
+                inp.trajectory, inp.x0 = t, t.latents[0].to(self.device)
+        reqs, listed = self._requests(len(inputs), many, target, source, s, mask, self._latent_sizes(inputs))
+        bar = tqdm(total=self._planned_rows(inputs, reqs), desc=s.method, unit="row", disable=not progress,
+                   leave=False)
+        counted = lambda model: EvalCounter(model, bar.update)  # noqa: E731
+        out = self.engine(wrap=counted if progress else None).edits(inputs, reqs)
         bar.close()
-        decoded = self.decode_latents(y0)
-        results = [EditResult(images.to_pil(decoded[i], pil.size),
-                              None if m is None else images.mask_to_pil(m[i], pil.size),
-                              None if d is None else d[i].cpu(), trajectory, y0[i])
-                   for i in range(len(targets))]
-        return results if isinstance(target, (list, tuple)) else results[0]
+        results = [EditResult(images.to_pil(o.pixels, pils[r.image].size),
+                              None if o.mask is None else images.mask_to_pil(o.mask, pils[r.image].size),
+                              None if o.map is None else o.map.cpu(), o.trajectory, o.latents)
+                   for r, o in zip(reqs, out)]
+        return results if listed else results[0]
+
+    def _planned_rows(self, inputs: list[Input], reqs: list[Request]) -> int:
+        """The UNet rows ``edit`` runs for requests that share one setting (for the progress bar's total)."""
+        s = resolve(reqs[0].settings, reqs[0].mask is None)
+        method, k = METHOD_TABLE[s.method], encoding_steps(s.ratio, s.steps)
+        g = 1 if s.guidance == 1 else 2
+        total = g * k * len(reqs)
+        for i, inp in enumerate(inputs):
+            mine = [r for r in reqs if r.image == i]
+            if method.start == "encoding" and inp.trajectory is None:
+                total += k * (g if s.recipe.inversion_guidance else 1)
+            estimated = [r for r in mine if method.masked and r.mask is None]
+            differ = [r for r in estimated if text_key(r.target) != text_key(r.source)]
+            if differ:
+                texts = {text_key(t) for r in differ for t in (r.target, r.source)}
+                total += s.n * len(texts)
+        return total
 
     def _external_mask(self, mask, latent_size) -> torch.Tensor:
         if isinstance(mask, Image.Image):
@@ -263,26 +301,37 @@ class DiffEdit:
     @torch.no_grad()
     def generate(self, prompt: str, seed: int = 0, steps: int = 50, guidance: float = 7.5,
                  size: int | None = None) -> Image.Image:
-        """Plain text-to-image with classifier-free guidance (DDIM from pure noise)."""
+        """Plain text-to-image with classifier-free guidance (sampling from pure noise over the whole grid)."""
         side = (size or self.cfg.resolution) // self.cfg.vae.downsampling
         shape = (1, self.cfg.unet.in_channels, side, side)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.latent_dtype)
-        levels = torch.cat([torch.tensor([-1]), ddim.timesteps(steps)]).to(self.device)
-        cond, uncond = self._embed([prompt], [""], size=self.image_size(noise))
-        y0 = ddim_sample(self.eps, noise, levels, cond, uncond, guidance, self.alpha_bar, max_batch=self.max_batch)
+        y0 = self.engine().generate(noise, prompt, steps, guidance)
         return images.to_pil(self.decode_latents(y0)[0])
 
 
-def _floor_fraction(name: str, fraction: float, steps: int) -> float:
-    """The fraction of the grid diffusers' ``get_timesteps`` uses: int(fraction * steps) / steps (ours rounds)."""
-    k = int(fraction * steps)
-    if k < 1:
-        raise ValueError(f"{name} {fraction} x {steps} steps is below one grid step: diffusers runs no step (compat)")
-    return k / steps
-
-
-def _targets(target) -> list[str]:
-    targets = [target] if isinstance(target, str) else list(target)
-    if not targets or any(not isinstance(t, str) or not t.strip() for t in targets):
-        raise ValueError("target must be a non-empty text (or a list of them)")
-    return targets
+def _texts(name: str, value, empty_ok: bool = False) -> tuple[list, bool]:
+    """A text argument as a list of texts (a string, an embedding of one row, or a list of them; an embedding of
+    K rows is K texts), and whether it was a list."""
+    if isinstance(value, (torch.Tensor, Conditioning)):
+        if isinstance(value, torch.Tensor) and value.ndim == 2:
+            return [value[None]], False
+        if value.ndim != 3 if isinstance(value, torch.Tensor) else False:
+            raise ValueError(f"{name}: an embedding must be (rows, tokens, width), got {tuple(value.shape)}")
+        rows = [value[i:i + 1] for i in range(value.shape[0])]
+        return rows, len(rows) > 1
+    many = isinstance(value, (list, tuple))
+    items = list(value) if many else [value]
+    if not items:
+        raise ValueError(f"{name} must be a text, an embedding or a non-empty list of them")
+    out = []
+    for t in items:
+        if isinstance(t, (torch.Tensor, Conditioning)):
+            rows, listed = _texts(name, t)
+            if listed:
+                raise ValueError(f"{name}: each embedding in a list must have one row, got {len(rows)}")
+            out += rows
+        elif not isinstance(t, str) or (not empty_ok and not t.strip()):
+            raise ValueError(f"{name} must be a non-empty text, an embedding or a list of them, got {t!r}")
+        else:
+            out.append(t)
+    return out, many

@@ -12,7 +12,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 
-METHODS = ("diffedit", "sdedit", "encode-decode")
+
+
+@dataclass(frozen=True)
+class Method:
+    """An editing method as two choices: whether it decodes inside a mask only (DiffEdit's step 1, or a given mask),
+    and where its decoding starts: the DDIM encoding x_r of the input (Sec. 3.2) or the input noised to r with
+    fresh noise (SDEdit). The four combinations are DiffEdit and the ablations of its abstract."""
+    name: str
+    masked: bool
+    start: str  # "encoding" or "noise"
+
+
+METHOD_TABLE = {m.name: m for m in (
+    Method("diffedit", masked=True, start="encoding"),
+    Method("sdedit", masked=False, start="noise"),                # Meng et al., 2022
+    Method("encode-decode", masked=False, start="encoding"),      # DiffEdit with M = 1
+    Method("masked-sdedit", masked=True, start="noise"),          # DiffEdit's mask, SDEdit's noise (Blended Latent Diffusion's blend)
+)}
+METHODS = tuple(METHOD_TABLE)
 NORMALIZATIONS = ("quantile", "clamp", "minmax", "clamp-mean")
 REFERENCES = ("empty", "caption")  # the reference text R: "" or the source caption
 
@@ -160,5 +178,5 @@ class EditSettings:
         return replace(self, **changes)
 
 
-__all__ = ["METHODS", "NORMALIZATIONS", "REFERENCES", "MAX_N", "MAX_STEPS", "SettingsError", "Knob", "KNOBS",
+__all__ = ["Method", "METHOD_TABLE", "METHODS", "NORMALIZATIONS", "REFERENCES", "MAX_N", "MAX_STEPS", "SettingsError", "Knob", "KNOBS",
            "check", "Recipe", "RECIPES", "recipe", "EditSettings"]

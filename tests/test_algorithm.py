@@ -1,13 +1,40 @@
-"""The paper's three steps (inversion.py, masking.py, edit.py, guidance.py) on a tiny random model."""
+"""The paper's three steps (inversion.py, masking.py, edit.py, denoiser.py) on a tiny random model."""
 import numpy as np
 import pytest
 import torch
 
 from diffedit import ddim, masking, settings
-from diffedit.edit import masked_decode, sdedit
-from diffedit.guidance import batched_eps, eps_model, guided_eps
-from diffedit.inversion import ddim_encode, num_encoding_steps
+from diffedit.denoiser import Denoiser, encoding_steps
+from diffedit.edit import decode
+from diffedit.guidance import eps_model
+from diffedit.inversion import encode
 from diffedit.models import StableDiffusion, preset, tokenize
+from diffedit.pipeline import DiffEdit
+
+
+def ddim_encode(eps, x0, cond, ratio, steps, alpha_bar, **kw):
+    """Step 2 to ``ratio`` on the ``steps``-step grid."""
+    d = Denoiser(eps, alpha_bar)
+    return encode(d, x0, cond, d.levels(ratio, steps), steps, **kw)
+
+
+def masked_decode(eps, traj, cond, uncond, guidance, alpha_bar, mask=None, blend_late=False, callback=None):
+    """Step 3 from the end of ``traj``, keeping its latents outside ``mask`` (one step late: diffusers' recipe)."""
+    xs = traj.latents
+    return decode(Denoiser(eps, alpha_bar), xs[-1].expand(cond.shape[0], *xs.shape[2:]), traj.timesteps, cond, uncond,
+                  guidance, xs[1:] if blend_late else xs, mask, callback)
+
+
+def noised(x0, n, strength, steps, alpha_bar, gen):
+    return masking.noised_latents(Denoiser(None, alpha_bar), x0, n, strength, steps, gen)
+
+
+def difference_maps(eps, noises, queries, reference, max_batch=64):
+    """D (K, h, w) of each query row against the reference."""
+    texts = [reference] + [queries[k:k + 1] for k in range(queries.shape[0])]
+    maps = masking.noise_difference_maps(Denoiser(eps, ddim.alphas_cumprod(dtype=torch.float64), max_batch), noises,
+                                         texts, [(k + 1, 0) for k in range(queries.shape[0])], [noises.x_t.shape[0]])
+    return torch.stack([m[noises.x_t.shape[0]] for m in maps])
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +75,16 @@ def test_trajectory_has_one_latent_per_level_up_to_ratio(tiny64):
     assert torch.equal(short.latents, traj.latents[:16]) and short.timesteps[-1] == 281
     with pytest.raises(ValueError, match="beyond"):
         short.truncate(0.5)
-    assert num_encoding_steps(0.001, 50) == 1
+    assert encoding_steps(0.001, 50) == 1
     for bad in (0.0, -0.1, 1.01):
         with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
-            num_encoding_steps(bad, 50)
+            encoding_steps(bad, 50)
 
 
 def test_strength_half_noises_at_timestep_481_with_independent_noises(tiny64):
     _, _, alpha_bar, _, x0 = tiny64
-    assert masking.strength_timestep(0.5, 50) == 481
-    noises = masking.noised_latents(x0, 10, 0.5, 50, alpha_bar, torch.Generator().manual_seed(0))
+    assert Denoiser(None, alpha_bar).strength_level(0.5, 50) == 481
+    noises = noised(x0, 10, 0.5, 50, alpha_bar, torch.Generator().manual_seed(0))
     assert noises.x_t.shape == (10, 1, 4, 8, 8) and noises.t == 481
     diffs = noises.x_t[1:] - noises.x_t[:1]
     assert (diffs.flatten(1).norm(dim=1) > 1.0).all()  # no noise is a copy of another
@@ -65,8 +92,8 @@ def test_strength_half_noises_at_timestep_481_with_independent_noises(tiny64):
 
 def test_identical_query_and_reference_give_an_empty_mask_not_nan(tiny64):
     _, eps, alpha_bar, ctx, x0 = tiny64
-    noises = masking.noised_latents(x0, 3, 0.5, 50, alpha_bar, torch.Generator().manual_seed(0))
-    d = masking.noise_difference_maps(eps, noises, ctx[1:2], ctx[1:2])
+    noises = noised(x0, 3, 0.5, 50, alpha_bar, torch.Generator().manual_seed(0))
+    d = difference_maps(eps, noises, ctx[1:2], ctx[1:2])
     for mode in masking.NORMALIZATIONS:
         dn = masking.normalize(d, mode)
         assert torch.equal(dn, torch.zeros_like(dn)), mode
@@ -76,8 +103,8 @@ def test_identical_query_and_reference_give_an_empty_mask_not_nan(tiny64):
 def test_difference_map_equals_plain_reimplementation_of_the_formula(tiny64):
     model, eps, alpha_bar, ctx, x0 = tiny64
     n = 4
-    noises = masking.noised_latents(x0, n, 0.5, 50, alpha_bar, torch.Generator().manual_seed(3))
-    d = masking.noise_difference_maps(eps, noises, ctx[1:3], ctx[:1], max_batch=5)
+    noises = noised(x0, n, 0.5, 50, alpha_bar, torch.Generator().manual_seed(3))
+    d = difference_maps(eps, noises, ctx[1:3], ctx[:1], max_batch=5)
     for k, q in enumerate((ctx[1:2], ctx[2:3])):
         acc = torch.zeros(8, 8, dtype=torch.float64)
         for i in range(n):  # D = 1/(n C) sum_i sum_c |eps(x_t^i, Q) - eps(x_t^i, R)|
@@ -173,9 +200,9 @@ def test_normalisation_is_per_image_so_masks_do_not_depend_on_the_batch():
 
 def test_mask_of_one_query_does_not_depend_on_the_other_queries(tiny64):
     _, eps, alpha_bar, ctx, x0 = tiny64
-    noises = masking.noised_latents(x0, 3, 0.5, 50, alpha_bar, torch.Generator().manual_seed(5))
-    both = masking.noise_difference_maps(eps, noises, ctx[1:3], ctx[:1])
-    alone = masking.noise_difference_maps(eps, noises, ctx[2:3], ctx[:1])
+    noises = noised(x0, 3, 0.5, 50, alpha_bar, torch.Generator().manual_seed(5))
+    both = difference_maps(eps, noises, ctx[1:3], ctx[:1])
+    alone = difference_maps(eps, noises, ctx[2:3], ctx[:1])
     assert torch.allclose(both[1], alone[0], rtol=1e-12, atol=0)
 
 
@@ -220,17 +247,17 @@ def test_batched_pass_equals_row_by_row_and_cfg_combines_both_halves():
     t = torch.tensor([1, 101, 481, 481, 981])
     ctx = torch.randn(5, 77, 32)
     with torch.no_grad():
-        batched = batched_eps(eps, x, t, ctx, max_batch=64)
-        chunked = batched_eps(eps, x, t, ctx, max_batch=2)
+        batched = Denoiser(eps, ddim.alphas_cumprod(), max_batch=64)(x, t, ctx)
+        chunked = Denoiser(eps, ddim.alphas_cumprod(), max_batch=2)(x, t, ctx)
         rows = torch.cat([model.unet(x[i:i + 1], t[i:i + 1], ctx[i:i + 1]) for i in range(5)])
         rel = lambda a, b: ((a - b).norm() / b.norm()).item()
         assert rel(batched, rows) < 1e-5 and rel(chunked, rows) < 1e-5
-        g = guided_eps(eps, x[:2], 481, ctx[:2], ctx[2:3], 7.5)
-        e_c = batched_eps(eps, x[:2], 481, ctx[:2])
-        e_u = batched_eps(eps, x[:2], 481, ctx[2:3])
+        d = Denoiser(eps, ddim.alphas_cumprod())
+        g = d.guided(x[:2], 481, ctx[:2], ctx[2:3], 7.5)
+        e_c, e_u = d(x[:2], 481, ctx[:2]), d(x[:2], 481, ctx[2:3])
         assert rel(g, e_u + 7.5 * (e_c - e_u)) < 1e-5
     with pytest.raises(ValueError, match="max_batch"):
-        batched_eps(eps, x, t, ctx, max_batch=0)
+        Denoiser(eps, ddim.alphas_cumprod(), max_batch=0)
 
 
 def test_v_prediction_wrapper_returns_eps():
@@ -245,8 +272,37 @@ def test_v_prediction_wrapper_returns_eps():
         eps_model(oracle_v, "sample", alpha_bar)
 
 
-def test_sdedit_starts_from_fresh_noise_at_the_ratio_and_is_seeded(tiny64):
-    _, eps, alpha_bar, ctx, x0 = tiny64
-    run = lambda seed: sdedit(eps, x0, ctx[1:2], ctx[:1], 0.5, 10, 7.5, alpha_bar, torch.Generator().manual_seed(seed))
+@pytest.fixture(scope="module")
+def tiny_de():
+    torch.manual_seed(0)
+    return DiffEdit(StableDiffusion(preset("tiny")))
+
+
+def picture(seed=0):
+    from PIL import Image
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+
+
+def test_sdedit_starts_from_fresh_noise_at_the_ratio_and_is_seeded(tiny_de):
+    run = lambda seed: tiny_de.edit(picture(), "a red circle", method="sdedit", ratio=0.5, steps=10, seed=seed).latents
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_masked_sdedit_keeps_x0_outside_the_mask_and_equals_sdedit_under_an_all_ones_mask(tiny_de):
+    kw = dict(ratio=0.5, steps=10, seed=3)
+    x0 = tiny_de.encode_image(images_tensor(tiny_de, picture()))[0]
+    h, w = x0.shape[-2:]
+    zero = tiny_de.edit(picture(), "a red circle", method="masked-sdedit", mask=torch.zeros(h, w), **kw)
+    assert torch.equal(zero.latents, x0)  # the last step puts x_0 itself back
+    ones = tiny_de.edit(picture(), "a red circle", method="masked-sdedit", mask=torch.ones(h, w), **kw)
+    sd = tiny_de.edit(picture(), "a red circle", method="sdedit", **kw)
+    assert torch.equal(ones.latents, sd.latents)  # the same fresh noise: only the mask differs
+    own = tiny_de.edit(picture(), "a red circle", method="masked-sdedit", source="a blue square", **kw)
+    ref = tiny_de.mask(picture(), "a red circle", source="a blue square", steps=10, seed=3)
+    assert torch.equal(own.mask_map, ref.map)  # DiffEdit's own mask (step 1) when none is given
+
+
+def images_tensor(de, pil):
+    from diffedit import images
+    return images.to_tensor(pil, de.multiple, de.device, de.dtype)

@@ -150,7 +150,7 @@ def test_dilate_grows_the_mask_of_edit_and_mask_and_leaves_d_as_it_is(de):
 
 def test_an_external_mask_skips_estimation_and_black_keeps_x0_exactly(de, monkeypatch):
     image = picture((20, 12))
-    monkeypatch.setattr(de, "_masks", lambda *a, **k: pytest.fail("mask estimation ran despite mask="))
+    monkeypatch.setattr(masking, "noise_difference_maps", lambda *a, **k: pytest.fail("mask estimation ran despite mask="))
     x0 = prepared_x0(de, image)
     h, w = x0.shape[-2:]
     black_pil = Image.new("L", image.size, 0)

@@ -20,7 +20,8 @@ from diffedit import ddim, masking
 from diffedit.edit import masked_decode, sdedit
 from diffedit.guidance import eps_model
 from diffedit.inversion import ddim_encode
-from diffedit.measure import EvalCounter, ModuleCounter
+from diffedit.guidance import EvalCounter
+from diffedit.measure import ModuleCounter
 from diffedit.models import ModelConfig, StableDiffusion, UNetConfig, preset
 from diffedit.models.unet import CrossAttention, UNetModel
 from diffedit.models.vae import AttnBlock

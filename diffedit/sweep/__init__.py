@@ -1,13 +1,13 @@
 """``diffedit sweep``: DiffEdit and its baselines over a grid of settings and a set of images, sharing work.
 
-plan (grid points, row keys, cost formulas), items (the images), engine (``edit_grid``, ``rows_for``),
+plan (grid points, row keys, cost formulas), items (the images), grid (``edit_grid``, ``rows_for``),
 results (rows files, means, resume fingerprint), report (summary.csv, cost.json, plots, index.html), cli.
 Outputs in --out: results.jsonl (one row per image x setting, appended and flushed per row, so an interrupted
 sweep resumes), sweep.json, summary.csv, cost.json, plots/, examples/, index.html.
 """
 from ..settings import METHODS, REFERENCES
 from .cli import add_sweep_parser, build_parser, main, parse_config, run_sweep
-from .engine import Output, edit_grid, rows_for
+from .grid import Output, edit_grid, rows_for
 from .items import Item, load_items, toy_items
 from .plan import GRID_KNOBS, METRICS, Setting, grid, row_key, separate_cost, setting_key, shared_cost
 from .report import finalize, format_table, perceptual_note, write_summary_csv

@@ -246,9 +246,9 @@ def _run(args, cfg: Config, todo, own: Path, out: Path, device, scorers, rank: i
     from tqdm import tqdm
 
     from ..checkpoint import CheckpointError
-    from ..measure import EvalCounter
+    from ..guidance import EvalCounter
     from ..pipeline import DiffEdit
-    from .engine import edit_grid, rows_for
+    from .grid import edit_grid, rows_for
 
     planned = sum(shared_cost(m, cfg.steps, cfg.guidance) for _, m in todo)
     separate = sum(separate_cost(m, cfg.steps, cfg.guidance) for _, m in todo)
@@ -259,7 +259,6 @@ def _run(args, cfg: Config, todo, own: Path, out: Path, device, scorers, rank: i
                                           prediction_type=args.prediction_type)
         except CheckpointError as e:
             raise ValueError(f"--model {args.model}: {e}") from None
-        counter.eps = de.eps
         rep = example_knobs(cfg.settings)
         bar = tqdm(total=planned, unit="eval", desc="sweep" if world == 1 else f"sweep rank {rank}",
                    position=rank, disable=args.quiet, dynamic_ncols=True)
@@ -269,7 +268,7 @@ def _run(args, cfg: Config, todo, own: Path, out: Path, device, scorers, rank: i
                 image = item.load()
                 seed = cfg.seed * 1000 + item.index
                 outputs = edit_grid(de, image, item.source, item.target, missing, cfg.steps, cfg.guidance,
-                                    seed, cfg.n_draw or None, counter, cfg.normalization)
+                                    seed, cfg.n_draw or None, counter.around, cfg.normalization)
                 for row in rows_for(item, image, outputs, seed, cfg.steps, cfg.guidance, scorers):
                     append(f, row)
                 if item.index < cfg.examples:
