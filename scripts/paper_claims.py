@@ -42,7 +42,8 @@ from pathlib import Path
 
 from diffedit.checkpoint.sources import resolve
 from diffedit.settings import KNOBS, METHODS
-from diffedit.sweep import mean_by, read_rows
+from diffedit import plots
+from diffedit.sweep import mean_by, read_rows, summarize
 from diffedit.sweep.cli import DTYPES
 from diffedit.toy import resolve_world
 from diffedit.toy.world import EDIT_KINDS, WORLDS
@@ -204,8 +205,25 @@ def beyond(out: Path) -> list[dict]:
     return table
 
 
+def kind_plots(out: Path) -> list[str]:
+    """The trade-off figure of each kind of edit (tradeoff/plots/tradeoff_KIND.png); none without matplotlib."""
+    rows, names = read_rows(out / "tradeoff" / "results.jsonl"), []
+    for kind in EDIT_KINDS:
+        sub = [r for r in rows if r.get("kind") == kind]
+        if not sub:
+            continue
+        try:
+            path = plots.tradeoff(summarize(sub), out / "tradeoff" / "plots" / f"tradeoff_{kind}.png")
+        except ImportError:  # matplotlib, the plots extra, is absent
+            return names
+        if path:
+            names.append(Path(path).name)
+    return names
+
+
 def write_report(out: Path, table: list[dict], times: dict, args, extra: list[dict] = ()):
     costs = {name: json.loads((out / name / "cost.json").read_text()) for name in SWEEPS}
+    kind_plots(out)
     lines = [f"# The paper's claims in the toy world {args.world} ({args.images}, seed {args.seed}, "
              f"{args.steps} steps)", "",
              "| claim | reproduced | evidence |", "| --- | --- | --- |"]

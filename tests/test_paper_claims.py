@@ -117,3 +117,16 @@ def test_synergy_pairs_diffedit_with_masked_sdedit_per_image_at_the_papers_ratio
     assert (psnr["mean_diff"], psnr["verdict"]) == (0.0, "within noise")
     with pytest.raises(SystemExit, match="no rows of both diffedit and masked-sdedit at ratio 0.3"):
         pc.versus(rows, "diffedit", "masked-sdedit", "success", 0.3)
+
+
+def test_kind_plots_draw_one_tradeoff_figure_per_kind_present(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"image": f"{kind}{i}", "kind": kind, "method": m, "ratio": r, "reference": "caption",
+             "threshold": 0.5 if m == "diffedit" else None, "n": 10 if m == "diffedit" else None,
+             "strength": 0.5 if m == "diffedit" else None, "dilate": 0 if m == "diffedit" else None,
+             "bg_ssim": 0.9 - r / 10, "success": r} for kind in ("colour", "remove") for i in range(2)
+            for m in ("diffedit", "sdedit") for r in (0.5, 0.9)]
+    (tmp_path / "tradeoff").mkdir()
+    (tmp_path / "tradeoff" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pc.kind_plots(tmp_path) == ["tradeoff_colour.png", "tradeoff_remove.png"]
+    assert (tmp_path / "tradeoff" / "plots" / "tradeoff_remove.png").stat().st_size > 0
