@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from safetensors import SafetensorError
 
-from ..models import ModelConfig, StableDiffusion
+from ..models import ModelConfig, StableDiffusion, StableDiffusion3
 from .errors import CheckpointError
 from .layout import VAE_PREFIX, ZERO_FILL, Tensors
 
@@ -13,10 +13,11 @@ def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def build(cfg: ModelConfig, tensors: Tensors, where: str, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
+def build(cfg: ModelConfig, tensors: Tensors, where: str, device: torch.device, dtype: torch.dtype
+          ) -> StableDiffusion | StableDiffusion3:
     """The eval-mode, frozen model of ``cfg`` holding ``tensors``; every key and shape must match."""
     with torch.device("meta"):  # no memory: every parameter is assigned from the checkpoint below
-        model = StableDiffusion(cfg)
+        model = StableDiffusion3(cfg) if cfg.family == "sd3" else StableDiffusion(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for k in ZERO_FILL:
         if k in expected and k not in tensors:

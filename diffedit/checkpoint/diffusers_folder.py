@@ -21,8 +21,8 @@ _UNET_FIXED = dict(act_fn="silu", flip_sin_to_cos=True, freq_shift=0, time_embed
                    mid_block_type="UNetMidBlock2DCrossAttn", class_embed_type=None, encoder_hid_dim=None,
                    only_cross_attention=False, dual_cross_attention=False, resnet_time_scale_shift="default",
                    time_cond_proj_dim=None, reverse_transformer_layers_per_block=None)
-_VAE_FIXED = dict(act_fn="silu", mid_block_add_attention=True, use_quant_conv=True, use_post_quant_conv=True,
-                  shift_factor=None, latents_mean=None)
+_VAE_FIXED = dict(act_fn="silu", mid_block_add_attention=True, latents_mean=None)
+_VAE_QUANT = dict(use_quant_conv=True, use_post_quant_conv=True, shift_factor=None)  # SD 1.x/2.x/XL: not SD3
 
 
 def _has(root: Path, index: dict, sub: str) -> bool:
@@ -44,13 +44,7 @@ def read_folder(root: Path) -> tuple[ModelConfig, Tensors, bool]:
     if missing:
         raise CheckpointError(f"{root}: not a diffusers folder (nor a file): {', '.join(missing)} missing")
     cfgs = {sub: json.loads((root / sub / "config.json").read_text()) for sub in subs}
-    tensors = {}
-    for sub in subs:
-        files = [root / sub / f"{WEIGHTS[sub]}{v}.safetensors" for v in ("", ".fp16")]
-        if not any(f.is_file() for f in files):
-            raise CheckpointError(f"{root / sub}: no {files[0].name} (nor {files[1].name}); only safetensors "
-                                  "weights are read")
-        tensors[sub] = open_safetensors(next(f for f in files if f.is_file()))[1]
+    tensors = {sub: open_weights(root / sub, WEIGHTS[sub]) for sub in subs}
     try:
         nets = sdxl_configs(root, *cfgs.values()) if xl else (*network_configs(root, *cfgs.values()), None)
     except (KeyError, TypeError, IndexError) as e:
@@ -61,6 +55,23 @@ def read_folder(root: Path) -> tuple[ModelConfig, Tensors, bool]:
     cfg = ModelConfig(unet=unet, vae=vae, text=text, text_2=text_2, prediction_type=ptype,
                       resolution=cfgs["unet"].get("sample_size", 128 if xl else 64) * vae.downsampling)
     return cfg, ldm_names(tensors, unet, vae, text, text_2), False
+
+
+def open_weights(folder: Path, stem: str) -> Tensors:
+    """The tensors of ``folder/stem.safetensors``, else of its shards (``stem.safetensors.index.json``), else of the
+    fp16 variant of either."""
+    for variant in ("", ".fp16"):
+        file, index = folder / f"{stem}{variant}.safetensors", folder / f"{stem}.safetensors.index{variant}.json"
+        if file.is_file():
+            return open_safetensors(file)[1]
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+            return {k: v for shard in shards for k, v in open_safetensors(folder / shard)[1].items()}
+    raise CheckpointError(f"{folder}: no {stem}.safetensors (nor its shards or fp16 variant); only safetensors "
+                          "weights are read")
 
 
 def _check(cfg: dict, where: Path, expected: dict, what: str = "Stable Diffusion 1.x/2.x"):
@@ -78,9 +89,9 @@ def network_configs(root: Path, u: dict, v: dict, t: dict) -> tuple[UNetConfig, 
                               "or gelu (SD2)")
     # SD2's diffusers text encoder already stops at the penultimate layer (23 of 24): run all its layers. It has no
     # projection (projection_dim in its config is unused): the zero-filled one is square, as open_clip's ViT-H.
-    text = _text(t, "openai" if act == "quick_gelu" else "openclip", skip_last_layer=False, final_norm=True)
+    text = text_config(t, "openai" if act == "quick_gelu" else "openclip", skip_last_layer=False, final_norm=True)
     # diffusers' VAE config says force_upcast (its default, true) for every VAE; SD 1.x/2.x run theirs in any dtype
-    return _unet(root, u, prefer_width=False, adm=0), _vae(root, v, force_upcast=False), text
+    return _unet(root, u, prefer_width=False, adm=0), vae_config(root, v, force_upcast=False), text
 
 
 def sdxl_configs(root: Path, u: dict, v: dict, t: dict, t2: dict
@@ -101,9 +112,9 @@ def sdxl_configs(root: Path, u: dict, v: dict, t: dict, t2: dict
         raise CheckpointError(f"{root / 'unet/config.json'}: cross_attention_dim {u['cross_attention_dim']} is not "
                               f"the two text encoders' hidden sizes together ({context})")
     # both towers hold all their layers and SDXL reads the penultimate one of each, without the final norm
-    return (_unet(root, u, prefer_width=True, adm=adm), _vae(root, v, force_upcast=v.get("force_upcast", True)),
-            _text(t, "openai", skip_last_layer=True, final_norm=False),
-            _text(t2, "openclip", skip_last_layer=True, final_norm=False, pooled=True,
+    return (_unet(root, u, prefer_width=True, adm=adm), vae_config(root, v, force_upcast=v.get("force_upcast", True)),
+            text_config(t, "openai", skip_last_layer=True, final_norm=False),
+            text_config(t2, "openclip", skip_last_layer=True, final_norm=False, pooled=True,
                   projection_dim=t2["projection_dim"]))
 
 
@@ -140,18 +151,21 @@ def _unet(root: Path, u: dict, prefer_width: bool, adm: int) -> UNetConfig:
         adm_in_channels=adm)
 
 
-def _vae(root: Path, v: dict, force_upcast: bool) -> VAEConfig:
-    """The VAE config (SD's architecture for all three families)."""
-    _check(v, root / "vae/config.json", _VAE_FIXED)
+def vae_config(root: Path, v: dict, force_upcast: bool, sd3: bool = False) -> VAEConfig:
+    """The VAE config (SD's architecture for all four families; SD3's without quant convs, with a shift)."""
+    _check(v, root / "vae/config.json", {**_VAE_FIXED, **({} if sd3 else _VAE_QUANT)})
     vch = v["block_out_channels"]
+    quant = v.get("use_quant_conv", True)
+    if quant != v.get("use_post_quant_conv", True):
+        raise CheckpointError(f"{root / 'vae/config.json'}: use_quant_conv and use_post_quant_conv differ")
     return VAEConfig(in_channels=v.get("in_channels", 3), out_ch=v.get("out_channels", 3), ch=vch[0],
                      ch_mult=tuple(ch // vch[0] for ch in vch), num_res_blocks=v.get("layers_per_block", 1),
                      z_channels=v.get("latent_channels", 4), embed_dim=v.get("latent_channels", 4),
                      norm_groups=v.get("norm_num_groups", 32), scaling_factor=v.get("scaling_factor", 0.18215),
-                     force_upcast=force_upcast)
+                     shift_factor=v.get("shift_factor") or 0.0, use_quant_conv=quant, force_upcast=force_upcast)
 
 
-def _text(t: dict, kind: str, projection_dim: int | None = None, **reading) -> TextConfig:
+def text_config(t: dict, kind: str, projection_dim: int | None = None, **reading) -> TextConfig:
     """A text tower's config from a transformers CLIPTextConfig; ``reading``: which layer conditions, and how."""
     w = t["hidden_size"]
     return TextConfig(kind=kind, vocab_size=t.get("vocab_size", 49408), width=w,

@@ -8,26 +8,36 @@ from typing import Callable
 
 import torch
 
-from ..models import ModelConfig, StableDiffusion
+from ..models import ModelConfig, StableDiffusion, StableDiffusion3, T5Tokenizer
 from .build import build
 from .diffusers_folder import read_folder
 from .errors import CheckpointError
+from .sd3 import t5_tokenizer_file
+from .sd3_folder import read_sd3_folder
 from .single_file import read_file
 from .sources import resolve
 
 log = logging.getLogger(__name__)
 
 
-def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
-               prediction_type: str | None = None) -> tuple[StableDiffusion, ModelConfig]:
+def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.float32, prediction_type: str | None = None
+               ) -> tuple[StableDiffusion | StableDiffusion3, ModelConfig]:
     """Load ``source`` (see ``diffedit.checkpoint``) as an eval-mode, frozen model; ``prediction_type``
-    ("epsilon" or "v_prediction") overrides what the checkpoint says or what is detected."""
+    ("epsilon" or "v_prediction") overrides what the checkpoint says or what is detected (not for SD3, a
+    flow-matching model)."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     path = resolve(str(source))
-    cfg, tensors, guessed = read_folder(path) if path.is_dir() else read_file(path)
+    if path.is_dir():
+        cfg, tensors, guessed = (read_sd3_folder if (path / "transformer").is_dir() else read_folder)(path)
+    else:
+        cfg, tensors, guessed = read_file(path)
+    if cfg.family == "sd3" and prediction_type is not None:
+        raise CheckpointError(f"{path}: an SD3 model predicts the flow's velocity; prediction_type does not apply")
     cfg = dataclasses.replace(cfg, prediction_type=prediction_type or cfg.prediction_type)
     model = build(cfg, tensors, str(path), torch.device(device), dtype)
+    if cfg.family == "sd3" and cfg.text_3 is not None:
+        model.t5_tokenizer = T5Tokenizer(t5_tokenizer_file(path))
     if guessed and cfg.family == "sd2":  # 512 px epsilon and 768 px v models have identical shapes
         if prediction_type is None:
             prediction_type, stat = detect_prediction_type(model.unet, cfg.unet.context_dim, cfg.unet.in_channels)

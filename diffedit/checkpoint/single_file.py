@@ -1,8 +1,8 @@
 """Single files: reading ``.safetensors`` / ``.ckpt`` and, without our metadata, the architecture from the shapes.
 
-The family comes from the key prefixes (SDXL base: both of sgm's conditioner towers). What shapes cannot tell is
-the originals' choice: 32 norm groups, 8 heads (SD1) or 64-wide heads (SD2, SDXL), 64-wide text heads, and for
-SDXL its VAE's scaling factor 0.13025 with float32 upcasting and 1024 px.
+The family comes from the key prefixes (SDXL base: both of sgm's conditioner towers; SD3: the MMDiT's joint blocks,
+see sd3.py). What shapes cannot tell is the originals' choice: 32 norm groups, 8 heads (SD1) or 64-wide heads (SD2,
+SDXL), 64-wide text heads, and for SDXL its VAE's scaling factor 0.13025 with float32 upcasting and 1024 px.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..models import PRESETS, ModelConfig, TextConfig, UNetConfig, VAEConfig
 from ..models.unet import block_index
+from . import sd3
 from .errors import CheckpointError
 from .layout import (SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_REFINER_TEXT_PREFIX, SDXL_TEXT_2_PREFIX,
                      SDXL_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, Tensors, weights_only)
@@ -56,6 +57,9 @@ def read_file(path: Path) -> tuple[ModelConfig, Tensors, bool]:
     """(architecture, tensors, whether the architecture was guessed from shapes)."""
     meta, tensors = ({}, _read_ckpt(path)) if path.suffix in (".ckpt", ".pt", ".pth") else open_safetensors(path)
     tensors = weights_only(tensors)
+    if "diffedit_config" not in meta and sd3.is_sd3(tensors):
+        sd3.refuse_turbo(path, meta)
+        tensors = weights_only(sd3.complete_file(path, tensors, open_safetensors))
     if "diffedit_config" not in meta:
         return infer_config(path, {k: shape for k, (shape, _) in tensors.items()}), tensors, True
     try:
@@ -64,17 +68,21 @@ def read_file(path: Path) -> tuple[ModelConfig, Tensors, bool]:
         raise CheckpointError(f"{path}: unreadable diffedit_config metadata: {e!r}") from None
 
 
-_NAMES = {"sd1": "Stable Diffusion 1.x/2.x", "sd2": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL base"}
+_NAMES = {"sd1": "Stable Diffusion 1.x/2.x", "sd2": "Stable Diffusion 1.x/2.x", "sdxl": "Stable Diffusion XL base",
+          "sd3": "Stable Diffusion 3 / 3.5"}
 REFINER = ("an SDXL refiner (OpenCLIP bigG alone, conditioned on an aesthetic score): another model than SDXL base, "
            "which diffedit does not load; use the SDXL base model")
 
 
 def family_of(path: Path, shape: dict[str, tuple[int, ...]]) -> str:
-    """"sd1", "sd2" or "sdxl" from the key prefixes; the SDXL refiner and other models are refused in one line."""
+    """"sd1", "sd2", "sdxl" or "sd3" from the key prefixes; the SDXL refiner and other models are refused in one
+    line."""
     # by prefix, where diffusers tests one key each (...embedders.1.model.transformer.resblocks.9...): small too
     has = lambda prefix: any(k.startswith(prefix) for k in shape)
     if has(SDXL_REFINER_TEXT_PREFIX):
         raise CheckpointError(f"{path}: {REFINER} (its keys {SDXL_REFINER_TEXT_PREFIX}* are the refiner's)")
+    if sd3.is_sd3(shape) and VAE_PREFIX + "encoder.conv_in.weight" in shape:
+        return "sd3"
     core = UNET_PREFIX + "input_blocks.0.0.weight" in shape and VAE_PREFIX + "encoder.conv_in.weight" in shape
     family = next((f for f, ps in (("sdxl", (SDXL_TEXT_PREFIX, SDXL_TEXT_2_PREFIX)), ("sd1", (SD1_TEXT_PREFIX,)),
                                    ("sd2", (SD2_TEXT_PREFIX,))) if all(has(p) for p in ps)), None)
@@ -91,7 +99,9 @@ def infer_config(path: Path, shape: dict[str, tuple[int, ...]]) -> ModelConfig:
     """The architecture of a single file from its tensor shapes."""
     family = family_of(path, shape)
     try:
-        if family == "sdxl":  # the scaling factor, the upcast and the resolution are SDXL base's
+        if family == "sd3":
+            cfg = sd3.config_from_shapes(shape, _vae_config(shape))
+        elif family == "sdxl":  # the scaling factor, the upcast and the resolution are SDXL base's
             xl = PRESETS["sdxl"]
             vae = dataclasses.replace(_vae_config(shape), scaling_factor=xl.vae.scaling_factor,
                                       force_upcast=xl.vae.force_upcast)
@@ -107,8 +117,10 @@ def infer_config(path: Path, shape: dict[str, tuple[int, ...]]) -> ModelConfig:
                               f"({type(e).__name__}: {e})") from None
     if family == "sdxl":
         _check_y(path, cfg.unet.adm_in_channels, cfg.text_2.projection_dim)
-    like = [name for name, p in PRESETS.items()
-            if (p.unet, p.vae, p.text, p.text_2) == (cfg.unet, cfg.vae, cfg.text, cfg.text_2)]
+    if family == "sd3" and cfg.text_3 is not None:
+        sd3.t5_tokenizer_file(path)
+    like = [name for name, p in PRESETS.items() if p.family == family and (p.unet, p.vae, p.text, p.text_2, p.mmdit)
+            == (cfg.unet, cfg.vae, cfg.text, cfg.text_2, cfg.mmdit)]
     log.info("%s: %s architecture read from the tensor shapes (%s)", path.name, cfg.family,
              f"as {like[0]}" if like else "not a preset's")
     return cfg
@@ -157,7 +169,8 @@ def _vae_config(shape: dict) -> VAEConfig:
         in_channels=shape[enc + "conv_in.weight"][1], out_ch=shape[dec + "conv_out.weight"][0], ch=ch,
         ch_mult=tuple(shape[f"{enc}down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels)),
         num_res_blocks=_count(shape, enc + "down.0.block."), z_channels=shape[dec + "conv_in.weight"][1],
-        embed_dim=shape[VAE_PREFIX + "post_quant_conv.weight"][1])
+        embed_dim=shape.get(VAE_PREFIX + "post_quant_conv.weight", shape[dec + "conv_in.weight"])[1],
+        use_quant_conv=VAE_PREFIX + "post_quant_conv.weight" in shape)  # SD3's VAE has none
 
 
 def _text_config(shape: dict, p: str, kind: str, skip_last_layer: bool = True, final_norm: bool = False,

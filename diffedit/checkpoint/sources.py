@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .diffusers_folder import WEIGHTS
 from .errors import CheckpointError
+from .sd3_folder import SD3_WEIGHTS
 
 _HOWTO = "see weights.md, \"Getting the files on a machine without hub access\""
 
@@ -31,8 +32,14 @@ def resolve(source: str) -> Path:
     raise CheckpointError(f"no such file or folder: {source}")
 
 
+def _weight_files(sub: str, stem: str, variant: str = "") -> list[str]:
+    """Patterns of a component's weights: one file, or shards and their index."""
+    return [f"{sub}/{stem}{variant}.safetensors", f"{sub}/{stem}.safetensors.index{variant}.json",
+            f"{sub}/{stem}{variant}-*-of-*.safetensors"]
+
+
 def _from_hub(spec: str) -> Path:
-    """A diffusers folder (SD 1.x/2.x or SDXL) from the hub, or from the local cache when the hub cannot be
+    """A diffusers folder (SD 1.x/2.x, SDXL or SD3) from the hub, or from the local cache when the hub cannot be
     reached; only the files the loader reads."""
     from huggingface_hub import constants, snapshot_download
     repo_id, _, revision = spec.partition("@")
@@ -49,9 +56,11 @@ def _from_hub(spec: str) -> Path:
                 raise CheckpointError(f"{spec!r} is not a local file or folder, nor a Hugging Face repo in the cache "
                                       f"({constants.HF_HUB_CACHE}) or downloadable now ({reason}); {_HOWTO}") from None
 
-    root = fetch(["model_index.json", "scheduler/scheduler_config.json", *(f"{s}/config.json" for s in WEIGHTS),
-                  *(f"{s}/{w}.safetensors" for s, w in WEIGHTS.items())])
-    # the fp16 variant where a component (text_encoder_2: SDXL only) has a config but no full-precision weights
-    fp16 = [f"{s}/{w}.fp16.safetensors" for s, w in WEIGHTS.items()
-            if (root / s / "config.json").is_file() and not (root / s / f"{w}.safetensors").exists()]
+    subs = {**WEIGHTS, **SD3_WEIGHTS}
+    root = fetch(["model_index.json", "scheduler/scheduler_config.json", "tokenizer*/*.json",
+                  *(f"{s}/config.json" for s in subs), *(p for s, w in subs.items() for p in _weight_files(s, w))])
+    # the fp16 variant where a component (not every pipeline has them all) has a config but no full-precision weights
+    fp16 = [p for s, w in subs.items() if (root / s / "config.json").is_file()
+            and not any((root / s / f).exists() for f in (f"{w}.safetensors", f"{w}.safetensors.index.json"))
+            for p in _weight_files(s, w, ".fp16")]
     return fetch(fp16) if fp16 else root
