@@ -45,7 +45,8 @@ def read_sd3_folder(root: Path) -> tuple[ModelConfig, Tensors, bool]:
             mmdit=mmdit, vae=vae_config(root, c["vae"], force_upcast=c["vae"].get("force_upcast", True), sd3=True),
             text=_clip(root, c["text_encoder"], "tokenizer"), text_2=_clip(root, c["text_encoder_2"], "tokenizer_2"),
             text_3=_t5(root, c["text_encoder_3"]) if "text_encoder_3" in c else None,
-            prediction_type="flow_prediction", resolution=c["transformer"]["sample_size"] * 8,
+            prediction_type="flow_prediction", resolution=c["transformer"]["sample_size"] * 2 ** (
+                len(c["vae"]["block_out_channels"]) - 1),
             flow_shift=float(json.loads(sched.read_text()).get("shift", 1.0)) if sched.is_file() else 3.0)
     except (KeyError, TypeError, IndexError) as e:
         raise CheckpointError(f"{root}: unexpected diffusers config ({e!r} missing or malformed)") from None
