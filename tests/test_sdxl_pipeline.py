@@ -13,6 +13,7 @@ from diffedit import images
 from diffedit.guidance import Conditioning
 from diffedit.models import StableDiffusion, preset
 from diffedit.pipeline import DiffEdit
+from diffedit.settings import KNOBS
 
 from conftest import randomize_, rel_err, report
 
@@ -20,6 +21,7 @@ pytest.importorskip("diffusers")
 import oracles  # noqa: E402
 
 KW = dict(steps=4, n=2)
+THRESHOLD = KNOBS["threshold"].default  # the binary mask of KW's edits
 PROMPT = "a red circle and a blue square"
 
 
@@ -91,15 +93,20 @@ def test_conditioning_rows_index_expand_and_concatenate_like_a_tensor(de):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_list_of_targets_equals_each_target_alone(model, dtype):
-    """float64 pins the equality; in float32 the batch size changes the kernels' summation order (1e-5 here)."""
+def test_a_list_of_targets_equals_each_target_alone_up_to_rounding(model, dtype):
+    """The batch size changes the CPU kernels' summation order, differently on different CPUs: the two agree up to
+    the dtype's rounding, and the binary mask may differ only in cells whose map value lies within it of the
+    threshold (the latents are compared outside such cells, where the two masks agree)."""
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
     de = DiffEdit(copy.deepcopy(model), dtype=dtype)  # a copy: DiffEdit casts the model it is given
     image, targets = picture(), ["a green circle", "a yellow square"]
     both = de.edit(image, targets, source="a red circle", **KW)
     for target, r in zip(targets, both):
         alone = de.edit(image, target, source="a red circle", **KW)
-        assert torch.equal(r.mask_map, alone.mask_map)
-        assert rel_err(r.latents, alone.latents) < (1e-4 if dtype == torch.float32 else 1e-12)
+        assert rel_err(r.mask_map, alone.mask_map) < tol
+        same = (r.mask_map > THRESHOLD) == (alone.mask_map > THRESHOLD)
+        assert same[(alone.mask_map - THRESHOLD).abs() >= tol].all()
+        assert rel_err(r.latents * same, alone.latents * same) < tol
 
 
 def test_an_all_zero_mask_returns_the_vae_reconstruction(de):
