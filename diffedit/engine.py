@@ -114,7 +114,8 @@ class Engine:
         d = models.denoiser
         self.denoiser = d if wrap is None else d.with_model(wrap(d.model))
         self.on_phase = on_phase or (lambda phase: None)
-        self._conds: dict = {}  # this engine's texts, memo or not
+        self._conds: dict = {}  # this engine's texts and latents, memo or not
+        self._x0s: dict = {}
 
     def _cached(self, key, make):
         if self.memo is None or key is None:
@@ -132,7 +133,9 @@ class Engine:
         def make():
             self.on_phase("encode")
             return self.models.encode_image(inp.pixels)
-        return self._cached(inp.key and ("x0", inp.key), make)
+        if id(inp) not in self._x0s:
+            self._x0s[id(inp)] = (inp, self._cached(inp.key and ("x0", inp.key), make))  # inp kept: ids stay unique
+        return self._x0s[id(inp)][1]
 
     def cond(self, text: Text, size: tuple[int, int]) -> Cond:
         """The conditioning of one text for an image of ``size`` (H, W) px (SDXL's carries the size)."""
@@ -178,16 +181,26 @@ class Engine:
         for (i, strength, seed, steps), js in groups.items():
             inp, x0 = inputs[i], self.x0(inputs[i])
             draw = max([requests[j].settings.n for j in js] + [n_draw or 0])
-            keys = {j: self._map_key(inp, requests[j], draw) for j in js}
-            todo = [j for j in js if not (keys[j] and self.memo is not None and self.memo.has(keys[j]))]
-            raw = self._difference_maps(x0, [requests[j] for j in todo], draw, strength, seed, steps)
-            raw = dict(zip(todo, raw))
+            # one map D per (target, source, n): every threshold, dilate and normalisation shares it
+            same = {}
             for j in js:
-                d = self._cached(keys[j], lambda j=j: raw[j] if j in raw else self._difference_maps(
-                    x0, [requests[j]], draw, strength, seed, steps)[0])
-                s = requests[j].settings
-                d_norm = masking.normalize(d[None], s.normalization)[0]
-                out[j] = (d_norm, masking.dilate(masking.binarize(d_norm, s.threshold), s.dilate))
+                r = requests[j]
+                same.setdefault((text_key(r.target), text_key(r.source), r.settings.n), []).append(j)
+            firsts = [group[0] for group in same.values()]
+            keys = {j: self._map_key(inp, requests[j], draw) for j in firsts}
+            todo = [j for j in firsts if not (keys[j] and self.memo is not None and self.memo.has(keys[j]))]
+            raw = dict(zip(todo, self._difference_maps(x0, [requests[j] for j in todo], draw, strength, seed, steps)))
+            for group in same.values():
+                j0 = group[0]
+                d = self._cached(keys[j0], lambda j0=j0: raw[j0] if j0 in raw else self._difference_maps(
+                    x0, [requests[j0]], draw, strength, seed, steps)[0])
+                rescaled = {}
+                for j in group:
+                    s = requests[j].settings
+                    if s.normalization not in rescaled:
+                        rescaled[s.normalization] = masking.normalize(d[None], s.normalization)[0]
+                    d_norm = rescaled[s.normalization]
+                    out[j] = (d_norm, masking.dilate(masking.binarize(d_norm, s.threshold), s.dilate))
         return out
 
     def _difference_maps(self, x0, requests: list[Request], draw: int, strength: float, seed: int,

@@ -5,36 +5,10 @@ import torch
 
 from diffedit import ddim, masking, settings
 from diffedit.denoiser import Denoiser, encoding_steps
-from diffedit.edit import decode
 from diffedit.guidance import eps_model
-from diffedit.inversion import encode
 from diffedit.models import StableDiffusion, preset, tokenize
 from diffedit.pipeline import DiffEdit
-
-
-def ddim_encode(eps, x0, cond, ratio, steps, alpha_bar, **kw):
-    """Step 2 to ``ratio`` on the ``steps``-step grid."""
-    d = Denoiser(eps, alpha_bar)
-    return encode(d, x0, cond, d.levels(ratio, steps), steps, **kw)
-
-
-def masked_decode(eps, traj, cond, uncond, guidance, alpha_bar, mask=None, blend_late=False, callback=None):
-    """Step 3 from the end of ``traj``, keeping its latents outside ``mask`` (one step late: diffusers' recipe)."""
-    xs = traj.latents
-    return decode(Denoiser(eps, alpha_bar), xs[-1].expand(cond.shape[0], *xs.shape[2:]), traj.timesteps, cond, uncond,
-                  guidance, xs[1:] if blend_late else xs, mask, callback)
-
-
-def noised(x0, n, strength, steps, alpha_bar, gen):
-    return masking.noised_latents(Denoiser(None, alpha_bar), x0, n, strength, steps, gen)
-
-
-def difference_maps(eps, noises, queries, reference, max_batch=64):
-    """D (K, h, w) of each query row against the reference."""
-    texts = [reference] + [queries[k:k + 1] for k in range(queries.shape[0])]
-    maps = masking.noise_difference_maps(Denoiser(eps, ddim.alphas_cumprod(dtype=torch.float64), max_batch), noises,
-                                         texts, [(k + 1, 0) for k in range(queries.shape[0])], [noises.x_t.shape[0]])
-    return torch.stack([m[noises.x_t.shape[0]] for m in maps])
+from steps import ddim_encode, difference_maps, masked_decode, noised
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,13 @@ import pytest
 import torch
 
 from conftest import randomize_, rel_err, report
+from steps import ddim_encode, difference_maps, masked_decode, noised
 from oracles import SD_SCHEDULER, SOURCE, TARGET, astronaut, diffedit_pipeline
 
 from diffedit import ddim, images, masking
-from diffedit.edit import masked_decode
-from diffedit.inversion import Trajectory, ddim_encode, num_encoding_steps
+from diffedit.denoiser import Denoiser
+from diffedit.denoiser import encoding_steps as num_encoding_steps
+from diffedit.inversion import Trajectory
 from diffedit.measure import ModuleCounter
 from diffedit.pipeline import DiffEdit
 from diffedit.settings import recipe
@@ -207,8 +209,8 @@ def our_raw_map(de, pil, seed=SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """Our standard-normal draws (as masking.noised_latents draws them) and our raw map D (h, w)."""
     x0 = x0_of(de, pil)
     draws = torch.randn((N, *x0.shape), generator=torch.Generator().manual_seed(seed))
-    noises = masking.noised_latents(x0, N, STRENGTH, STEPS, de.alpha_bar, torch.Generator().manual_seed(seed))
-    d = masking.noise_difference_maps(de.eps, noises, de.encode_prompt([TARGET]), de.encode_prompt([SOURCE]))
+    noises = noised(x0, N, STRENGTH, STEPS, de.alpha_bar, torch.Generator().manual_seed(seed))
+    d = difference_maps(de.eps, noises, de.encode_prompt([TARGET]), de.encode_prompt([SOURCE]))
     return draws[:, 0], d[0]
 
 
@@ -382,7 +384,7 @@ def test_compat_counts_grid_steps_as_diffusers_does_int_not_round(models, poster
     report("compat edit at r * steps = 3.5, s * steps = 1.5 vs diffusers", err)
     assert err < 1e-4
     # the default keeps rounding: 4 encoding steps, mask level 201 (diffusers: 1)
-    assert num_encoding_steps(ratio, steps) == 4 and masking.strength_timestep(strength, steps) == 201
+    assert num_encoding_steps(ratio, steps) == 4 and Denoiser(None, de.alpha_bar).strength_level(strength, steps) == 201
     assert our_edit(de, pil, None, steps, ratio, strength).trajectory.timesteps.tolist() == [-1, 1, 201, 401, 601]
     with pytest.raises(ValueError, match="diffusers"):  # int(0.1 * 5) = 0 steps: diffusers cannot run it either
         our_edit(de, pil, "diffusers", steps, 0.1, strength)

@@ -25,7 +25,8 @@ from diffedit.settings import MAX_N, MAX_STEPS, NORMALIZATIONS
 from diffedit.sweep import Setting, cli
 
 STEPS = 4  # grid 1, 251, 501, 751: ratio 0.5 -> k = 2, ratio 1 -> k = 4
-GRID = ["--ratio", "0.5,1", "--threshold", "0.25,0.5", "--n", "1,2", "--method", "diffedit,sdedit,encode-decode"]
+THREE = ("diffedit", "sdedit", "encode-decode")  # the paper's method and its two baselines
+GRID = ["--ratio", "0.5,1", "--threshold", "0.25,0.5", "--n", "1,2", "--method", ",".join(THREE)]
 # Per image: inversion 4 (to r = 1) + mask 2 noises x (query + caption) 4 + decoding with CFG (2 rows a step):
 # DiffEdit 4 masks x (2 x 2 + 2 x 4) = 48, Encode-Decode 2 x 2 + 2 x 4 = 12, SDEdit 12.
 SHARED_PER_IMAGE = 4 + 4 + 48 + 12 + 12
@@ -71,7 +72,7 @@ def base(tiny_checkpoint, tmp_path_factory):
 
 def test_the_reuse_is_real_the_counter_equals_the_shared_formula(base):
     cost = json.loads((base / "cost.json").read_text())
-    settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], sweep.METHODS)
+    settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], THREE)
     assert sweep.shared_cost(settings, STEPS, 7.5) == SHARED_PER_IMAGE
     assert sweep.separate_cost(settings, STEPS, 7.5) == SEPARATE_PER_IMAGE
     assert cost["unet_evaluations_run"] == cost["shared_formula_this_run"] == 2 * SHARED_PER_IMAGE
@@ -103,7 +104,7 @@ def test_outputs_summary_plots_and_page(base):
 def test_a_sweep_row_is_the_single_edit_with_the_same_settings_and_seed(base, tiny_checkpoint):
     item = sweep.load_items("toy:1", 12345, 16)[0]
     image, seed = item.load(), 12345 * 1000 + 0
-    settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], sweep.METHODS)
+    settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], THREE)
     # The rows the command wrote are edit_grid's outputs, measured.
     de = DiffEdit.from_pretrained(str(tiny_checkpoint), dtype="float32")
     outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed)
