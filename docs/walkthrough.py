@@ -10,10 +10,11 @@ show the method working; the grid below it shows how often it does.
 The page shows the input scene and its caption, the target caption, the noise estimates under the two texts
 for one noise (channel means of eps_Q and eps_R), the difference map D and the mask (Sec. 3.1), the DDIM
 encoding decoded at a few levels (Sec. 3.2), the mask-guided decoding step by step (Sec. 3.2, "decoding with
-mask guidance"), and the result next to SDEdit and Encode-Decode. Below the steps, a grid of the first
-``--grid`` held-out edits as they come (failures included), each method judged by the toy judge. Everything
-is computed with the same functions ``DiffEdit.edit`` uses (masking.py, inversion.py, edit.py), so the page
-cannot drift from the code; tests/test_walkthrough.py runs it on a tiny random model. On the toy model the
+mask guidance"), and the result next to SDEdit, Encode-Decode and masked SDEdit (DiffEdit's mask, SDEdit's
+noise). Below the steps, a grid of the first ``--grid`` held-out edits as they come (failures included), each
+method judged by the toy judge, and what the toy world shows per kind of edit, read from the shipped model's
+measurements (``--results``, default docs/results/toy_kinds). Everything is computed with the same functions
+``DiffEdit.edit`` uses (masking.py, inversion.py, edit.py), so the page cannot drift from the code; tests/test_walkthrough.py runs it on a tiny random model. On the toy model the
 steps take about 300 UNet evaluations on 16 x 16 latents at 50 steps, and every edit the search or the grid
 runs about as many.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import sys
 from pathlib import Path
 
@@ -29,9 +31,9 @@ import torch
 from PIL import Image
 
 from diffedit import images, masking
-from diffedit.edit import masked_decode, sdedit
-from diffedit.guidance import batched_eps
-from diffedit.inversion import ddim_encode, num_encoding_steps
+from diffedit.denoiser import encoding_steps
+from diffedit.edit import decode
+from diffedit.inversion import encode
 from diffedit.pipeline import DiffEdit
 from diffedit.toy import judge, model_world, world
 from diffedit.viz import heatmap, overlay
@@ -40,7 +42,8 @@ SHOW = 192  # px: every picture is shown this wide, pixelated (the toy scenes ar
 THUMB = 112  # px: the grid's pictures
 SEARCH = 20  # held-out edits the selection rule looks at, at most
 STRENGTH, GUIDANCE, THRESHOLD = 0.5, 7.5, 0.5  # the paper's, and DiffEdit.edit's defaults
-METHODS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode"}
+METHODS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode", "masked-sdedit": "masked SDEdit"}
+RESULTS = Path(__file__).parent / "results" / "toy_kinds"  # the shipped model's per-kind measurements
 RULE = (f"the first of the first {SEARCH} held-out edits, in the order the seed draws them, that DiffEdit at the "
         "settings of the page edits successfully by the toy judge (toy.judge.edit_success); the first edit if "
         "none does")
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.7, help="encoding ratio r")
     p.add_argument("--n", type=int, default=10, help="noises averaged into D")
     p.add_argument("--size", type=int, default=None, help="toy scene size in px (default: the world's; tests use less)")
+    p.add_argument("--results", type=Path, default=RESULTS,
+                   help="folder of scripts/evaluate_toy.py (eval_*.json) and scripts/mask_anatomy.py (anatomy_*.json) "
+                        "outputs, for the section on what the toy world shows (none there: no section)")
     return p
 
 
@@ -126,15 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     save("target_truth.png", Image.fromarray(edit.target.render()))
 
     # Step 1 (Sec. 3.1): noise x_0 n times at strength 0.5; contrast the estimates under Q and R.
-    noises = masking.noised_latents(x0, n, strength, steps, de.alpha_bar, torch.Generator().manual_seed(seed))
+    den = de.denoiser  # the model's noise estimate and the DDIM schedule
+    noises = masking.noised_latents(den, x0, n, strength, steps, torch.Generator().manual_seed(seed))
     x1 = noises.x_t[:1, 0]
-    e = batched_eps(de.eps, torch.cat([x1, x1]), noises.t, torch.cat([query, reference]), de.max_batch)
+    e = den(torch.cat([x1, x1]), noises.t, torch.cat([query, reference]))
     eps_q, eps_r = e[0], e[1]
     save("noised.png", latent_image(x1[0]))
     save("eps_query.png", heatmap(_signed(eps_q.mean(0)), size))
     save("eps_reference.png", heatmap(_signed(eps_r.mean(0)), size))
     save("eps_difference_one_noise.png", heatmap(_scaled((eps_q - eps_r).abs().mean(0)), size))
-    d_raw = masking.noise_difference_maps(de.eps, noises, query, reference, de.max_batch)
+    d_raw = masking.noise_difference_maps(den, noises, [query, reference], [(0, 1)], [n])[0][n][None]  # (1, h, w)
     d = masking.normalize(d_raw.float())
     m = masking.binarize(d, threshold)
     save("d_raw.png", heatmap(_scaled(d_raw[0]), size))
@@ -144,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     save("mask_overlay.png", overlay(pil, mask_pil))
 
     # Step 2 (Sec. 3.2): DDIM encoding with the unconditional model, every latent kept.
-    trajectory = ddim_encode(de.eps, x0, empty, ratio, steps, de.alpha_bar, max_batch=de.max_batch)
-    k = num_encoding_steps(ratio, steps)
+    trajectory = encode(den, x0, empty, den.levels(ratio, steps), steps)
+    k = encoding_steps(ratio, steps)
     levels = sorted({0, k // 3, (2 * k) // 3, k})
     encoded = [(i, int(trajectory.timesteps[i]), save(f"encoded_{i:02d}.png", latent_image(trajectory.latents[i])))
                for i in levels]
@@ -158,20 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         if step in keep:
             snapshots[step] = y[0].clone()
 
-    blend = m[:, None].to(x0.dtype)
-    y0 = masked_decode(de.eps, trajectory, query, reference, guidance, de.alpha_bar, blend,
-                       max_batch=de.max_batch, callback=callback)
+    y0 = decode(den, trajectory.latents[-1], trajectory.timesteps, query, reference, guidance,
+                keep=trajectory.latents, mask=m[:, None].to(x0.dtype), callback=callback)
     decoding = [(s, int(trajectory.timesteps[k - 1 - s]), save(f"decoding_{s:02d}.png", latent_image(snapshots[s])))
                 for s in keep]
 
     # The result and the paper's baselines, from the same parts.
-    y_ed = masked_decode(de.eps, trajectory, query, reference, guidance, de.alpha_bar, None, max_batch=de.max_batch)
-    y_sd = sdedit(de.eps, x0, query, reference, ratio, steps, guidance, de.alpha_bar,
-                  torch.Generator().manual_seed(seed), de.max_batch)
     result = latent_image(y0[0])
     save("result_diffedit.png", result)
-    save("result_sdedit.png", latent_image(y_sd[0]))
-    save("result_encode_decode.png", latent_image(y_ed[0]))
+    for method in list(METHODS)[1:]:  # the baselines as DiffEdit.edit runs them, with the page's seed
+        save(f"result_{method.replace('-', '_')}.png", run(index, method)[0].image)
     save("vae_reconstruction.png", latent_image(x0[0]))
     success = judge.edit_success(np.asarray(result.convert("RGB"), np.uint8), edit)  # the picture shown
 
@@ -231,11 +234,93 @@ def _grid(grid, seed: int) -> str:
     return f"""
 <h2>The first {len(grid)} held-out edits, as they come</h2>
 <p>The example above was chosen; these are not: edits 0 to {len(grid) - 1} of seed {seed}, failures
-included, each edited by <code>DiffEdit.edit</code> with the settings above (method "diffedit", "sdedit" or
-"encode-decode") and judged by the toy judge (<code>toy/judge.py</code>: the target colour or shape where the
-edit should be, or the new background).</p>
+included, each edited by <code>DiffEdit.edit</code> with the settings above (method "diffedit", "sdedit",
+"encode-decode" or "masked-sdedit") and judged by the toy judge (<code>toy/judge.py</code>: the target colour or
+shape where the edit should be, the new background, or the background where a removed object was).</p>
 <table style="border-collapse:collapse;font-size:12px;text-align:center"><tr>{head}</tr>{rows}</table>
 <p>Successes: {counts}.</p>
+"""
+
+
+# What each kind of edit asks of the method, in a teacher's words (the measurements say how it fares)
+KIND_WORDS = {
+    "colour": "repaint one object in a new colour: the changed pixels are the whole object, which the model draws "
+              "well; the fairest test of the method",
+    "shape": "turn one object into another shape of the same colour: only a thin band between the two outlines "
+             "changes, about one latent cell wide, and the model draws shapes less reliably than colours",
+    "background": "change the background colour: almost every pixel changes, so the mask is most of the image and "
+                  "there is little left for it to protect",
+    "remove": "delete one of two objects: its pixels become background and the caption keeps the other object's "
+              "phrase alone, a one-object caption the model was trained on",
+}
+
+
+def toy_results(folder: Path) -> str:
+    """The section on what the toy world shows: per kind of edit, every method's success and background PSNR at
+    each evaluated seed (``eval_*.json`` of scripts/evaluate_toy.py), and where D lands (``anatomy_*.json`` of
+    scripts/mask_anatomy.py, its first setting); empty without measurements."""
+    evals = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("eval_*.json"))]
+    if not evals:
+        return ""
+    keys = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode_decode": "Encode-Decode",
+            "masked_sdedit": "masked SDEdit"}
+    keys = {k: v for k, v in keys.items() if all(k in e for e in evals)}
+
+    def by(e, method, kind):
+        return e[method] if kind == "all" else e["by_kind"][method].get(kind, {})
+
+    def both(method, kind, metric, fmt):
+        values = [by(e, method, kind).get(metric) for e in evals]
+        return ", ".join("-" if v is None else fmt.format(v) for v in values)
+
+    head = "".join(f"<th>{h}</th>" for h in ("kind of edit (edits per seed)", "what it asks", *keys.values(),
+                                               "DiffEdit's mask IoU (best a cell mask reaches)"))
+    rows = ""
+    for kind in (*KIND_WORDS, "all"):
+        count = ", ".join(str(by(e, "diffedit", kind).get("count", 0)) for e in evals)
+        cells = "".join(f"<td>{both(m, kind, 'success', '{:.2f}')}<br>{both(m, kind, 'bg_psnr', '{:.1f}')} dB</td>"
+                        for m in keys)
+        ceiling = ", ".join(f"{e['ceiling'][kind]['iou']:.2f}" for e in evals if kind in e["ceiling"])
+        words = html.escape(KIND_WORDS.get(kind, "every kind together"))
+        rows += (f"<tr><td>{kind} ({count})</td><td style='text-align:left'>{words}</td>{cells}"
+                 f"<td>{both('diffedit', kind, 'iou', '{:.2f}')} ({ceiling})</td></tr>")
+    seeds = ", ".join(str(e["seed"]) for e in evals)
+    return f"""
+<h2>What the toy world shows, kind by kind</h2>
+<p>The shipped toy model on held-out edits (seeds {seeds}; {evals[0]['n']} edits each, a quarter of each kind;
+r = {evals[0]['ratio']:g}, the paper's other settings; <code>scripts/evaluate_toy.py</code>, files in
+<code>docs/results/toy_kinds</code>). Each cell: how often the judge accepts the edit, one number per seed, and
+below it the background PSNR, how well the pixels the edit should not touch are kept (higher is better). The
+kinds test different things, so read them row by row rather than the mean.</p>
+<table style="border-collapse:collapse;font-size:13px;text-align:center" border="1"><tr>{head}</tr>{rows}</table>
+{_anatomy(folder)}
+"""
+
+
+def _anatomy(folder: Path) -> str:
+    """Where D lands per kind (the first setting of the first ``anatomy_*.json``): why a shape edit's mask falls
+    short."""
+    files = sorted(Path(folder).glob("anatomy_*.json"))
+    if not files:
+        return ""
+    a = json.loads(files[0].read_text())
+    res = a["results"][0]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    rows = "".join(f"<tr><td>{kind} ({g['count']})</td><td>{fmt(g['d_changed'])}</td><td>{fmt(g['d_rest_of_object'])}"
+                   f"</td><td>{fmt(g['d_outside'])}</td><td>{g['mask_cells']:.0f} / {g['changed_cells']:.0f}</td></tr>"
+                   for kind, g in res["by_kind"].items())
+    return f"""
+<p><b>Why shape edits fail.</b> D is the mean difference between the two noise estimates, rescaled to [0, 1];
+the mask is where it passes {THRESHOLD:g}. Below, its mean over the latent cells the edit changes, over the rest of
+the edited object, and outside the object, and the mask's size against the changed area in cells
+(<code>scripts/mask_anatomy.py</code>, seed {a['seed']}, strength {res['strength']:g}, n = {res['n']}).
+For a colour edit or a removal D is high on the whole object and low elsewhere, and the mask covers the object.
+For a shape edit D is higher on the band that changes than anywhere else, but it sits near the threshold, so the
+mask covers only part of a band that is about one latent cell wide; the model, asked to repaint part of an
+outline, keeps the old shape.</p>
+<table style="border-collapse:collapse;font-size:13px;text-align:center" border="1"><tr><th>kind (edits)</th>
+<th>D on changed cells</th><th>D on the rest of the object</th><th>D outside</th><th>mask / changed cells</th></tr>
+{rows}</table>
 """
 
 
@@ -271,7 +356,7 @@ Edit: {esc(edit.kind)}, {esc(edit.description)}.</p>
 <h2>Step 1: the mask (Sec. 3.1)</h2>
 <p>The latent x<sub>0</sub> is noised to strength {strength:g} (timestep {t_mask}) with noise 1 of {args.n}
 (<code>masking.noised_latents</code>). The UNet predicts that noise once conditioned on Q and once on R
-(<code>guidance.batched_eps</code>). Where the texts agree about the image the two estimates agree; where
+(<code>denoiser.Denoiser</code>, one batched call). Where the texts agree about the image the two estimates agree; where
 they disagree (the object or background the edit changes) they differ. Channel means, blue &lt; 0 &lt; yellow:</p>
 {fig("noised.png", "x<sub>t</sub> for noise 1, decoded")}{fig("eps_query.png", "eps(x<sub>t</sub>, Q), channel mean")}
 {fig("eps_reference.png", "eps(x<sub>t</sub>, R), channel mean")}
@@ -284,27 +369,29 @@ n = {args.n} noises (<code>masking.noise_difference_maps</code>), is clipped at 
 
 <h2>Step 2: DDIM encoding (Sec. 3.2)</h2>
 <p>x<sub>0</sub> is encoded with deterministic DDIM run backwards, with the unconditional model (text ""),
-for k = round(r x steps) = {k} of the {args.steps} grid steps (<code>inversion.ddim_encode</code>). Every
+for k = round(r x steps) = {k} of the {args.steps} grid steps (<code>inversion.encode</code>). Every
 latent is kept: decoding needs them. Decoded with the VAE:</p>
 {enc}
 
 <h2>Step 3: decoding with mask guidance (Sec. 3.2)</h2>
 <p>From x<sub>r</sub>, DDIM sampling with classifier-free guidance towards Q (R as the negative prompt)
-runs k steps (<code>edit.masked_decode</code> / <code>edit.ddim_sample</code>). After each step the region
+runs k steps (<code>edit.decode</code>). After each step the region
 outside the mask is replaced by the encoded latent at the same level:
 y<sub>t-1</sub> = M y<sub>t-1</sub> + (1 - M) x<sub>t-1</sub>. The last step puts x<sub>0</sub> itself back,
 so outside the mask only the VAE's reconstruction error remains.</p>
 {dec}
 
 <h2>The result and the baselines</h2>
-<p><b>SDEdit</b> (<code>edit.sdedit</code>) noises x<sub>0</sub> to r with fresh noise and decodes with Q, no
-mask. <b>Encode-Decode</b> decodes the same DDIM encoding with Q and no mask (DiffEdit with M = 1). Both change
-the whole image; DiffEdit only the masked region.</p>
+<p><b>SDEdit</b> noises x<sub>0</sub> to r with fresh noise and decodes with Q, no mask. <b>Encode-Decode</b>
+decodes the same DDIM encoding with Q and no mask (DiffEdit with M = 1). Both change the whole image; DiffEdit only
+the masked region. <b>Masked SDEdit</b> keeps DiffEdit's mask but starts from fresh noise instead of the DDIM
+encoding: the paper's claim that the encoding and the mask work well together is DiffEdit against it
+(<code>DiffEdit.edit(..., method="sdedit" / "encode-decode" / "masked-sdedit")</code>).</p>
 {fig("result_diffedit.png", f"DiffEdit ({_verdict(success)})")}{fig("result_sdedit.png", "SDEdit")}
-{fig("result_encode_decode.png", "Encode-Decode")}
+{fig("result_encode_decode.png", "Encode-Decode")}{fig("result_masked_sdedit.png", "masked SDEdit")}
 {fig("vae_reconstruction.png", "VAE reconstruction of the input (the ceiling)")}
 {fig("target_truth.png", "ground truth")}
-{_grid(grid, args.seed)}</body></html>
+{_grid(grid, args.seed)}{toy_results(args.results)}</body></html>
 """
 
 

@@ -36,24 +36,30 @@ def test_walkthrough_writes_a_page_that_shows_every_png(tmp_path, monkeypatch):
     referenced = set(re.findall(r"src='([^']+)'", page))
     assert referenced <= set(pngs), referenced - set(pngs)  # no broken image on the page
     for name in ("input.png", "eps_query.png", "eps_reference.png", "d.png", "mask.png", "result_diffedit.png",
-                 "result_sdedit.png", "result_encode_decode.png"):
+                 "result_sdedit.png", "result_encode_decode.png", "result_masked_sdedit.png"):
         assert name in pngs
     assert any(n.startswith("encoded_") for n in pngs) and any(n.startswith("decoding_") for n in pngs)
 
     # the grid: every method on edits 0 and 1, and a count per method
     for i in range(2):
-        for part in ("input", "target", "mask", "diffedit", "sdedit", "encode-decode"):
+        for part in ("input", "target", "mask", "diffedit", "sdedit", "encode-decode", "masked-sdedit"):
             assert f"grid_{i:02d}_{part}.png" in pngs and f"grid_{i:02d}_{part}.png" in page
     assert "grid_02_input.png" not in pngs
-    assert re.search(r"Successes: DiffEdit \d / 2, SDEdit \d / 2, Encode-Decode \d / 2\.", page)
+    assert re.search(r"Successes: DiffEdit \d / 2, SDEdit \d / 2, Encode-Decode \d / 2, masked SDEdit \d / 2\.", page)
+    # what the toy world shows, per kind, from the shipped model's measurements in docs/results/toy_kinds
+    assert "What the toy world shows, kind by kind" in page and "Why shape edits fail" in page
+    for kind in ("colour", "shape", "background", "remove"):
+        assert f"<tr><td>{kind} (" in page
     # the selection rule, on the page and in --help
     assert html.escape(walkthrough.RULE) in page and "chosen by a fixed rule" in page
     assert walkthrough.RULE in " ".join(walkthrough.build_parser().format_help().split())
 
     # a random model's gray output can pass a gray-background edit, so force the fallback with a judge that fails all
     monkeypatch.setattr(walkthrough.judge, "edit_success", lambda edited, edit: False)
-    assert walkthrough.main(["--out", str(tmp_path / "fallback"), *tiny, "--grid", "0"]) == 0
+    assert walkthrough.main(["--out", str(tmp_path / "fallback"), *tiny, "--grid", "0",
+                             "--results", str(tmp_path / "none")]) == 0
     page = (tmp_path / "fallback" / "index.html").read_text()
+    assert "What the toy world shows" not in page  # no measurements, no section
     assert f"None of the first {walkthrough.SEARCH} held-out edits succeeded" in page
     assert "(edit 0), a failed edit" in page
     assert "grid_" not in page
