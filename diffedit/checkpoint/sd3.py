@@ -127,3 +127,16 @@ def config_from_shapes(shape: dict, vae) -> ModelConfig:
     return dataclasses.replace(
         sd3, mmdit=_mmdit_from_shapes(shape), vae=vae, text=_clip_from_shapes(shape, SD3_CLIP_L_PREFIX),
         text_2=_clip_from_shapes(shape, SD3_CLIP_G_PREFIX, hidden_act="gelu", pad_id=0), text_3=_t5_from_shapes(shape))
+
+
+def check_widths(where: Path, cfg: ModelConfig) -> None:
+    """The towers must fit the MMDiT: pooled [CLIP-L | CLIP-G] is y, the CLIP states fit in the context width, which
+    is T5's."""
+    m, l, g, t5 = cfg.mmdit, cfg.text, cfg.text_2, cfg.text_3
+    if l.projection_dim + g.projection_dim != m.pooled_dim:
+        raise CheckpointError(f"{where}: CLIP-L's and CLIP-G's pooled widths ({l.projection_dim} + {g.projection_dim}) "
+                              f"are not the {m.pooled_dim} inputs of {UNET_PREFIX}y_embedder")
+    if l.width + g.width > m.context_dim or (t5 is not None and t5.d_model != m.context_dim):
+        raise CheckpointError(f"{where}: the text widths (CLIP-L {l.width} + CLIP-G {g.width}, T5 "
+                              f"{t5.d_model if t5 else 'absent'}) do not fit the {m.context_dim} inputs of "
+                              f"{UNET_PREFIX}context_embedder")

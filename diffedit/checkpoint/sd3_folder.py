@@ -18,7 +18,7 @@ from .diffusers_folder import _has, open_weights, text_config, vae_config
 from .diffusers_names import _renamed, _vae_names
 from .errors import CheckpointError
 from .layout import SD3_CLIP_G_PREFIX, SD3_CLIP_L_PREFIX, SD3_T5_PREFIX, UNET_PREFIX, VAE_PREFIX, Tensors, weights_only
-from .sd3 import refuse_turbo, t5_tokenizer_file
+from .sd3 import check_widths, refuse_turbo, t5_tokenizer_file
 
 SD3_WEIGHTS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
          "text_encoder_2": "model", "text_encoder_3": "model"}  # the last one optional
@@ -50,6 +50,7 @@ def read_sd3_folder(root: Path) -> tuple[ModelConfig, Tensors, bool]:
             flow_shift=float(json.loads(sched.read_text()).get("shift", 1.0)) if sched.is_file() else 3.0)
     except (KeyError, TypeError, IndexError) as e:
         raise CheckpointError(f"{root}: unexpected diffusers config ({e!r} missing or malformed)") from None
+    check_widths(root, cfg)
     if cfg.text_3 is not None:
         t5_tokenizer_file(root)
     t = {sub: open_weights(root / sub, SD3_WEIGHTS[sub]) for sub in subs}

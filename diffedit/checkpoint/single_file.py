@@ -117,6 +117,8 @@ def infer_config(path: Path, shape: dict[str, tuple[int, ...]]) -> ModelConfig:
                               f"({type(e).__name__}: {e})") from None
     if family == "sdxl":
         _check_y(path, cfg.unet.adm_in_channels, cfg.text_2.projection_dim)
+    if family == "sd3":
+        sd3.check_widths(path, cfg)
     if family == "sd3" and cfg.text_3 is not None:
         sd3.t5_tokenizer_file(path)
     like = [name for name, p in PRESETS.items() if p.family == family and (p.unet, p.vae, p.text, p.text_2, p.mmdit)

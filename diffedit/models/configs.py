@@ -267,13 +267,13 @@ def _sd3(mmdit: MMDiTConfig, **small) -> ModelConfig:
 
 PRESETS.update({name: _sd3(MMDIT_PRESETS[name]) for name in ("sd3-medium", "sd35-medium", "sd35-large")})
 # Every code path of SD3 at a fraction of the cost: MLP widths that are no multiple of the width, as in diffusers'
-# own tiny SD3 test pipeline.
+# own tiny SD3 test pipeline; CLIP-L's projection square (as SD3's, whose single files leave it out), 32 VAE groups.
 PRESETS["tiny-sd3"] = _sd3(
     MMDIT_PRESETS["tiny-sd3"], resolution=32,
-    vae=dataclasses.replace(_SD3_VAE, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
-    text=TextConfig(width=16, heads=2, layers=2, mlp_width=37, projection_dim=8, skip_last_layer=True,
+    vae=dataclasses.replace(_SD3_VAE, ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    text=TextConfig(width=16, heads=2, layers=2, mlp_width=37, projection_dim=16, skip_last_layer=True,
                     final_norm=False, pooled=True),
-    text_2=TextConfig(width=24, heads=2, layers=2, mlp_width=37, projection_dim=16, hidden_act="gelu", pad_id=0,
+    text_2=TextConfig(width=24, heads=2, layers=2, mlp_width=37, projection_dim=8, hidden_act="gelu", pad_id=0,
                       skip_last_layer=True, final_norm=False, pooled=True),
     text_3=T5Config(vocab_size=320, d_model=40, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
-                    relative_attention_num_buckets=8, relative_attention_max_distance=20))
+                    relative_attention_num_buckets=8))
