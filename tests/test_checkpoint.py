@@ -73,7 +73,8 @@ def test_single_file_with_metadata_loads_bit_identically_frozen_in_eval_mode(tin
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("orig", [ORIG_SD1, ORIG_SD2], ids=["sd1", "sd2"])
+@pytest.mark.parametrize("orig", [ORIG_SD1, ORIG_SD2, dataclasses.replace(ORIG_SD1, text=dataclasses.replace(
+    ORIG_SD1.text, mlp_width=37))], ids=["sd1", "sd2", "sd1-mlp-37"])
 def test_single_file_without_metadata_reads_architecture_from_shapes_and_ignores_non_weights(tmp_path, orig):
     state = random_state(orig)
     extra = {k: torch.zeros(3) for k in NOT_WEIGHTS}
@@ -167,8 +168,8 @@ SD1_STYLE = dict(
               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
     vae=dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
              down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3),
-    text=dict(hidden_size=32, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
-              hidden_act="quick_gelu", bos_token_id=998, eos_token_id=999, pad_token_id=1),
+    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
+              hidden_act="quick_gelu", bos_token_id=998, eos_token_id=999, pad_token_id=1),  # 37: as diffusers' tests
     prediction_type="epsilon")
 SD2_STYLE = dict(  # linear projections, per-level head counts of a fixed width (16), GELU text encoder
     unet=dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=48,
@@ -177,7 +178,7 @@ SD2_STYLE = dict(  # linear projections, per-level head counts of a fixed width 
               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
     vae=dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-    text=dict(hidden_size=48, intermediate_size=192, num_attention_heads=3, num_hidden_layers=3, vocab_size=1000,
+    text=dict(hidden_size=48, intermediate_size=37, num_attention_heads=3, num_hidden_layers=3, vocab_size=1000,
               hidden_act="gelu", projection_dim=24, bos_token_id=998, eos_token_id=999, pad_token_id=0),
     prediction_type="v_prediction")
 
@@ -233,6 +234,7 @@ def test_diffusers_folder_gives_the_outputs_of_diffusers_and_transformers(folder
     spec = SD1_STYLE if folder == "sd1_folder" else SD2_STYLE
     model, cfg = load_model(root)
     assert cfg.prediction_type == spec["prediction_type"] and cfg.family == folder[:3]
+    assert cfg.text.mlp_width == spec["text"]["intermediate_size"]  # read, not a multiple of the width
     assert cfg.resolution == spec["unet"]["sample_size"] * cfg.vae.downsampling
     torch.manual_seed(1)
     ctx_dim = spec["unet"]["cross_attention_dim"]

@@ -298,3 +298,36 @@ def test_truncated_sdxl_file_is_the_truncated_file_error(orig, tmp_path):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(single.read_bytes()[: single.stat().st_size // 2])
     one_line_error(cut, r"cut\.safetensors: not a readable safetensors file \(truncated")
+
+
+@torch.no_grad()
+def test_folder_towers_with_mlp_widths_of_37_load_and_match_transformers(orig, tmp_path):
+    """diffusers' tiny test pipelines give their CLIP towers intermediate_size 37: a width read from the config, not
+    a multiple of the tower's width."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    _, _, _, folder, _ = orig
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    towers = {}
+    for sub, cls, t, act, ids in (
+            ("text_encoder", CLIPTextModel, ORIG.text, "quick_gelu", dict(bos_token_id=49406, eos_token_id=49407)),
+            ("text_encoder_2", CLIPTextModelWithProjection, ORIG.text_2, "gelu", dict(bos_token_id=0, eos_token_id=2))):
+        config = CLIPTextConfig(hidden_size=t.width, intermediate_size=37, num_attention_heads=t.heads,
+                                num_hidden_layers=t.layers, projection_dim=t.projection_dim, hidden_act=act,
+                                vocab_size=t.vocab_size, **ids)
+        towers[sub] = randomize_(cls(config), seed=5).eval()
+        shutil.rmtree(odd / sub)
+        towers[sub].save_pretrained(odd / sub)
+    model, cfg = load_model(odd)
+    assert cfg.text.mlp_width == cfg.text_2.mlp_width == 37
+    texts = inputs(cfg)["texts"]
+    ids, ids_2 = tokenize(texts, cfg.text), tokenize(texts, cfg.text_2)
+    l = towers["text_encoder"](ids, output_hidden_states=True)
+    g = towers["text_encoder_2"](ids_2, output_hidden_states=True)
+    emb = model.conditioner.embedders
+    big_g, pooled = emb[1](ids_2)
+    for name, got, want in (("clip_l", emb[0](ids), l.hidden_states[-2]), ("big_g", big_g, g.hidden_states[-2]),
+                            ("pooled", pooled, g.text_embeds)):
+        err = rel_err(got, want)
+        report(f"sdxl mlp 37 {name} vs transformers", err)
+        assert err < TOL, (name, err)

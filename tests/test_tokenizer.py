@@ -69,3 +69,18 @@ def test_sd1_and_sd2_differ_only_in_padding():
     content = b != 0
     assert torch.equal(a[content], b[content])
     assert (a[~content] == EOT).all()
+
+
+def test_a_long_text_logs_one_warning_naming_the_dropped_tokens_and_the_text(caplog):
+    import logging
+    cfg = preset("sd15").text
+    n_long = len(SimpleTokenizer().encode(LONG))
+    with caplog.at_level(logging.WARNING, logger="diffedit.models.text"):
+        tokenize(PROMPTS[:4], cfg)
+        assert not caplog.records  # short texts: nothing
+        tokenize([LONG, "a cat", LONG + " and a bird"], cfg)
+    (record,) = caplog.records  # once per call, for both long texts
+    msg = record.getMessage()
+    assert record.levelno == logging.WARNING and "77 tokens" in msg
+    assert f"{n_long - 75} tokens dropped from 'a very long prompt about a red fox ju...'" in msg
+    assert f"{n_long + 3 - 75} tokens dropped" in msg and LONG not in msg
