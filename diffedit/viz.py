@@ -19,6 +19,7 @@ TILE_MIN = 256     # small images (the 64 px toy model's) are scaled up to this 
 TILE_MAX = 1024    # ... by an integer factor that keeps a tile's longer side within this
 _GAP = 4           # pixels between tiles
 _PLACEHOLDER = (200, 200, 200)
+_HATCH = ((0, 0, 0), (255, 255, 255))  # the mask's stripes
 
 
 def _as_array(x) -> np.ndarray:
@@ -52,14 +53,29 @@ def heatmap(map, size: tuple[int, int] | None = None, use_matplotlib: bool = Tru
     return image if size is None or image.size == tuple(size) else image.resize(tuple(size), Image.NEAREST)
 
 
-def overlay(image: Image.Image, mask: Image.Image, colour=(255, 0, 0), alpha: float = 0.5) -> Image.Image:
-    """``image`` tinted with ``colour`` (opacity ``alpha``) where ``mask`` ("L", white = inside) is set."""
+def overlay(image: Image.Image, mask: Image.Image, alpha: float = 0.5) -> Image.Image:
+    """``image`` hatched where ``mask`` ("L", white = inside) is set: diagonal black and white stripes (opacity
+    ``alpha``) and the mask's outline in the same stripes, opaque; one of the two shows over any colour."""
     image = image.convert("RGB")
     mask = mask.convert("L")
     if mask.size != image.size:
         mask = mask.resize(image.size, Image.NEAREST)
-    tinted = Image.blend(image, Image.new("RGB", image.size, tuple(colour)), alpha)
-    return Image.composite(tinted, image, mask)
+    w, h = image.size
+    half = max(2, round(max(w, h) / 32))  # stripe width: 2 px at 64 px (half a toy latent cell), 1/32 of the side
+    ys, xs = np.mgrid[0:h, 0:w]
+    stripes = Image.fromarray(np.where((((xs + ys) // half) % 2 == 1)[..., None], _HATCH[1], _HATCH[0])
+                              .astype(np.uint8), mode="RGB")
+    inside = np.asarray(mask) >= 128
+    core = inside.copy()
+    for _ in range(max(1, half // 2)):  # the outline: what a few erosions remove (none along the image's border)
+        c = core.copy()
+        core[1:] &= c[:-1]
+        core[:-1] &= c[1:]
+        core[:, 1:] &= c[:, :-1]
+        core[:, :-1] &= c[:, 1:]
+    out = Image.composite(Image.blend(image, stripes, alpha), image, mask)
+    out.paste(stripes, mask=Image.fromarray(((inside & ~core) * 255).astype(np.uint8), mode="L"))
+    return out
 
 
 def _font():

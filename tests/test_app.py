@@ -1,4 +1,5 @@
-"""The web app (diffedit/app.py): its API through gradio_client, its page in a real browser, its cache bound.
+"""The web app (diffedit/app.py): its API through gradio_client, its page in a real browser, its cache bound, its
+working size, stopping a run and its one-line errors.
 
 One server on a free loopback port serves the shipped toy model (64 px scenes, 10 DDIM steps, 4 noises to keep
 the module near a minute on 2 cores); gradio, gradio_client and (for the browser) Playwright with the system
@@ -10,6 +11,7 @@ import argparse
 import copy
 import hashlib
 import io
+import logging
 import os
 import shutil
 import socket
@@ -31,8 +33,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's 
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from diffedit.app import MISSING, add_app_parser, build_app, launch, run_app  # noqa: E402
-from diffedit.app_state import LRUCache, Session  # noqa: E402
+from diffedit import viz  # noqa: E402
+from diffedit.app import ADD, ERASE, MISSING, add_app_parser, build_app, launch, run_app, split_strokes  # noqa: E402
+from diffedit.app_state import FULL_SIZE_BUDGET, Cancelled, LRUCache, Session, _picture  # noqa: E402
+from diffedit.frontend import UsageError  # noqa: E402
 from diffedit.settings import EditSettings  # noqa: E402
 from diffedit.toy import world  # noqa: E402
 
@@ -41,18 +45,36 @@ ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+class Gate:
+    """Around the model's eps: each call's start time and latent size (h, w) in ``calls``; ``delay`` s of sleep in
+    each call, to make a run long enough to stop."""
+
+    def __init__(self, eps):
+        self.eps, self.delay, self.calls = eps, 0.0, []
+
+    def __call__(self, x, t, context):
+        self.calls.append((time.perf_counter(), tuple(x.shape[-2:])))
+        time.sleep(self.delay)
+        return self.eps(x, t, context)
+
+    def sizes(self, since: int = 0) -> set:
+        return {size for _, size in self.calls[since:]}
+
+
 @pytest.fixture(scope="module")
 def server():
-    """(url, engine): the app on the toy model; ``engine.evals.count`` counts every UNet evaluation."""
+    """(url, engine, gate): the app on the toy model; ``engine.evals.count`` counts every UNet evaluation."""
     from diffedit.app_state import Engine
     from diffedit.pipeline import DiffEdit
-    engine = Engine(DiffEdit.from_pretrained("toy"))
+    de = DiffEdit.from_pretrained("toy")
+    gate = de.eps = Gate(de.eps)
+    engine = Engine(de)
     demo = build_app(engine, EditSettings(steps=STEPS, n=N), toy=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch(demo, "127.0.0.1", port, quiet=True)
-    yield f"http://127.0.0.1:{port}/", engine
+    yield f"http://127.0.0.1:{port}/", engine, gate
     demo.close()
 
 
@@ -83,10 +105,17 @@ def counted(engine, call):
     return out, engine.evals.count - before
 
 
+def wait_for(condition, timeout=30.0):
+    t = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - t < timeout, "timed out"
+        time.sleep(0.005)
+
+
 # --- the API ------------------------------------------------------------------------------------------------
 
 def test_mask_and_edit_come_back_at_the_input_size_and_leave_the_file_alone(server, tmp_path):
-    url, engine = server
+    url, engine, _ = server
     path, source, target = scene_file(tmp_path, 0, size=(72, 40))  # not multiples of the model's 16
     digest = hashlib.sha1(path.read_bytes()).digest()
     c = client(url)
@@ -98,8 +127,30 @@ def test_mask_and_edit_come_back_at_the_input_size_and_leave_the_file_alone(serv
     assert hashlib.sha1(path.read_bytes()).digest() == digest
 
 
+def test_a_photo_is_worked_at_the_models_size_and_returned_at_its_own(server, tmp_path):
+    """451 x 300 on the 64 px toy model: the UNet sees 64 x 48 px (16 x 12 latent cells), the results are 451 x 300;
+    full size is worked at the input's size within the budget and refused above it in one line."""
+    url, _, gate = server
+    path, source, target = scene_file(tmp_path, 5, size=(451, 300))
+    c, before = client(url), len(gate.calls)
+    t = time.perf_counter()
+    edited, mask = c.predict(handle_file(str(path)), source, target, 0.7, 0.5, api_name="/edit")
+    print(f"[app] 451 x 300 /edit at the native 64 px: {time.perf_counter() - t:.2f} s")
+    assert gate.sizes(before) == {(12, 16)}
+    assert Image.open(edited).size == Image.open(mask).size == (451, 300)
+    small, _, _ = scene_file(tmp_path, 6, size=(96, 80))  # 7680 px: within 4 x 64 x 64
+    before = len(gate.calls)
+    edited, _ = c.predict(handle_file(str(small)), source, target, 0.7, 0.5, True, api_name="/edit")
+    assert gate.sizes(before) == {(20, 24)} and Image.open(edited).size == (96, 80)
+    assert FULL_SIZE_BUDGET * 64 ** 2 < 451 * 300
+    before = len(gate.calls)
+    with pytest.raises(AppError, match="Full size is 451 x 300 px"):
+        c.predict(handle_file(str(path)), source, target, 0.7, 0.5, True, api_name="/edit")
+    assert len(gate.calls) == before
+
+
 def test_threshold_and_smaller_ratio_reuse_the_session_cache(server, tmp_path):
-    url, engine = server
+    url, engine, _ = server
     path, source, target = scene_file(tmp_path, 1)
     c, image = client(url), handle_file(str(path))
     (mask_05, _), first = counted(engine, lambda: c.predict(image, source, target, 0.5, api_name="/mask"))
@@ -117,7 +168,7 @@ def test_threshold_and_smaller_ratio_reuse_the_session_cache(server, tmp_path):
 
 
 def test_two_clients_do_not_share_state(server, tmp_path):
-    url, engine = server
+    url, engine, _ = server
     path, source, target = scene_file(tmp_path, 2)
     a, b = client(url), client(url)
     _, cost_a = counted(engine, lambda: a.predict(handle_file(str(path)), source, target, 0.5, api_name="/mask"))
@@ -126,18 +177,59 @@ def test_two_clients_do_not_share_state(server, tmp_path):
     assert cost_a == cost_b == 2 * N and again_a == 0        # b found nothing of a's in its own session
 
 
-def test_bad_input_gets_a_message_and_the_server_lives(server, tmp_path):
-    url, _ = server
+def test_a_stopped_run_ends_within_one_unet_call_and_the_next_session_goes_on(server, tmp_path):
+    """Stop through the API (/stop, and Job.cancel()) while the model is slowed to 0.2 s a call: the run starts
+    no UNet call after it, and another session's edit, queued behind, starts at once."""
+    url, _, gate = server
+    path, source, target = scene_file(tmp_path, 7)                    # 64 x 64: 16 x 16 latent cells
+    other, _, _ = scene_file(tmp_path, 8, size=(64, 32))             # 16 x 8: its calls are told apart
+    a, b = client(url), client(url)
+    gate.delay = 0.2
+    try:
+        for stop in ("/stop", "cancel"):
+            before = len(gate.calls)
+            job = a.submit(handle_file(str(path)), source + stop, target, 1.0, 0.5, api_name="/edit")
+            wait_for(lambda: len(gate.calls) >= before + 2)
+            queued = b.submit(handle_file(str(other)), source + stop, target, 0.7, 0.5, api_name="/edit")
+            time.sleep(0.3)
+            t_stop = time.perf_counter()
+            if stop == "/stop":
+                a.predict(api_name="/stop")
+            else:
+                job.cancel()
+            wait_for(lambda: (8, 16) in gate.sizes(before))
+            next_start = min(t for t, size in gate.calls[before:] if size == (8, 16)) - t_stop
+            late = [t for t, size in gate.calls[before:] if size == (16, 16) and t > t_stop]
+            print(f"[app] {stop}: stop -> another session's edit starts in {next_start:.2f} s "
+                  f"(model slowed to {gate.delay} s a call)")
+            assert len(late) <= 1  # at most a call that began while the stop was on its way
+            assert next_start < 2 * gate.delay + 2.0  # the running UNet call ends, then the queue moves on
+            if stop == "/stop":
+                with pytest.raises(AppError, match="Stopped"):
+                    job.result(timeout=30)
+            assert Image.open(queued.result(timeout=60)[0]).size == (64, 32)
+    finally:
+        gate.delay = 0.0
+    edited, _ = a.predict(handle_file(str(path)), source, target, 0.7, 0.5, api_name="/edit")  # the flag cleared
+    assert Image.open(edited).size == (64, 64)
+
+
+def test_bad_input_gets_a_one_line_message_and_the_server_lives(server, tmp_path, caplog, capfd):
+    url, _, _ = server
     path, source, target = scene_file(tmp_path, 3)
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     c = client(url)
-    for image, tgt, expected in ((None, target, "No image"), (handle_file(str(text)), target, "not an image"),
-                                 (handle_file(str(path)), "  ", "target text is empty")):
+    caplog.set_level(logging.INFO, logger="diffedit.app")
+    for image, tgt, threshold, expected in (
+            (None, target, 0.5, "No image"), (handle_file(str(text)), target, 0.5, "not an image"),
+            (handle_file(str(path)), "  ", 0.5, "target text is empty"),
+            (handle_file(str(path)), target, 1.5, "1.5")):  # gradio checks the slider's range itself
         with pytest.raises(AppError, match=expected):
-            c.predict(image, source, tgt, 0.5, api_name="/mask")
-    with pytest.raises(AppError, match="1.5"):  # gradio checks the slider's range itself
-        c.predict(handle_file(str(path)), source, target, 1.5, api_name="/mask")
+            c.predict(image, source, tgt, threshold, api_name="/mask")
+    refused = [r.getMessage() for r in caplog.records if r.name == "diffedit.app"]
+    assert len(refused) == 4 and all(m.startswith("refused: ") and "\n" not in m for m in refused)
+    assert "Traceback" not in capfd.readouterr().err
     wide = tmp_path / "wide.png"
     Image.open(path).resize((2100, 20)).save(wide)       # over the 2048 px side cap: shrunk, with a warning
     mask, _ = c.predict(handle_file(str(wide)), source, target, 0.5, api_name="/mask")
@@ -145,13 +237,15 @@ def test_bad_input_gets_a_message_and_the_server_lives(server, tmp_path):
     assert Image.open(c.predict(handle_file(str(path)), source, target, 0.5, api_name="/mask")[0]).size == (64, 64)
 
 
-def test_draw_a_toy_scene_fills_the_image_and_both_texts(server):
-    image, source, target = client(server[0]).predict(api_name="/draw_scene")
+def test_draw_a_toy_scene_names_its_edit_and_clears_the_last_outputs(server):
+    image, source, target, note, *outputs, cost = client(server[0]).predict(api_name="/draw_scene")
     assert Image.open(image).size == (world.SIZE, world.SIZE) and source != target and "background" in source
+    assert any(f"**{kind}** edit" in note for kind in world.EDIT_KINDS)
+    assert outputs == [None] * len(outputs) and "none yet" in cost
 
 
 def test_four_clients_editing_at_once_all_succeed(server, tmp_path):
-    url, _ = server
+    url, _, _ = server
     jobs = [scene_file(tmp_path, 10 + i) for i in range(20)]
     results, errors = [], []
 
@@ -176,15 +270,16 @@ def test_four_clients_editing_at_once_all_succeed(server, tmp_path):
 # --- the page in a browser ----------------------------------------------------------------------------------
 
 def test_page_in_a_browser(server, tmp_path):
-    """Upload, type, edit; drag the threshold (the mask changes), paint a stroke (the mask grows); no request
-    leaves loopback. Saves a screenshot: to $DIFFEDIT_APP_SCREENSHOT when set (docs/app.png is made so), else into
-    the test's folder, so a test run leaves the tree as it was."""
+    """Upload a 451 x 300 photo, type, edit (the working size is shown); drag the threshold (the mask changes), paint
+    a stroke (the mask grows); then a slowed edit stops when the page is closed; no request leaves loopback. Saves a
+    screenshot: to $DIFFEDIT_APP_SCREENSHOT when set (docs/app.png is made so), else into the test's folder, so a
+    test run leaves the tree as it was."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no system Chromium (apt-get install -y chromium chromium-driver)")
-    url, engine = server
-    path, source, target = scene_file(tmp_path, 4)
+    url, engine, gate = server
+    path, source, target = scene_file(tmp_path, 4, size=(451, 300))
     start, outside = time.perf_counter(), []
 
     def only_loopback(route):
@@ -207,6 +302,7 @@ def test_page_in_a_browser(server, tmp_path):
         page.locator("#run").click()
         page.wait_for_selector("#edit img", timeout=60_000)
         page.wait_for_selector("#mask img")
+        assert "worked at 64 x 48 px (the model's 64 px), shown at 451 x 300" in page.locator("#cost").inner_text()
 
         def mask_src():
             return page.locator("#mask img").get_attribute("src")
@@ -248,6 +344,7 @@ def test_page_in_a_browser(server, tmp_path):
         changed(edit_src, edit)  # then the edit, decoded with the painted mask
         page.wait_for_timeout(300)  # let the page settle, so the ratio's round trip is measured alone
 
+        page.locator("#knob-ratio input[type=range]").scroll_into_view_if_needed()  # a stroke scrolls the page
         ratio = page.locator("#knob-ratio input[type=range]").bounding_box()
         edit, before = edit_src(), engine.evals.count
         page.mouse.click(ratio["x"] + 0.5 * ratio["width"], ratio["y"] + ratio["height"] / 2)
@@ -258,15 +355,29 @@ def test_page_in_a_browser(server, tmp_path):
         page.wait_for_selector("#method-encode-decode img", timeout=60_000)
         page.wait_for_timeout(500)
         page.screenshot(path=os.environ.get("DIFFEDIT_APP_SCREENSHOT", str(tmp_path / "app.png")), full_page=True)
+
+        gate.delay = 0.2  # a slow edit (a new seed: the mask pass again), then the page closes under it
+        try:
+            page.locator("#knob-seed input").fill("7")
+            before = len(gate.calls)
+            page.locator("#run").click()
+            wait_for(lambda: len(gate.calls) >= before + 2)
+            page.close()
+            closed = time.perf_counter()
+            time.sleep(3.0)
+            after = [t for t, _ in gate.calls[before:] if t > closed]
+        finally:
+            gate.delay = 0.0
         browser.close()
     print(f"[app] browser: threshold drag -> mask {slider_trip * 1000:.0f} ms, stroke -> mask {paint_trip * 1000:.0f} "
-          f"ms, ratio click -> edit {ratio_trip * 1000:.0f} ms; whole test {time.perf_counter() - start:.1f} s")
-    assert outside == []
+          f"ms, ratio click -> edit {ratio_trip * 1000:.0f} ms; closed page: {len(after)} UNet call(s) after; "
+          f"whole test {time.perf_counter() - start:.1f} s")
+    assert len(after) <= 1 and outside == []
 
 
 # --- the pieces ---------------------------------------------------------------------------------------------
 
-def test_cache_stays_within_its_byte_limit():
+def test_cache_stays_within_its_byte_limit_and_a_session_stops_on_request():
     cache = LRUCache(limit=1000)
     for i in range(5):
         cache.cached(i, lambda: torch.zeros(100))            # 400 bytes each
@@ -275,8 +386,34 @@ def test_cache_stays_within_its_byte_limit():
     assert big.numel() == 1000 and not cache.has("big")
     session = Session(limit=1000)
     session.cache.cached("x", lambda: torch.zeros(1))
+    session.stop.set()
+    with pytest.raises(Cancelled):
+        session.check_stop()
     fresh = copy.deepcopy(session)                           # what gr.State does for each new browser session
-    assert len(fresh.cache) == 0 and fresh.cache.limit == 1000
+    assert len(fresh.cache) == 0 and fresh.cache.limit == 1000 and not fresh.stop.is_set()
+    fresh.check_stop()
+
+
+def test_picture_working_sizes_and_their_keys():
+    photo = _picture(Image.new("RGB", (451, 300), (200, 30, 30)))
+    native, again, full = photo.at(64, 16), photo.at(64, 16), photo.at(None, 16)
+    assert native.pil.size == (64, 48) and native.size == (451, 300) and native.pil is again.pil
+    assert full.pil.size == (448, 304) and len({native.digest, full.digest, photo.digest}) == 3
+    assert native.restore(Image.new("RGB", (64, 48))).size == (451, 300)
+    assert photo.at(451, 1).pil is photo.original
+
+
+def test_strokes_split_by_colour_and_the_overlay_shows_over_every_object_colour():
+    layer = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
+    layer.paste((*ADD, 255), (0, 0, 4, 4))
+    layer.paste((*ERASE, 255), (4, 0, 8, 2))
+    add, erase = (np.asarray(im.getchannel("A")) > 0 for im in split_strokes(layer))
+    assert add[:, :4].all() and not add[:, 4:].any() and erase[:2, 4:].all() and erase.sum() == 8
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for colour in (*world.OBJECT_COLOURS.values(), *world.BACKGROUND_COLOURS.values()):
+        shown = np.asarray(viz.overlay(Image.new("RGB", (64, 64), colour), mask), dtype=float)[16:48, 16:48]
+        assert np.abs(shown - colour).sum(-1).max() > 150   # some stripes stand out from the colour
 
 
 def test_command_line_flags_and_missing_extra(monkeypatch):
@@ -286,7 +423,6 @@ def test_command_line_flags_and_missing_extra(monkeypatch):
     assert (args.model, args.device, args.port, args.host) == ("toy", "cpu", 7860, "127.0.0.1") and args.dtype
     assert args.run is run_app
     import diffedit.app
-    from diffedit.cli import UsageError
 
     def no_gradio():
         raise ImportError("No module named 'gradio'")
@@ -294,5 +430,6 @@ def test_command_line_flags_and_missing_extra(monkeypatch):
     with pytest.raises(UsageError, match=r'pip install -e "\.\[app\]"'):
         run_app(parser.parse_args(["app"]))
     assert "[app]" in MISSING
-    code = "import sys, diffedit.app; assert not {'torch', 'gradio'} & set(sys.modules), sorted(sys.modules)"
+    code = ("import sys, diffedit.app; assert not {'torch', 'gradio', 'diffedit.cli'} & set(sys.modules), "
+            "sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
