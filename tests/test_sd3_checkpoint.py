@@ -73,8 +73,10 @@ def test_folder_networks_give_diffusers_and_transformers_outputs(sd3):
     pairs = {
         "mmdit": (model.mmdit(x, t, ctx, y), pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
                                                               pooled_projections=y).sample),
-        "clip_l": (enc.clip_l(ids_l)[0], ref_l.hidden_states[-2]), "clip_l pooled": (enc.clip_l(ids_l)[1], ref_l.text_embeds),
-        "clip_g": (enc.clip_g(ids_g)[0], ref_g.hidden_states[-2]), "clip_g pooled": (enc.clip_g(ids_g)[1], ref_g.text_embeds),
+        "clip_l": (enc.clip_l(ids_l)[0], ref_l.hidden_states[-2]),
+        "clip_l pooled": (enc.clip_l(ids_l)[1], ref_l.text_embeds),
+        "clip_g": (enc.clip_g(ids_g)[0], ref_g.hidden_states[-2]),
+        "clip_g pooled": (enc.clip_g(ids_g)[1], ref_g.text_embeds),
         "vae encode": (mean, ref_mean), "vae decode": (vae.decode(z), pipe.vae.decode(z).sample),
         "latent": (vae.scale(mean), (ref_mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor),
         "unscaled": (vae.decode(vae.unscale(z)), pipe.vae.decode(z / pipe.vae.config.scaling_factor
@@ -166,3 +168,15 @@ def test_repo_id_of_an_sd3_folder_loads_from_the_offline_cache(sd3, tmp_path, mo
 def test_sd3_refuses_a_prediction_type(sd3):
     with pytest.raises(CheckpointError, match="predicts the flow's velocity; prediction_type does not apply"):
         load_model(sd3[0], prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("name", ["sd3-medium", "sd35-medium", "sd35-large"])
+def test_shapes_of_the_released_models_give_their_presets(name, tmp_path):
+    """On the meta device (no memory): Stability's full-size layouts, T5-XXL included, read back as the presets."""
+    from diffedit.checkpoint.single_file import infer_config
+    from diffedit.models import PRESETS, StableDiffusion3
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in StableDiffusion3(PRESETS[name]).state_dict().items()}
+    (tmp_path / "tokenizer_3").mkdir()
+    (tmp_path / "tokenizer_3" / "tokenizer.json").write_text("{}")  # only its presence is checked here
+    assert infer_config(tmp_path / f"{name}.safetensors", shapes) == PRESETS[name]

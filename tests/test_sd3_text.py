@@ -56,7 +56,8 @@ def hf_text_encoders(seed: int = 0) -> dict:
     nets = {"text_encoder": clip(CFG.text, "quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
             "text_encoder_2": clip(CFG.text_2, "gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1),
             "text_encoder_3": HFT5(T5Config(vocab_size=t.vocab_size, d_model=t.d_model, d_kv=t.d_kv, d_ff=t.d_ff,
-                                            num_layers=t.num_layers, num_heads=t.num_heads, feed_forward_proj="gated-gelu",
+                                            num_layers=t.num_layers, num_heads=t.num_heads,
+                                            feed_forward_proj="gated-gelu",
                                             relative_attention_num_buckets=t.relative_attention_num_buckets,
                                             relative_attention_max_distance=t.relative_attention_max_distance))}
     return {k: randomize_(net, seed=seed + i).eval() for i, (k, net) in enumerate(nets.items())}
@@ -65,12 +66,14 @@ def hf_text_encoders(seed: int = 0) -> dict:
 def sd3_pipeline(folder: Path, with_t5: bool, seed: int = 0):
     """diffusers' StableDiffusion3Pipeline of tiny-sd3's sizes, every network random, tokenizers built offline in
     ``folder`` (CLIP-G's pads with "!", as SD3's)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     m, v = CFG.mmdit, CFG.vae
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=CFG.resolution // v.downsampling, patch_size=m.patch_size, in_channels=m.in_channels,
-        num_layers=m.depth, attention_head_dim=m.head_dim, num_attention_heads=m.heads, joint_attention_dim=m.context_dim,
+        num_layers=m.depth, attention_head_dim=m.head_dim, num_attention_heads=m.heads,
+        joint_attention_dim=m.context_dim,
         caption_projection_dim=m.hidden_size, pooled_projection_dim=m.pooled_dim, out_channels=m.out_channels,
         pos_embed_max_size=m.pos_embed_max_size, dual_attention_layers=m.dual_attention_layers, qk_norm="rms_norm")
     vae = AutoencoderKL(block_out_channels=[v.ch * k for k in v.ch_mult], layers_per_block=v.num_res_blocks,

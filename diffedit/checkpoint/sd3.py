@@ -92,7 +92,8 @@ def _mmdit_from_shapes(shape: dict) -> MMDiTConfig:
         depth=depth, patch_size=patch, pos_embed_max_size=math.isqrt(table),
         context_dim=shape[p + "context_embedder.weight"][1], pooled_dim=shape[p + "y_embedder.mlp.0.weight"][1],
         qk_norm=ln_q in shape, head_dim=shape[ln_q][0] if ln_q in shape else 64,
-        dual_attention_layers=tuple(i for i in range(depth) if f"{p}joint_blocks.{i}.x_block.attn2.qkv.weight" in shape),
+        dual_attention_layers=tuple(i for i in range(depth)
+                                    if f"{p}joint_blocks.{i}.x_block.attn2.qkv.weight" in shape),
         mlp_ratio=shape[p + "joint_blocks.0.x_block.mlp.fc1.weight"][0] // hidden)
 
 

@@ -54,10 +54,9 @@ def read_sd3_folder(root: Path) -> tuple[ModelConfig, Tensors, bool]:
     if cfg.text_3 is not None:
         t5_tokenizer_file(root)
     t = {sub: open_weights(root / sub, SD3_WEIGHTS[sub]) for sub in subs}
-    clip = lambda src, prefix: {prefix + (k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k):
-                                v for k, v in src.items()}  # transformers 5 may drop text_model. (not so far)
     tensors = {**stability_names(t["transformer"], mmdit.depth), **_renamed(t["vae"], VAE_PREFIX, _vae_names(cfg.vae)),
-               **clip(t["text_encoder"], SD3_CLIP_L_PREFIX), **clip(t["text_encoder_2"], SD3_CLIP_G_PREFIX),
+               **{SD3_CLIP_L_PREFIX + k: v for k, v in t["text_encoder"].items()},
+               **{SD3_CLIP_G_PREFIX + k: v for k, v in t["text_encoder_2"].items()},
                **{SD3_T5_PREFIX + k: v for k, v in t.get("text_encoder_3", {}).items()}}
     return cfg, weights_only(tensors), False
 

@@ -142,7 +142,7 @@ class T5Tokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ImportError("SD3's T5 tokenizer needs the 'tokenizers' package: pip install 'diffedit[sd3]'") from None
+            raise ImportError("SD3's T5 tokenizer needs the 'tokenizers' package: pip install tokenizers") from None
         self.path = Path(path)
         self.tokenizer = Tokenizer.from_file(str(self.path))
         self.eos, self.pad = (self.tokenizer.token_to_id(t) for t in ("</s>", "<pad>"))
