@@ -199,11 +199,9 @@ def build_app(engine, defaults: EditSettings | None = None, toy: bool = False, t
 
     def begin(session, image, target, full=False, progress=None, quiet=False):
         """(work, picture at its working size) for an action; missing input is refused, or (quiet: a knob moved)
-        skipped (picture None). Before every UNet call the work checks the session's ``stop``."""
-        def report(phase, done, total):
-            session.check_stop()
-            if progress is not None:
-                progress((done, total), desc=phase, unit="UNet evaluations")
+        skipped (picture None)."""
+        report = None if progress is None else (
+            lambda phase, done, total: progress((done, total), desc=phase, unit="UNet evaluations"))
         work = engine.work(session, report)
         if image is None or not (target or "").strip():
             if quiet:

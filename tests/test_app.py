@@ -271,9 +271,9 @@ def test_four_clients_editing_at_once_all_succeed(server, tmp_path):
 
 def test_page_in_a_browser(server, tmp_path):
     """Upload a 451 x 300 photo, type, edit (the working size is shown); drag the threshold (the mask changes), paint
-    a stroke (the mask grows); then a slowed edit stops when the page is closed; no request leaves loopback. Saves a
-    screenshot: to $DIFFEDIT_APP_SCREENSHOT when set (docs/app.png is made so), else into the test's folder, so a
-    test run leaves the tree as it was."""
+    a stroke (the mask grows); slowed edits stop on Stop and when the page is closed; no request leaves loopback.
+    Saves a screenshot: to $DIFFEDIT_APP_SCREENSHOT when set (docs/app.png is made so), else into the test's folder,
+    so a test run leaves the tree as it was."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -356,23 +356,27 @@ def test_page_in_a_browser(server, tmp_path):
         page.wait_for_timeout(500)
         page.screenshot(path=os.environ.get("DIFFEDIT_APP_SCREENSHOT", str(tmp_path / "app.png")), full_page=True)
 
-        gate.delay = 0.2  # a slow edit (a new seed: the mask pass again), then the page closes under it
+        gate.delay = 0.2  # slow edits (new seeds: the mask pass again): one stopped by Stop, one by closing the page
+        after = []
         try:
-            page.locator("#knob-seed input").fill("7")
-            before = len(gate.calls)
-            page.locator("#run").click()
-            wait_for(lambda: len(gate.calls) >= before + 2)
-            page.close()
-            closed = time.perf_counter()
-            time.sleep(3.0)
-            after = [t for t, _ in gate.calls[before:] if t > closed]
+            for seed, stop in (("7", page.locator("#stop").click), ("8", page.close)):
+                page.locator("#knob-seed input").fill(seed)
+                before = len(gate.calls)
+                page.locator("#run").click()
+                wait_for(lambda: len(gate.calls) >= before + 2)
+                asked = time.perf_counter()
+                stop()
+                time.sleep(2.0)
+                after.append(len([t for t, _ in gate.calls[before:] if t > asked]))
+                if seed == "7":
+                    assert "stopped" in page.locator("#cost").inner_text()
         finally:
             gate.delay = 0.0
         browser.close()
     print(f"[app] browser: threshold drag -> mask {slider_trip * 1000:.0f} ms, stroke -> mask {paint_trip * 1000:.0f} "
-          f"ms, ratio click -> edit {ratio_trip * 1000:.0f} ms; closed page: {len(after)} UNet call(s) after; "
-          f"whole test {time.perf_counter() - start:.1f} s")
-    assert len(after) <= 1 and outside == []
+          f"ms, ratio click -> edit {ratio_trip * 1000:.0f} ms; UNet calls begun after Stop, after closing the page: "
+          f"{after}; whole test {time.perf_counter() - start:.1f} s")
+    assert max(after) <= 1 and outside == []
 
 
 # --- the pieces ---------------------------------------------------------------------------------------------
