@@ -253,7 +253,7 @@ def _open_clip_tower(cfg: TextConfig):
     tower = _build_text_tower(cfg.projection_dim, CLIPTextCfg(context_length=cfg.context_length,
                                                               vocab_size=cfg.vocab_size, width=cfg.width,
                                                               heads=cfg.heads, layers=cfg.layers,
-                                                              mlp_ratio=cfg.mlp_ratio), quick_gelu=False)
+                                                              mlp_ratio=cfg.mlp_width / cfg.width), quick_gelu=False)
     return tower.eval()
 
 

@@ -98,7 +98,7 @@ def load_hf(net, state: dict):
 
 def hf_config(cfg: TextConfig, act: str) -> CLIPTextConfig:
     """The hub configs' ids (bos 0, eos 2, pad 1, CLIP's legacy values): transformers then pools at the argmax id."""
-    return CLIPTextConfig(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=cfg.width, intermediate_size=cfg.width * cfg.mlp_ratio,
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=cfg.width, intermediate_size=cfg.mlp_width,
                           num_attention_heads=cfg.heads, num_hidden_layers=cfg.layers, vocab_size=cfg.vocab_size,
                           max_position_embeddings=cfg.context_length, projection_dim=cfg.projection_dim,
                           hidden_act=act, layer_norm_eps=1e-5)

@@ -95,11 +95,6 @@ class TextConfig:
             if getattr(self, name) == unset:
                 object.__setattr__(self, name, value)
 
-    @property
-    def mlp_ratio(self) -> float:
-        """mlp_width / width, for callers that build transformers' CLIPTextConfig from it."""
-        return self.mlp_width / self.width if self.mlp_width % self.width else self.mlp_width // self.width
-
 
 @dataclass(frozen=True)
 class T5Config:

@@ -136,7 +136,7 @@ def _load_by_name(net, state: dict):
 
 def _clip_config(t, act: str, **ids):
     from transformers import CLIPTextConfig
-    return CLIPTextConfig(hidden_size=t.width, intermediate_size=t.width * t.mlp_ratio, num_attention_heads=t.heads,
+    return CLIPTextConfig(hidden_size=t.width, intermediate_size=t.mlp_width, num_attention_heads=t.heads,
                           num_hidden_layers=t.layers, vocab_size=t.vocab_size, max_position_embeddings=t.context_length,
                           projection_dim=t.projection_dim, hidden_act=act, **ids)
 
