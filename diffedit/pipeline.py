@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import ddim, images, precision
 from .denoiser import Denoiser, encoding_steps
 from .engine import Engine, Input, Request, resolve, text_key
+from .flow import FlowDenoiser
 from .guidance import Conditioning, EvalCounter, eps_model
 from .images import load_image
 from .inversion import Trajectory
@@ -71,20 +72,23 @@ class DiffEdit:
         self.prediction_type = prediction_type or self.cfg.prediction_type
         self.max_batch = max_batch
         self.alpha_bar = ddim.alphas_cumprod(dtype=torch.float64).to(self.device)
-        self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar, dtype)
+        self.flow = self.cfg.family == "sd3"  # SD3 / SD3.5: a flow-matching MMDiT in place of the UNet
+        # a flow model's velocity goes to the flow denoiser as it comes, as an epsilon model's noise does to DDIM
+        self.eps = eps_model(self.unet, "epsilon" if self.flow else self.prediction_type, self.alpha_bar, dtype)
         self.vae_batch = 8  # images per VAE decoder call
         self.multiple = self.cfg.size_multiple  # image sides must be multiples of this
+        self.latent_channels = self.cfg.mmdit.in_channels if self.flow else self.cfg.unet.in_channels
         if attention_dtype == "auto":
             fp16_overflows = dtype == torch.float16 and (self.cfg.family == "sd2" or self.prediction_type == "v_prediction")
             attention_dtype = torch.float32 if fp16_overflows else None
         self.attention_dtype = attention_dtype
-        for m in self.model.unet.modules():
+        for m in self.network.modules():
             if isinstance(m, CrossAttention):
                 m.attention_dtype = attention_dtype
         if channels_last == "auto":
             channels_last = dtype == torch.bfloat16 and self.device.type == "cpu"
         if channels_last:
-            self.model.unet.to(memory_format=torch.channels_last)
+            self.network.to(memory_format=torch.channels_last)
         self._vae32 = None  # a float32 copy of the VAE, made the first time float16 overflows
         if compile:
             self.compile()
@@ -104,21 +108,30 @@ class DiffEdit:
         ``options`` go to ``torch.compile``. The first edit pays the compilation, once per batch shape (mask pass,
         CFG pair, inversion row). Meant for GPUs: on the 2-core CPU it made one SD1.5 UNet forward (16 x 16
         latents, fp32) slower, 0.71x eager, and 0.70x with inductor's ``freezing`` (interleaved timings)."""
-        self.model.unet.compile(**options)
+        self.network.compile(**options)
         return self
 
     # --- the networks --------------------------------------------------------------------------------
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The denoising network: the UNet, or SD3's MMDiT."""
+        return self.model.mmdit if self.flow else self.model.unet
 
     @torch.no_grad()
     def encode_prompt(self, texts: list[str], size: tuple[int, int] | None = None) -> torch.Tensor | Conditioning:
         """Texts -> what the UNet is conditioned on: (B, 77, D) for SD1/2. For SDXL a ``Conditioning``: the two
         towers' (B, 77, 2048) and y = the pooled text with the micro-conditioning of an image of ``size`` (H, W)
-        (None: the model's resolution, square): original size (H, W), crop (0, 0), target size (H, W)."""
+        (None: the model's resolution, square): original size (H, W), crop (0, 0), target size (H, W).
+        For SD3 a ``Conditioning`` of the text tokens (B, 77 + t5_tokens, 4096) and y = the pooled CLIP-L and CLIP-G
+        text (B, 2048); ``size`` is unused."""
         if isinstance(texts, str):
             texts = [texts]
         context, pooled = self.model.encode_text(list(texts), self.device)
         if pooled is None:
             return context.to(self.dtype)
+        if self.flow:
+            return Conditioning(context.to(self.dtype), pooled.to(self.dtype))
         h, w = size or (self.cfg.resolution, self.cfg.resolution)
         y = size_conditioning(pooled, (h, w), (0, 0), (h, w), self.cfg.size_embed_dim)
         return Conditioning(context.to(self.dtype), y.to(self.dtype))
@@ -135,20 +148,21 @@ class DiffEdit:
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled posterior mean (B, 4, H/f, W/f): x_0 of the paper."""
+        """Images (B, 3, H, W) in [-1, 1] -> scaled posterior mean (B, C, H/f, W/f): x_0 of the paper (SD3's latent
+        is shifted, then scaled)."""
         x = images.to(self.device, self.vae_dtype)
         mean, _ = self.model.first_stage_model.encode(x)
         if self._overflowed(mean):
             mean = self._vae_float32().encode(images.to(self.device, torch.float32))[0]
-        return mean.to(self.latent_dtype) * self.cfg.vae.scaling_factor
+        return self.model.first_stage_model.scale(mean.to(self.latent_dtype))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
-        z = latents.to(self.vae_dtype) / self.cfg.vae.scaling_factor
-        out = self.model.first_stage_model.decode(z)
+        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        vae = self.model.first_stage_model
+        out = vae.decode(vae.unscale(latents.to(self.vae_dtype)))
         if self._overflowed(out):
-            out = self._vae_float32().decode(latents.float() / self.cfg.vae.scaling_factor).to(self.dtype)
+            out = self._vae_float32().decode(vae.unscale(latents.float())).to(self.dtype)
         return out
 
     def _overflowed(self, out: torch.Tensor) -> bool:
@@ -165,16 +179,20 @@ class DiffEdit:
 
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, timesteps, context: torch.Tensor | Conditioning) -> torch.Tensor:
-        """The model output: epsilon or v, as ``self.prediction_type`` says."""
+        """The model output: epsilon or v, as ``self.prediction_type`` says (SD3: the flow's velocity, at
+        timesteps t = 1000 s)."""
         if isinstance(context, Conditioning):
-            return self.model.unet(latents, timesteps, context.context, context.y)
-        return self.model.unet(latents, timesteps, context)
+            return self.network(latents, timesteps, context.context, context.y)
+        return self.network(latents, timesteps, context)
 
     # --- the algorithm (composed in engine.py) -------------------------------------------------------------
 
     @property
-    def denoiser(self) -> Denoiser:
-        """The model call (``eps``) with the DDIM schedule and ``max_batch`` (see ``denoiser.Denoiser``)."""
+    def denoiser(self) -> Denoiser | FlowDenoiser:
+        """The model call (``eps``) with the DDIM schedule and ``max_batch`` (see ``denoiser.Denoiser``); for SD3 the
+        flow schedule with the model's shift (``flow.FlowDenoiser``)."""
+        if self.flow:
+            return FlowDenoiser(self.eps, self.cfg.flow_shift, self.max_batch, self.device)
         return Denoiser(self.eps, self.alpha_bar, self.max_batch)
 
     def engine(self, memo=None, wrap=None, on_phase=None) -> Engine:
@@ -303,7 +321,7 @@ class DiffEdit:
                  size: int | None = None) -> Image.Image:
         """Plain text-to-image with classifier-free guidance (sampling from pure noise over the whole grid)."""
         side = (size or self.cfg.resolution) // self.cfg.vae.downsampling
-        shape = (1, self.cfg.unet.in_channels, side, side)
+        shape = (1, self.latent_channels, side, side)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.latent_dtype)
         y0 = self.engine().generate(noise, prompt, steps, guidance)
         return images.to_pil(self.decode_latents(y0)[0])
