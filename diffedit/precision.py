@@ -59,6 +59,13 @@ def auto_dtype(device) -> tuple[torch.dtype, str]:
     return torch.float32, f"no fast half precision known on {kind}"
 
 
+def native_dtypes(device) -> list[str]:
+    """The dtypes ``device`` runs at full speed, by name: float32, then the half dtype "auto" picks there, if any
+    (bf16 on a CPU with native bf16, fp16 on CUDA). The measuring scripts' default rows."""
+    half = auto_dtype(device)[0]
+    return ["float32"] + ([str(half).removeprefix("torch.")] if half != torch.float32 else [])
+
+
 def resolve_dtype(dtype, device) -> torch.dtype:
     """A torch dtype from a dtype, its name, or "auto" (``auto_dtype``). bf16 asked for on a CPU without native bf16
     is granted, with a warning (``warn_emulated_bf16``)."""

@@ -4,6 +4,9 @@
     python scripts/bench_sdxl.py --threads 1 --json docs/results/bench_cpu_sdxl.json   # 32 and 64 latents, bf16, fp32
     python scripts/bench_sdxl.py --preset tiny-sdxl --sides 8 --repeats 1               # dry run, seconds
 
+--dtype defaults to the CPU's native dtypes (precision.native_dtypes): bf16 and fp32 where the CPU has native bf16,
+fp32 alone elsewhere (bf16 is emulated there, far slower; ask for it with --dtype, and a warning says so).
+
 There is no diffusers SDXL DiffEdit to race (StableDiffusionDiffEditPipeline is SD1/2 only), so this races the
 network that does the work: one UNet forward of a CFG pair (batch 2), ours (``DiffEdit.eps``, channels-last in bf16
 on a CPU) against diffusers' UNet2DConditionModel built by ``oracles._networks`` on the SAME tensors (meta +
@@ -13,11 +16,12 @@ size micro-conditioning of a square image of the latents' size (time_ids = that 
 Per dtype and latent side: the FLOPs of the forward, counted on the meta device (on a CPU torch's FlopCounterMode
 counts 0 for the fused attention kernel; the count during the warm-up call of each, without it, is kept as a check
 that ours and diffusers' do the same work), then --repeats interleaved timed calls, the median; ms per row = median
-/ 2; the rate against a 2048^3 matmul in the same dtype measured right before and after (the better of the two: the
-practical peak; a shared host drifts). The relative difference of the two outputs checks that they computed the
-same thing. FLOPs of one row (batch 1) at 16, 32, 64 and 128 latents are counted on meta too. The UNet rows of
-an edit (paper settings r 0.8, n 10, strength 0.5, CFG 7.5, 50 steps; and the library defaults, r 0.7) are counted
-with ModuleCounter on a tiny-sdxl edit: rows do not depend on the image size, so they are those of a 1024 px edit.
+/ 2; the rate against an n^3 matmul (--matmul-n: 2048, or 256 for a tiny preset) in the same dtype measured right
+before and after (the better of the two: the practical peak; a shared host drifts). The relative difference of the
+two outputs checks that they computed the same thing. FLOPs of one row (batch 1) at 16, 32, 64 and 128 latents are
+counted on meta too. The UNet rows of an edit (paper settings r 0.8, n 10, strength 0.5, CFG 7.5, 50 steps; and the
+library defaults, r 0.7) are counted with ModuleCounter on a tiny-sdxl edit: rows do not depend on the image size, so
+they are those of a 1024 px edit.
 
 Weights: random, made directly in the dtype (measure.random_model's distribution, no float32 copy); only the UNet
 and the VAE (which the converter needs) are materialised, the text towers stay on meta. CPU only.
@@ -45,6 +49,7 @@ from diffedit.guidance import Conditioning
 from diffedit.measure import ModuleCounter, count_flops, interleaved, matmul_rate, random_model, tune_malloc
 from diffedit.models import StableDiffusion, preset, size_conditioning
 from diffedit.pipeline import DiffEdit
+from diffedit.precision import native_dtypes, resolve_dtype
 
 EDIT = dict(ratio=0.8, n=10, strength=0.5, steps=50, guidance=7.5, seed=0)  # the benchmark's paper-faithful edit
 T = 481  # the timestep of every timed forward
@@ -106,7 +111,8 @@ def race(de: DiffEdit, unet, side: int, args, deadline: float) -> dict:
 def run_dtype(dtype, args, deadline: float) -> dict:
     """Both UNets on one set of random weights in ``dtype``, every latent side raced; the model freed after."""
     t0 = time.perf_counter()
-    de = DiffEdit(random_model(args.preset, dtype=dtype, parts=("model", "first_stage_model")), device="cpu", dtype=dtype)  # channels-last first: twin shares it
+    weights = random_model(args.preset, dtype=dtype, parts=("model", "first_stage_model"))
+    de = DiffEdit(weights, device="cpu", dtype=dtype)  # channels-last first: the twin shares its layout
     unet = oracles._networks(de.model, dtype)["unet"]
     ours_p = list(de.model.unet.parameters())
     ours = {p.data_ptr() for p in ours_p}
@@ -129,10 +135,11 @@ def run_dtype(dtype, args, deadline: float) -> dict:
 def edit_rows() -> dict:
     """UNet rows and calls of an SDXL edit, counted on a tiny-sdxl model (rows do not depend on the size)."""
     de = DiffEdit(random_model("tiny-sdxl"), device="cpu")
-    out = {"counted_on": "tiny-sdxl, 64 px (the rows of a 1024 px edit: they do not depend on the size)"}
+    px = 16  # the smallest image: the rows do not depend on the size
+    out = {"counted_on": f"tiny-sdxl, {px} px (the rows of a 1024 px edit: they do not depend on the size)"}
     for name, settings in (("paper", EDIT), ("library_defaults", dict(seed=0))):
         with ModuleCounter(de.model.unet) as c:
-            de.edit(oracles.astronaut(64), oracles.TARGET, oracles.SOURCE, **settings)
+            de.edit(oracles.astronaut(px), oracles.TARGET, oracles.SOURCE, **settings)
         full = {**dict(ratio=0.7, n=10, steps=50), **settings}
         k = round(full["ratio"] * full["steps"])
         out[name] = {"settings": settings, **c.get(), "expected_rows": 2 * full["n"] + 3 * k}
@@ -143,14 +150,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="sdxl", help="sdxl (full size) or tiny-sdxl (a dry run)")
     p.add_argument("--sides", default="32,64", help="comma list of square latent sides (px / 8)")
-    p.add_argument("--dtype", default="bfloat16,float32", help="comma list: bfloat16, float32")
+    p.add_argument("--dtype", default=",".join(reversed(native_dtypes("cpu"))),
+                   help="comma list: bfloat16, float32 (default: the CPU's native ones)")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help="side of the square matmul that measures the peak (default: 2048; 256 for a tiny preset)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls of each after the warm-up")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--budget-s", type=float, default=3600.0, help="stop repeating past this many seconds")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     args.sides = [int(s) for s in args.sides.split(",")]
-    args.matmul_n = 2048
+    args.matmul_n = args.matmul_n or (256 if args.preset.startswith("tiny") else 2048)  # a dry run takes seconds
+    try:
+        dtypes = [resolve_dtype(name.strip(), "cpu") for name in args.dtype.split(",")]
+    except ValueError as e:
+        p.error(f"--dtype: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -169,8 +183,8 @@ def main(argv=None):
     print("FLOPs per row (batch 1):", {s: f"{f / 1e12:.3f} T" for s, f in out["row_flops_batch1"].items()}, flush=True)
     out["edit_rows"] = edit_rows()
     print("edit rows:", {k: v["rows"] for k, v in out["edit_rows"].items() if isinstance(v, dict)}, flush=True)
-    for name in args.dtype.split(","):
-        out["dtypes"][name] = run_dtype(getattr(torch, name.strip()), args, start + args.budget_s)
+    for dtype in dtypes:
+        out["dtypes"][str(dtype).removeprefix("torch.")] = run_dtype(dtype, args, start + args.budget_s)
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed weights back before the next dtype's
     out["summary"] = {f"{d} {side}x{side}": {k: r[k] for k in ("speedup", "speedup_of_minima")} | {
@@ -190,8 +204,8 @@ def main(argv=None):
         "flops": "FLOPs of the CFG-pair forward counted on the meta device (all of attention included)",
         "flops_counted_on_cpu": "the same counted during the real call: FlopCounterMode counts 0 for the CPU's fused "
                                 "attention kernel, so this lacks q k^T and the weighting of v (ours = diffusers')",
-        "fraction_of_matmul": "flops / median time over a 2048^3 matmul's rate in the same dtype (the better of one "
-                              "right before and one right after the race)",
+        "fraction_of_matmul": f"flops / median time over a {args.matmul_n}^3 matmul's rate in the same dtype (the "
+                              "better of one right before and one right after the race)",
         "relative_difference": "||ours - diffusers|| / ||diffusers|| of the two outputs",
         "edit_1024_unet_estimate_s": "paper edit's rows x FLOPs of a 128 x 128 row / ours' bf16 rate at the largest "
                                      "side (not measured at 1024 px; see cpu_memory_sdxl.json for a real edit)"}

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Our DiffEdit against diffusers' StableDiffusionDiffEditPipeline: same process, same weights, same inputs.
 
-    python scripts/benchmark.py --device cpu --json bench_cpu.json          # 128 px, 10 steps, fp32 and bf16
-    python scripts/benchmark.py --cases toy --repeats 1                      # quick: the toy model, seconds
+    python scripts/benchmark.py --device cpu --json bench_cpu.json          # 128 px, 10 steps, fp32 (and bf16)
+    python scripts/benchmark.py --cases toy --repeats 1 --matmul-n 256       # quick: the toy model, seconds
     python scripts/benchmark.py --device cuda --json bench_gpu.json          # 512 px, 50 steps, fp32 and fp16
 
 Runs, per case (``toy``: the packaged toy model, 64 px; ``sd15``: an SD1.5-size model, random weights):
@@ -13,8 +13,9 @@ Runs, per case (``toy``: the packaged toy model, 64 px; ``sd15``: an SD1.5-size 
   * ``diffusers``: ``generate_mask`` + ``invert`` + ``__call__`` with their defaults (10 maps, mask strength 0.5,
     inpaint strength 0.8, CFG 7.5 in all three; negative prompt = source in ``__call__``, as in its docs example)
     and the same step count.
-Each case runs the three in every dtype of --dtype, a comma list. The default covers two dtypes in one run: fp32 and
-bf16 on a CPU, fp32 and fp16 on CUDA. The figures:
+Each case runs the three in every dtype of --dtype, a comma list. The default is the dtypes the device runs natively
+(precision.native_dtypes): fp32, and bf16 on a CPU with native bf16 (elsewhere bf16 is emulated, far slower; ask for
+it with --dtype, and a warning says so); fp32 and fp16 on CUDA. The figures:
   speedup_default       t(diffusers at its documented default dtype: fp32 on a CPU, fp16 on CUDA)
                         / t(ours_default at ours, dtype "auto": bf16 on a CPU with native bf16, fp16 on CUDA,
                         else fp32; ``dtype_default`` says which);
@@ -72,7 +73,7 @@ import oracles  # noqa: E402
 from diffedit.measure import (ModuleCounter, PeakMemory, flop_rate, interleaved, matmul_rate, random_model, timed,
                               tune_malloc, unet_inputs)
 from diffedit.pipeline import DiffEdit
-from diffedit.precision import resolve_dtype
+from diffedit.precision import native_dtypes, resolve_dtype
 
 N, STRENGTH, RATIO, GUIDANCE, SEED = 10, 0.5, 0.8, 7.5, 0
 
@@ -200,8 +201,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None,
-                   help="comma list of dtypes every case runs in (auto, float32, float16, bfloat16); default: "
-                        "float32,bfloat16 on cpu, float32,float16 on cuda")
+                   help="comma list of dtypes every case runs in (auto, float32, float16, bfloat16); default: the "
+                        "device's native ones: float32 (and bfloat16 where the CPU has native bf16) on cpu, "
+                        "float32,float16 on cuda")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--size", type=int, default=None, help="SD1.5 case image side (default: 128 cpu, 512 cuda)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10 cpu, 50 cuda)")
@@ -217,10 +219,13 @@ def parse_args(argv):
     p.add_argument("--channels-last", action="store_true",
                    help="our UNet in channels_last memory format in every dtype (default: bf16 on a CPU only)")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (DiffEdit.compile())")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help="side of the square matmul that measures the peak (default: 2048 cpu, 8192 cuda; small for "
+                        "a quick run)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cpu = device.type == "cpu"
-    names = (args.dtype or ("float32,bfloat16" if cpu else "float32,float16")).split(",")
+    names = args.dtype.split(",") if args.dtype else native_dtypes(device)
     try:
         dtypes = [str(resolve_dtype(name.strip(), device)).removeprefix("torch.") for name in names if name.strip()]
     except ValueError as e:
@@ -232,7 +237,7 @@ def parse_args(argv):
     args.steps = args.steps or (10 if cpu else 50)
     args.warmup_steps = args.warmup_steps or (2 if cpu else args.steps)
     args.budget_s = args.budget_s if args.budget_s is not None else (900.0 if cpu else float("inf"))
-    args.matmul_n = 2048 if cpu else 8192
+    args.matmul_n = args.matmul_n or (2048 if cpu else 8192)
     return args
 
 

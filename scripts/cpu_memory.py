@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+import oracles  # noqa: E402
 from diffedit.measure import ModuleCounter, PeakMemory, random_model
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import DTYPES, resolve_dtype

@@ -4,6 +4,8 @@
     python scripts/precision_agreement.py --json docs/results/precision_cpu.json [--n 40] [--seed 4243] [--steps 50]
     python scripts/precision_agreement.py --quick --json /tmp/precision.json      # tiny sizes, seconds
 
+It runs bf16 whatever the CPU: where bf16 is not native it is emulated, far slower, and a warning says so.
+
 (a) The toy model on --n held-out toy edits drawn at --seed. The default seed 4243 is held out: the toy model trains
     at world.TRAIN_SEED (0), and tests/test_precision.py uses 4242. Each edit runs at the toy evaluation's settings
     (r 0.7, the paper's other knobs, reference = source caption, seed S * 1000 + i) in both dtypes. The script reports
@@ -21,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-import oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+import oracles  # noqa: E402
 from diffedit.measure import edit_agreement, random_model
 from diffedit.pipeline import DiffEdit
 from diffedit.toy import evaluate, world
