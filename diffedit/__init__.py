@@ -1,5 +1,5 @@
 """diffedit: DiffEdit (Couairon et al., ICLR 2023) on hand-written Stable Diffusion networks."""
-__all__ = ["DiffEdit", "EditResult", "MaskResult", "EditSettings"]
+__all__ = ["DiffEdit", "EditResult", "MaskResult", "EditSettings", "StableDiffusionDiffEditPipeline", "DiffEditPipeline"]
 
 
 def __getattr__(name):
@@ -10,4 +10,7 @@ def __getattr__(name):
     if name == "EditSettings":
         from .settings import EditSettings
         return EditSettings
+    if name in ("StableDiffusionDiffEditPipeline", "DiffEditPipeline"):
+        from . import diffusers_api
+        return getattr(diffusers_api, name)
     raise AttributeError(f"module 'diffedit' has no attribute {name!r}")

@@ -48,11 +48,14 @@ Text = Union[str, torch.Tensor, Conditioning]  # a text, or what ``encode_prompt
 class Input:
     """One image: its pixels (1, 3, H, W) in [-1, 1] at a size the model takes, or its latent x_0 (1, C, h, w);
     ``key`` names it in the memo (None: nothing of it is memoised); ``trajectory`` an encoding of it already made
-    (``DiffEdit.invert``), used instead of encoding again."""
+    (``DiffEdit.invert``), used instead of encoding again; ``noises`` the mask pass's noised latents given (x_t
+    (n, 1, C, h, w) at the strength's level; diffusers' recipe samples the VAE posterior once per noise), used
+    instead of drawing them (not memoised: give no ``key`` with them)."""
     pixels: torch.Tensor | None = None
     x0: torch.Tensor | None = None
     key: str | None = None
     trajectory: Trajectory | None = None
+    noises: masking.Noises | None = None
 
 
 @dataclass
@@ -144,10 +147,11 @@ class Engine:
             if key not in self._conds:
                 self._conds[key] = self._cached(key, lambda: self.models.encode_prompt([text], size))
             return self._conds[key]
-        rows = text.shape[0] if text.ndim == 3 else 1
+        batched = len(text.shape) == 3  # len(shape): SDXL's Conditioning has a shape, no ndim
+        rows = text.shape[0] if batched else 1
         if rows != 1:
             raise ValueError(f"an embedding given for one text must have one row, got {rows}")
-        return text if text.ndim == 3 else text[None]
+        return text if batched else text[None]
 
     # --- step 1 ---------------------------------------------------------------------------------------------
 
@@ -189,7 +193,8 @@ class Engine:
             firsts = [group[0] for group in same.values()]
             keys = {j: self._map_key(inp, requests[j], draw) for j in firsts}
             todo = [j for j in firsts if not (keys[j] and self.memo is not None and self.memo.has(keys[j]))]
-            raw = dict(zip(todo, self._difference_maps(x0, [requests[j] for j in todo], draw, strength, seed, steps)))
+            raw = dict(zip(todo, self._difference_maps(x0, [requests[j] for j in todo], draw, strength, seed, steps,
+                                                       inp.noises)))
             for group in same.values():
                 j0 = group[0]
                 d = self._cached(keys[j0], lambda j0=j0: raw[j0] if j0 in raw else self._difference_maps(
@@ -204,8 +209,9 @@ class Engine:
         return out
 
     def _difference_maps(self, x0, requests: list[Request], draw: int, strength: float, seed: int,
-                         steps: int) -> list[torch.Tensor]:
-        """The raw maps D (h, w) of requests on one image, from one draw of ``draw`` noises at ``strength``."""
+                         steps: int, given: masking.Noises | None = None) -> list[torch.Tensor]:
+        """The raw maps D (h, w) of requests on one image, from one draw of ``draw`` noises at ``strength`` (or the
+        noises ``given``)."""
         if not requests:
             return []
         size = self.models.image_size(x0)
@@ -218,7 +224,13 @@ class Engine:
         pairs = [(index[text_key(r.target)], index[text_key(r.source)]) for r in requests]
         if any(a == b or torch.equal(texts[a], texts[b]) for a, b in pairs):
             log.warning("the target equals the source: D = 0, so the mask is empty and the input comes back")
-        noises = masking.noised_latents(self.denoiser, x0, draw, strength, steps, torch.Generator().manual_seed(seed))
+        if given is None:
+            noises = masking.noised_latents(self.denoiser, x0, draw, strength, steps, torch.Generator().manual_seed(seed))
+        elif int(given.t) != int(self.denoiser.strength_level(strength, steps)) or given.x_t.shape[0] < draw:
+            raise ValueError(f"the noises given are {given.x_t.shape[0]} at level {int(given.t)}; this mask needs "
+                             f"{draw} at level {int(self.denoiser.strength_level(strength, steps))}")
+        else:
+            noises = given
         maps = masking.noise_difference_maps(self.denoiser, noises, texts, pairs, sorted({r.settings.n for r in requests}))
         return [d[r.settings.n].float() for d, r in zip(maps, requests)]
 
