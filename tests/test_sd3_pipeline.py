@@ -163,3 +163,68 @@ def test_the_command_line_edits_and_sweeps_with_an_sd3_file(sd3_file, tmp_path):
     assert cli.main([str(a) for a in argv]) == 0
     rows = sweep.read_rows(out / "results.jsonl")
     assert len(rows) == 2 * 2 + 2 and all(np.isfinite(r["psnr"]) for r in rows)
+
+
+@torch.no_grad()
+def test_generate_equals_the_sd3_pipeline_built_on_our_weights(de, tmp_path):
+    """The oracle the full-size test uses (diffusers' pipeline around our model's own tensors) agrees with us on the
+    tiny model too."""
+    import oracles
+    pipe = oracles.sd3_pipeline(de.model, tmp_path)
+    noise = torch.randn((1, de.latent_channels, 8, 8), generator=torch.Generator().manual_seed(3))
+    ours = de.engine().generate(noise, PROMPT, 3, 7.5)
+    theirs = pipe(PROMPT, negative_prompt="", height=16, width=16, num_inference_steps=3, guidance_scale=7.5,
+                  latents=noise, output_type="latent").images
+    err = rel_err(ours, theirs)
+    report("sd3 generate vs StableDiffusion3Pipeline on our own weights", err)
+    assert err < 1e-4
+
+
+def available_memory() -> int:
+    """Bytes the kernel says are available (0 where /proc/meminfo is absent)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_full_size_sd35_medium_mmdit_equals_diffusers_transformer_inside_both_pipelines(tmp_path):
+    """SD3.5 Medium's MMDiT at full size (24 MMDiT-X blocks of 1536, qk-norm, dual attention in 0-12; random weights,
+    fp32, 9 GB shared with diffusers' transformer) with tiny text towers of SD3's pooled widths (768 + 1280) and a
+    tiny VAE, 8 x 8 latents: ``generate`` equals StableDiffusion3Pipeline around it, and ``edit`` with our MMDiT
+    equals ``edit`` with diffusers' transformer as the velocity model."""
+    import oracles
+    from diffedit.models import PRESETS, StableDiffusion3
+    from diffedit.models.configs import MMDIT_PRESETS
+    if available_memory() < 13 * 2 ** 30:
+        pytest.skip("needs 13 GiB of free memory (the 9 GB MMDiT, shared with diffusers', and working space)")
+    tiny = PRESETS["tiny-sd3"]
+    cfg = dataclasses.replace(tiny, mmdit=MMDIT_PRESETS["sd35-medium"], text_3=None,
+                              text=dataclasses.replace(tiny.text, projection_dim=768),
+                              text_2=dataclasses.replace(tiny.text_2, projection_dim=1280))
+    with torch.device("meta"):
+        model = StableDiffusion3(cfg)
+    model.to_empty(device="cpu")
+    randomize_(model, seed=5)
+    model.mmdit.pos_embed.normal_(generator=torch.Generator().manual_seed(6))
+    de = DiffEdit(model, dtype=torch.float32, max_batch=4)
+    pipe = oracles.sd3_pipeline(model, tmp_path / "tokenizers")
+    noise = torch.randn((1, de.latent_channels, 8, 8), generator=torch.Generator().manual_seed(7))
+    ours = de.engine().generate(noise, PROMPT, 2, 7.5)
+    theirs = pipe(PROMPT, negative_prompt="", height=16, width=16, num_inference_steps=2, guidance_scale=7.5,
+                  latents=noise, output_type="latent").images
+    err = rel_err(ours, theirs)
+    report("sd3.5 medium (full-size MMDiT) generate vs StableDiffusion3Pipeline", err)
+    assert err < 1e-4
+    image, kw = picture((16, 16)), dict(steps=4, n=2, ratio=0.5)
+    mine = de.edit(image, "a green circle", source="a red circle", **kw)
+    t = pipe.transformer
+    de.eps = lambda x, ts, c: t(hidden_states=x, timestep=ts, encoder_hidden_states=c.context,
+                                pooled_projections=c.y).sample
+    theirs = de.edit(image, "a green circle", source="a red circle", **kw)
+    errs = rel_err(mine.mask_map, theirs.mask_map), rel_err(mine.latents, theirs.latents)
+    report("sd3.5 medium (full-size MMDiT) edit: map D, latents with diffusers' transformer", max(errs))
+    assert max(errs) < 1e-4

@@ -2,7 +2,7 @@
 
 One copy each of: SD's DDIM scheduler config, the astronaut photograph and its edit's captions, transformers' CLIP
 tokenizer built offline, diffusers' DiffEdit pipeline on given modules, and the "twin": that pipeline on a DiffEdit's
-own weights.
+own weights; diffusers' SDXL and SD3 pipelines on our models' weights.
 diffusers, transformers, open_clip and skimage are imported inside the functions that need them.
 """
 from __future__ import annotations
@@ -169,6 +169,67 @@ def sdxl_pipeline(model, tok_dir: Path):
                                      tokenizer=clip_tokenizer(tok_dir / "1"),
                                      tokenizer_2=clip_tokenizer(tok_dir / "2", pad_token="!"), unet=nets["unet"],
                                      scheduler=DDIMScheduler(**SD_SCHEDULER), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _on_meta(cls, config: dict, state: dict, **kwargs):
+    """A diffusers model built on the meta device, then given ``state``'s tensors themselves (assign=True)."""
+    with torch.device("meta"):
+        net = cls(**config, **kwargs)
+    net.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"diffusers {cls.__name__}: tensors left on meta: {left[:3]}")
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sd3_pipeline(model, tok_dir: Path):
+    """diffusers' StableDiffusion3Pipeline on an SD3 ``StableDiffusion3``'s own weights, without T5 (fp32, its
+    FlowMatchEulerDiscreteScheduler with the model's shift): the MMDiT through diffusers' own
+    ``convert_sd3_transformer_checkpoint_to_diffusers`` and the VAE through ``convert_ldm_vae_checkpoint`` (tensors
+    shared with ours where the converters pass them through), the CLIP towers by name; ``tok_dir`` receives the
+    tokenizer files."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
+                                                     convert_sd3_transformer_checkpoint_to_diffusers)
+    from transformers import CLIPTextModelWithProjection
+    cfg = model.cfg
+    if cfg.family != "sd3" or cfg.text_3 is not None:
+        raise ValueError("sd3_pipeline needs an SD3 model without T5")
+    m, v, state = cfg.mmdit, cfg.vae, model.state_dict()
+    dit = {k: t for k, t in state.items() if k.startswith("model.diffusion_model.")}
+    transformer = _on_meta(SD3Transformer2DModel, dict(
+        sample_size=cfg.resolution // v.downsampling, patch_size=m.patch_size, in_channels=m.in_channels,
+        num_layers=m.depth, attention_head_dim=m.head_dim, num_attention_heads=m.heads,
+        joint_attention_dim=m.context_dim, caption_projection_dim=m.hidden_size, pooled_projection_dim=m.pooled_dim,
+        out_channels=m.out_channels, pos_embed_max_size=m.pos_embed_max_size,
+        dual_attention_layers=m.dual_attention_layers, qk_norm="rms_norm" if m.qk_norm else None),
+        convert_sd3_transformer_checkpoint_to_diffusers(dit))
+    vae_config = dict(block_out_channels=[v.ch * k for k in v.ch_mult], layers_per_block=v.num_res_blocks,
+                      latent_channels=v.z_channels, norm_num_groups=v.norm_groups, use_quant_conv=False,
+                      use_post_quant_conv=False, scaling_factor=v.scaling_factor, shift_factor=v.shift_factor,
+                      force_upcast=False, down_block_types=("DownEncoderBlock2D",) * len(v.ch_mult),
+                      up_block_types=("UpDecoderBlock2D",) * len(v.ch_mult))
+    vae = _on_meta(AutoencoderKL, vae_config, convert_ldm_vae_checkpoint(state, vae_config))
+    enc = model.text_encoders
+    # CLIP-G keeps CLIP's legacy ids (eos 2): transformers then pools at the argmax of the ids, its end of text.
+    clip_l = _load_by_name(CLIPTextModelWithProjection(_clip_config(
+        cfg.text, cfg.text.hidden_act, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)),
+        enc.clip_l.transformer.state_dict())
+    clip_g = _load_by_name(CLIPTextModelWithProjection(_clip_config(
+        cfg.text_2, cfg.text_2.hidden_act, bos_token_id=0, eos_token_id=2, pad_token_id=1)),
+        enc.clip_g.transformer.state_dict())
+    tok_dir = Path(tok_dir)
+    for sub in ("1", "2"):
+        (tok_dir / sub).mkdir(parents=True, exist_ok=True)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift),
+        text_encoder=clip_l, tokenizer=clip_tokenizer(tok_dir / "1"),
+        text_encoder_2=clip_g, tokenizer_2=clip_tokenizer(tok_dir / "2", pad_token="!"),
+        text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
