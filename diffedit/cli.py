@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from .settings import KNOBS, METHODS, NORMALIZATIONS, EditSettings, SettingsError
+from .settings import KNOBS, METHOD_TABLE, METHODS, NORMALIZATIONS, EditSettings, SettingsError
 
 from .frontend import (PROG, HelpFormatter, Parser, UsageError, add_model_args, check_device, fail,
                        load_pipeline)
@@ -36,10 +36,21 @@ def _add_knob(group, name: str, help: str | None = None):
         group.add_argument(f"--{name}", type=k.kind, default=k.default, help=text)
 
 
+def _add_target_args(p):
+    """--target or --target-file (one is required)."""
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--target", metavar="TEXT", help="the query text Q: what the image should show")
+    q.add_argument("--target-file", metavar="PATH",
+                   help="captions of the edited image, one a line: Q is the mean of their embeddings")
+
+
 def _add_mask_args(p):
     g = p.add_argument_group("mask estimation (DiffEdit step 1)")
-    g.add_argument("--source", default="", metavar="TEXT",
+    r = g.add_mutually_exclusive_group()
+    r.add_argument("--source", default="", metavar="TEXT",
                    help='the reference text R describing the input ("" = unconditional)')
+    r.add_argument("--source-file", metavar="PATH",
+                   help="captions of the input, one a line: R is the mean of their embeddings")
     for name in ("threshold", "n", "strength", "dilate", "seed", "normalization"):
         _add_knob(g, name)
     return g
@@ -54,9 +65,42 @@ def _settings(args) -> EditSettings:
         raise UsageError(e.message_for(f"--{e.field}")) from None
 
 
+def _captions(flag: str, path: str) -> list[str]:
+    """The non-blank lines of a captions file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{flag}: captions file not found: {path}")
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag}: cannot read {path} as UTF-8 text: {e}") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UsageError(f"{flag}: {path} holds no caption (one caption a line)")
+    return lines
+
+
+def _texts(args, de, image):
+    """(Q, R): the texts, or the mean embedding of a captions file's lines (the diffusers docs' recipe with captions
+    written or generated elsewhere), conditioned for the image's working size."""
+    from .guidance import mean_embedding
+    from .images import model_size
+    w, h = model_size(image.size, de.multiple)
+    out = []
+    for name, text, path in (("target", args.target, args.target_file),
+                             ("source", args.source, getattr(args, "source_file", None))):
+        out.append(text if path is None else mean_embedding(de.encode_prompt(_captions(f"--{name}-file", path),
+                                                                             (h, w))))
+    return out
+
+
 def _check_common(args) -> EditSettings:
-    if not args.target or not args.target.strip():
+    if args.target is not None and not args.target.strip():
         raise UsageError("--target must be a non-empty text")
+    for flag in ("--target-file", "--source-file"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is not None:
+            _captions(flag, path)
     s = _settings(args)
     check_device(args.device)
     return s
@@ -129,7 +173,7 @@ def add_edit_parser(subparsers):
                     "inside the mask only.",
         formatter_class=HelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="the input image (any size and mode; it is never modified)")
-    p.add_argument("--target", required=True, metavar="TEXT", help="the query text Q: what the image should show")
+    _add_target_args(p)
     p.add_argument("--out", default=None, metavar="PATH",
                    help="where to write the edit (default: ./<image stem>_edited.png)")
     p.add_argument("--mask-out", default=None, metavar="PATH", help="also write the mask used (white = edited)")
@@ -165,9 +209,10 @@ def _load_mask(path: str, size: tuple[int, int]):
 
 def run_edit(args) -> int:
     s = _check_common(args)
-    if s.method != "diffedit" and (args.mask or args.mask_out):
+    if not METHOD_TABLE[s.method].masked and (args.mask or args.mask_out):
         flag = "--mask" if args.mask else "--mask-out"
-        raise UsageError(f"{flag} only applies to --method diffedit (--method {args.method} uses no mask)")
+        masked = ", ".join(m for m, t in METHOD_TABLE.items() if t.masked)
+        raise UsageError(f"{flag} only applies to the masked methods ({masked}); --method {args.method} uses no mask")
     image = _load_input(args.image)
     default_out = Path.cwd() / f"{Path(args.image).stem}_edited.png"
     outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--mask-out": args.mask_out,
@@ -175,7 +220,8 @@ def run_edit(args) -> int:
     mask = _load_mask(args.mask, image.size) if args.mask else None
 
     de = load_pipeline(args)
-    result = de.edit(image, args.target, source=args.source, ratio=s.ratio, threshold=s.threshold, n=s.n,
+    target, source = _texts(args, de, image)
+    result = de.edit(image, target, source=source, ratio=s.ratio, threshold=s.threshold, n=s.n,
                      strength=s.strength, steps=s.steps, guidance=s.guidance, seed=s.seed, method=s.method,
                      mask=mask, normalization=s.normalization, dilate=s.dilate, progress=not args.quiet)
     _save(result.image, outs["--out"], args.quiet)
@@ -196,7 +242,7 @@ def add_mask_parser(subparsers):
                     "estimates under --target and --source disagree.",
         formatter_class=HelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="the input image (any size and mode; it is never modified)")
-    p.add_argument("--target", required=True, metavar="TEXT", help="the query text Q: what the image should show")
+    _add_target_args(p)
     p.add_argument("--out", default=None, metavar="PATH",
                    help="where to write the mask (default: ./<image stem>_mask.png)")
     p.add_argument("--map-out", default=None, metavar="PATH", help="also write the continuous map D as a heat map")
@@ -214,7 +260,8 @@ def run_mask(args) -> int:
     default_out = Path.cwd() / f"{Path(args.image).stem}_mask.png"
     outs = _check_outputs(args.image, {"--out": args.out or str(default_out), "--map-out": args.map_out})
     de = load_pipeline(args)
-    result = de.mask(image, args.target, source=args.source, n=s.n, strength=s.strength, threshold=s.threshold,
+    target, source = _texts(args, de, image)
+    result = de.mask(image, target, source=source, n=s.n, strength=s.strength, threshold=s.threshold,
                      seed=s.seed, steps=s.steps, normalization=s.normalization, dilate=s.dilate)
     _save(result.image, outs["--out"], args.quiet)
     if "--map-out" in outs:

@@ -277,10 +277,11 @@ class Engine:
             if key and self.memo is not None and self.memo.has(key):
                 found[(i, steps, name)] = self.memo.cached(key, lambda: None)
             else:
-                batches.setdefault((steps, k, name[0], g), []).append((i, name, cond, uncond, key))
+                shape = tuple(self.x0(inp).shape)  # images of one size share the model calls
+                batches.setdefault((shape, steps, k, name[0], g), []).append((i, name, cond, uncond, key))
         if batches:
             self.on_phase("inversion")
-        for (steps, k, _, g), members in batches.items():
+        for (_, steps, k, _, g), members in batches.items():
             x0 = torch.cat([self.x0(inputs[i]) for i, *_ in members])
             cond = torch.cat([m[2] for m in members])
             uncond = None if members[0][3] is None else torch.cat([m[3] for m in members])
@@ -329,7 +330,15 @@ class Engine:
             y0 = decode(self.denoiser, y, levels, cond, uncond, guidance, keep, mask)
             latents.update(zip(js, y0))
         y = [latents[j] for j in range(len(requests))]
-        pixels = self.decode(torch.stack(y)) if decode_pixels and y else [None] * len(y)
+        pixels: list = [None] * len(y)
+        if decode_pixels:
+            by_shape: dict = {}
+            for j, yj in enumerate(y):
+                by_shape.setdefault(tuple(yj.shape), []).append(j)
+            for js in by_shape.values():
+                pixels_js = self.decode(torch.stack([y[j] for j in js]))
+                for j, pj in zip(js, pixels_js):
+                    pixels[j] = pj
         return [Output(y[j], pixels[j], mask_of.get(j, (None, None))[0], mask_of.get(j, (None, None))[1],
                        trajectories[j]) for j in range(len(requests))]
 

@@ -238,7 +238,11 @@ class DiffEdit:
         ``guidance`` unused); ``compat="diffusers"`` with CFG under ``source``."""
         s = EditSettings(method="encode-decode", ratio=ratio, steps=steps, guidance=guidance, compat=compat)
         _, inputs, many = self._inputs(image)
-        reqs, _ = self._requests(len(inputs), many, [""] * len(inputs) if many else "", source, s)
+        sources, many_sources = _texts("source", source, empty_ok=True)
+        if many_sources and len(sources) != len(inputs):
+            raise ValueError(f"source: give one text for all images or one per image ({len(inputs)}), "
+                             f"got {len(sources)}")
+        reqs = [Request(i, "", sources[i] if many_sources else sources[0], s) for i in range(len(inputs))]
         out = self.engine().trajectories(inputs, reqs)
         return out if many else out[0]
 
