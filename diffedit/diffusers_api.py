@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import images, masking
+from . import ddim, images, masking
 from .diffusers_io import (DDIMConfig, check_output_type, check_scheduler, mask_rows, negative_rows, postprocess,
                            prompt_rows, randn, refuse)
 from .engine import Input, Request, resolve
@@ -186,15 +186,29 @@ class StableDiffusionDiffEditPipeline:
         return tqdm(iterable, total=total, **self._progress)
 
     @contextmanager
-    def _engine(self, desc: str):
-        """The DiffEdit's engine, counting UNet rows on a progress bar."""
+    def _engine(self, desc: str, convert=None):
+        """The DiffEdit's engine, counting UNet rows on a progress bar; ``convert`` wraps the model call first."""
         config = dict(self._progress)
         disable = config.pop("disable", False)
         bar = tqdm(**{"desc": desc, "unit": "UNet row", **config, "disable": disable})
+        wrap = convert if disable else lambda model: EvalCounter(convert(model) if convert else model, bar.update)
         try:
-            yield self.de.engine(wrap=None if disable else lambda model: EvalCounter(model, bar.update))
+            yield self.de.engine(wrap=wrap)
         finally:
             bar.close()
+
+    def _inverse_v(self, steps: int):
+        """diffusers' DDIMInverseScheduler turns v into eps with alpha_bar of the level a step starts from, where the
+        UNet was given the level it goes to (``ddim.py`` uses the latter): recipe "diffusers" reproduces it, so that
+        v-prediction models (SD 2.x 768) invert as they did there."""
+        ab, gap = self.de.alpha_bar, ddim.NUM_TRAIN_TIMESTEPS // steps
+
+        def wrap(eps):
+            def converted(x, t, context):
+                at = lambda level: ddim.alpha_bar_at(level, ab).to(x.device, x.dtype).reshape(-1, 1, 1, 1)  # noqa: E731
+                return ddim.v_to_eps(x, ddim.eps_to_v(x, eps(x, t, context), at(t)), at(t - gap))
+            return converted
+        return wrap
 
     # --- texts ----------------------------------------------------------------------------------------------------
 
@@ -358,7 +372,8 @@ class StableDiffusionDiffEditPipeline:
             x0s = [self._latent(m, None, None) for m, _ in posts]
         inputs = [Input(x0=x0) for x0 in x0s]
         requests = [Request(i, "", p, s) for i, p in enumerate(self._on(prompts))]
-        with self._engine("invert") as engine:
+        v_late = self.recipe == "diffusers" and self.de.prediction_type == "v_prediction"
+        with self._engine("invert", self._inverse_v(s.steps) if v_late else None) as engine:
             trajectories = engine.trajectories(inputs, requests)
         first = 1 if self.recipe == "diffusers" else 0  # diffusers' layout leaves x_0 out
         latents = torch.cat([t.latents[first:].flip(0).transpose(0, 1) for t in trajectories])
