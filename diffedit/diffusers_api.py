@@ -18,6 +18,7 @@ batch's; negative prompts do not enter the mask; ``invert`` takes no negative pr
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass
@@ -27,9 +28,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import ddim, images, masking
-from .diffusers_io import (DDIMConfig, check_output_type, check_scheduler, mask_rows, negative_rows, postprocess,
-                           prompt_rows, randn, refuse)
+from . import images, masking
+from .diffusers_io import (DDIMConfig, check_output_type, check_scheduler, inverse_v, mask_rows, negative_rows,
+                           postprocess, prompt_rows, randn, refuse)
 from .engine import Input, Request, resolve
 from .guidance import EvalCounter
 from .inversion import Trajectory
@@ -79,6 +80,7 @@ class StableDiffusionDiffEditPipeline:
         self._inverse_scheduler = DDIMConfig(diffedit.prediction_type, inverse=True)
         self._progress: dict = {}
         self._hooks: list = []
+        self._posteriors: dict = {}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, device=None, recipe: str = "diffusers",
@@ -136,7 +138,7 @@ class StableDiffusionDiffEditPipeline:
         return self
 
     def _rebuilt(self, model, device, dtype=None) -> DiffEdit:
-        old = self.de
+        old, self._posteriors = self.de, {}
         de = DiffEdit(model, device, dtype or old.dtype, old.prediction_type, old.max_batch)
         de.vae_batch = old.vae_batch
         return de
@@ -196,19 +198,6 @@ class StableDiffusionDiffEditPipeline:
             yield self.de.engine(wrap=wrap)
         finally:
             bar.close()
-
-    def _inverse_v(self, steps: int):
-        """diffusers' DDIMInverseScheduler turns v into eps with alpha_bar of the level a step starts from, where the
-        UNet was given the level it goes to (``ddim.py`` uses the latter): recipe "diffusers" reproduces it, so that
-        v-prediction models (SD 2.x 768) invert as they did there."""
-        ab, gap = self.de.alpha_bar, ddim.NUM_TRAIN_TIMESTEPS // steps
-
-        def wrap(eps):
-            def converted(x, t, context):
-                at = lambda level: ddim.alpha_bar_at(level, ab).to(x.device, x.dtype).reshape(-1, 1, 1, 1)  # noqa: E731
-                return ddim.v_to_eps(x, ddim.eps_to_v(x, eps(x, t, context), at(t)), at(t - gap))
-            return converted
-        return wrap
 
     # --- texts ----------------------------------------------------------------------------------------------------
 
@@ -271,9 +260,15 @@ class StableDiffusionDiffEditPipeline:
 
     @torch.no_grad()
     def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE posterior's (mean, std) of one image, unscaled, in the VAE's dtype."""
-        mean, logvar = self.de.model.first_stage_model.encode(pixels.to(self.de.device, self.de.vae_dtype))
-        return mean, torch.exp(0.5 * logvar)
+        """The VAE posterior's (mean, std) of one image, unscaled, in the VAE's dtype. The last few images' are kept
+        (by their bytes), so that generate_mask then invert of one image encode it once."""
+        key = (tuple(pixels.shape), hashlib.sha1(pixels.detach().float().cpu().numpy().tobytes()).hexdigest())
+        if key not in self._posteriors:
+            mean, logvar = self.de.model.first_stage_model.encode(pixels.to(self.de.device, self.de.vae_dtype))
+            self._posteriors[key] = (mean, torch.exp(0.5 * logvar))
+            while len(self._posteriors) > 8:
+                self._posteriors.pop(next(iter(self._posteriors)))
+        return self._posteriors[key]
 
     def _latent(self, mean: torch.Tensor, std: torch.Tensor | None, draw: torch.Tensor | None) -> torch.Tensor:
         """x_0: the scaled posterior mean, or a posterior sample mean + std * draw (diffusers' recipe)."""
@@ -373,7 +368,7 @@ class StableDiffusionDiffEditPipeline:
         inputs = [Input(x0=x0) for x0 in x0s]
         requests = [Request(i, "", p, s) for i, p in enumerate(self._on(prompts))]
         v_late = self.recipe == "diffusers" and self.de.prediction_type == "v_prediction"
-        with self._engine("invert", self._inverse_v(s.steps) if v_late else None) as engine:
+        with self._engine("invert", inverse_v(self.de.alpha_bar, s.steps) if v_late else None) as engine:
             trajectories = engine.trajectories(inputs, requests)
         first = 1 if self.recipe == "diffusers" else 0  # diffusers' layout leaves x_0 out
         latents = torch.cat([t.latents[first:].flip(0).transpose(0, 1) for t in trajectories])

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import ddim
+
 # The config of Stable Diffusion's scheduler folder, in diffusers' key names, for ``DDIMScheduler.from_config``.
 SD_DDIM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                trained_betas=None, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -67,6 +69,21 @@ def check_scheduler(name: str, scheduler, prediction_type: str):
     if given != prediction_type:
         raise ValueError(f"{name}: prediction_type={given!r} differs from the model's {prediction_type!r}")
     return scheduler
+
+
+def inverse_v(alpha_bar: torch.Tensor, steps: int):
+    """A model-call wrapper (``Engine(wrap=...)``) for diffusers' inversion of v-prediction models: its
+    DDIMInverseScheduler turns v into eps with alpha_bar of the level a step starts from, where the UNet was given
+    the level it goes to (``ddim.py`` uses the latter, the model's own parametrisation). Recipe "diffusers" wraps the
+    inversion with it, so that v-prediction models (SD 2.x 768) invert as they did there."""
+    gap = ddim.NUM_TRAIN_TIMESTEPS // steps
+
+    def wrap(eps):
+        def converted(x, t, context):
+            at = lambda level: ddim.alpha_bar_at(level, alpha_bar).to(x.device, x.dtype).reshape(-1, 1, 1, 1)  # noqa: E731
+            return ddim.v_to_eps(x, ddim.eps_to_v(x, eps(x, t, context), at(t)), at(t - gap))
+        return converted
+    return wrap
 
 
 def randn(shape, generator, device, dtype) -> torch.Tensor:
