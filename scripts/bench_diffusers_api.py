@@ -121,11 +121,15 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=10, help="num_maps_per_mask")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (median reported)")
     p.add_argument("--budget-s", type=float, default=1500, help="stop adding rounds past this many seconds")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; 1 on a loaded host)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--dry-run", action="store_true", help="the tiny model, 32 px, 2 steps, 2 maps, one round")
     args = p.parse_args(argv)
     if args.dry_run:
         args.case, args.size, args.steps, args.n, args.repeats = "tiny", 32, 2, 2, 1
+        args.threads = args.threads or 1  # tiny kernels: a second thread only adds synchronisation
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
     image = oracles.astronaut(args.size)
     deadline = time.perf_counter() + args.budget_s
