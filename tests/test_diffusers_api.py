@@ -12,6 +12,7 @@ but a weak test). SDXL never had a diffusers DiffEdit: there the three calls run
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from conftest import randomize_, rel_err, report
 from oracles import SD_SCHEDULER, SOURCE, TARGET, astronaut, clip_tokenizer, diffedit_pipeline
@@ -270,12 +272,22 @@ def test_the_paper_recipe_keeps_the_input_outside_the_mask_and_the_diffusers_rec
     assert rel_err(out["paper"][2][0], ref.latents) < 1e-5
 
 
-def test_sdxl_runs_the_three_calls_and_the_paper_recipe_equals_diffedit_edit():
-    de = DiffEdit(randomize_(StableDiffusion(preset("tiny-sdxl")), seed=3).eval(), dtype=torch.float32)
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory):
+    """A tiny random SDXL model as one file in single-file (sgm) key names, with our architecture metadata."""
+    model = randomize_(StableDiffusion(preset("tiny-sdxl")), seed=3).eval()
+    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"diffedit_config": json.dumps(model.cfg.to_dict())})
+    return path
+
+
+def test_sdxl_runs_the_three_calls_and_the_paper_recipe_equals_diffedit_edit(sdxl_file):
+    de = DiffEdit.from_pretrained(str(sdxl_file), dtype=torch.float32)
     pic = astronaut(SIDE)
     kw = dict(num_inference_steps=STEPS)
     for recipe in ("diffusers", "paper"):
-        p = DiffEditPipeline(de, recipe=recipe)
+        p = DiffEditPipeline.from_pretrained(sdxl_file, recipe=recipe)
         p.set_progress_bar_config(disable=True)
         mask = p.generate_mask(image=pic, source_prompt=SOURCE, target_prompt=TARGET, num_maps_per_mask=N,
                                generator=torch.Generator().manual_seed(0), **kw)
