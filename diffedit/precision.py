@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 NO_NATIVE_BF16_ENV = "DIFFEDIT_NO_NATIVE_BF16"
 # bf16 matmuls where the CPU emulates bf16, relative to fp32: a 2048^3 matmul on a 2-core AVX2-only AMD EPYC ran at
-# 1.3 GFLOP/s in bf16 against 56-90 GFLOP/s in fp32 (the design notes, "Machines differ").
+# 1.3 GFLOP/s in bf16 against 56-90 GFLOP/s in fp32, 43-69x (the design notes, "Machines differ").
 EMULATED_BF16_SLOWDOWN = 50
 
 
@@ -45,8 +45,8 @@ def cpu_has_native_bf16() -> bool:
 @functools.lru_cache(maxsize=1)
 def warn_emulated_bf16() -> None:
     """The warning that bf16 is emulated on this CPU; once per process (cached: one line however often it is asked)."""
-    log.warning("bfloat16 on a CPU without native bf16 (avx512_bf16 or AMX) is emulated: about %dx slower than "
-                "float32 (dtype float32 or auto avoids it)", EMULATED_BF16_SLOWDOWN)
+    log.warning("bfloat16 on a CPU without native bf16 (avx512_bf16 or AMX) is emulated: its matmuls run about %dx "
+                "slower than float32's (dtype float32 or auto avoids it)", EMULATED_BF16_SLOWDOWN)
 
 
 def auto_dtype(device) -> tuple[torch.dtype, str]:
