@@ -179,3 +179,23 @@ def test_sd35_medium_full_size():
     x, t, ctx, y = inputs(cfg, 32, 32, batch=1, tokens=16)
     wrong = lambda x, t, c, y: ours(x, t, c, y.roll(cfg.pooled_dim // 2, dims=1))  # pooled halves swapped
     compare(ours, theirs, x, t, ctx, y, wrong)
+
+
+def test_bench_dry_run(tmp_path):
+    """scripts/bench_sd3.py on tiny-sd3 (float32: fast on every CPU): both models agree on shared tensors."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "scripts" / "bench_sd3.py"
+    spec = importlib.util.spec_from_file_location("bench_sd3", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    try:
+        bench.main(["--dry-run", "--dtype", "float32", "--json", str(tmp_path / "bench.json")])
+    finally:
+        torch.set_flush_denormal(False)  # the script's process-wide setting; torch's default
+    out = json.loads((tmp_path / "bench.json").read_text())
+    run = out["dtypes"]["float32"]
+    assert run["sides"]["8"]["relative_difference"] < TOL
+    assert run["diffusers_bytes_shared"] > 0.5
+    assert set(out["summary"]) == {"float32 8x8"}
