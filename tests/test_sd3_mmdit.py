@@ -169,7 +169,7 @@ def test_latent_sides_checked():
 def test_sd35_medium_full_size():
     """SD3.5 Medium at full width and depth (2.5B parameters, random weights) at 32 x 32 latents. Ours is made on
     meta and filled in place; diffusers' takes the converted tensors (only the split q, k, v and the swapped final
-    modulations are new): about 12 GB in all."""
+    modulations are new)."""
     cfg = MMDIT_PRESETS["sd35-medium"]
     with torch.device("meta"):
         ours = MMDiT(cfg)
