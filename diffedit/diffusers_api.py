@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 
 import numpy as np
 import torch
@@ -29,8 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import images, masking
-from .diffusers_io import (DDIMConfig, check_output_type, check_scheduler, inverse_v, mask_rows, negative_rows,
-                           postprocess, prompt_rows, randn, refuse)
+from .diffusers_io import (DDIMConfig, DiffEditInversionPipelineOutput, StableDiffusionPipelineOutput,
+                           check_output_type, check_scheduler, inverse_v, mask_rows, negative_rows, postprocess,
+                           prompt_rows, randn, refuse)
 from .engine import Input, Request, resolve
 from .guidance import EvalCounter
 from .inversion import Trajectory
@@ -46,25 +47,6 @@ _NAMES = dict(n="num_maps_per_mask", strength="mask_encode_strength", ratio="inp
 _IGNORED = ("safety_checker", "feature_extractor", "requires_safety_checker", "use_safetensors", "variant",
             "revision", "cache_dir", "local_files_only", "low_cpu_mem_usage", "token")
 _PASSED = ("prediction_type", "max_batch", "compile", "attention_dtype", "channels_last")
-
-
-class _Output:
-    """Fields by name or position, as diffusers' outputs (``out.images``, ``out[0]``)."""
-
-    def __getitem__(self, i):
-        return astuple(self)[i] if isinstance(i, int) else getattr(self, i)
-
-
-@dataclass
-class DiffEditInversionPipelineOutput(_Output):
-    latents: torch.Tensor  # (B, k, C, h, w), most noisy first (recipe "paper": k + 1, x_0 last)
-    images: list | np.ndarray | None = None
-
-
-@dataclass
-class StableDiffusionPipelineOutput(_Output):
-    images: list | np.ndarray | torch.Tensor
-    nsfw_content_detected: list | None = None
 
 
 class StableDiffusionDiffEditPipeline:
@@ -281,6 +263,15 @@ class StableDiffusionDiffEditPipeline:
         except SettingsError as e:
             raise ValueError(e.message_for(_NAMES.get(e.field, e.field))) from None
 
+    @staticmethod
+    def _resolved(s: EditSettings, estimates_mask: bool) -> EditSettings:
+        """``engine.resolve`` (diffusers' recipe floors the grid steps), its errors in diffusers' names."""
+        try:
+            return resolve(s, estimates_mask)
+        except ValueError as e:
+            name, _, rest = str(e).partition(" ")
+            raise ValueError(f"{_NAMES.get(name, name)} {rest}") from None
+
     # --- the three calls --------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -317,7 +308,8 @@ class StableDiffusionDiffEditPipeline:
         pixels = self._pixels(image, len(targets))
         n, b = num_maps_per_mask, len(pixels)
         denoiser = self.de.denoiser
-        level = denoiser.strength_level(resolve(s, True).strength, s.steps)
+        strength = self._resolved(s, True).strength
+        level = denoiser.strength_level(strength, s.steps)
         posts = [self._posterior(x) for x in pixels]
         x0s = [self._latent(m, None, None) for m, _ in posts]
         if diffusers:  # diffusers: B x n posterior samples (image-major), then B x n noises, from one generator
@@ -328,7 +320,7 @@ class StableDiffusionDiffEditPipeline:
             noises = [masking.Noises(denoiser.add_noise(x, noise[i * n:(i + 1) * n], level)[:, None], level)
                       for i, x in enumerate(rows)]
         else:
-            noises = [masking.noised_latents(denoiser, x0, n, resolve(s, True).strength, s.steps, generator)
+            noises = [masking.noised_latents(denoiser, x0, n, strength, s.steps, generator)
                       for x0 in x0s]
         inputs = [Input(x0=x0, noises=z) for x0, z in zip(x0s, noises)]
         requests = [Request(i, t, src, s) for i, (t, src) in enumerate(zip(self._on(targets), self._on(sources)))]
@@ -358,6 +350,7 @@ class StableDiffusionDiffEditPipeline:
         prompts = prompt_rows("prompt", prompt, prompt_embeds, required=True)
         s = self._settings(method="encode-decode", ratio=inpaint_strength, steps=num_inference_steps,
                            guidance=max(guidance_scale, 1.0))  # diffusers runs the conditional model alone at <= 1
+        self._resolved(s, False)
         pixels = self._pixels(image, len(prompts))
         posts = [self._posterior(x) for x in pixels]
         if self.recipe == "diffusers":  # one posterior sample per image, from the generator
@@ -390,8 +383,7 @@ class StableDiffusionDiffEditPipeline:
         """Step 3: decode ``image_latents`` (``invert``'s) towards ``prompt`` with CFG against ``negative_prompt``
         (diffusers' docs pass the source prompt), keeping the input outside ``mask_image`` (latent size, or pixel
         size, averaged to it). ``.images``: PIL list, "np" (B, H, W, 3) / "pt" (B, 3, H, W) in [0, 1], "latent"."""
-        refuse(callback=callback, cross_attention_kwargs=cross_attention_kwargs, latents=latents,
-                     clip_skip=clip_skip)
+        refuse(callback=callback, cross_attention_kwargs=cross_attention_kwargs, latents=latents, clip_skip=clip_skip)
         if eta:
             raise ValueError(f"eta: only deterministic DDIM (eta 0) is supported, got {eta}")
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
@@ -402,7 +394,7 @@ class StableDiffusionDiffEditPipeline:
         s = self._settings(ratio=inpaint_strength, steps=num_inference_steps, guidance=max(guidance_scale, 1.0))
         xs = self._image_latents(image_latents, len(prompts), s)
         masks = mask_rows(mask_image, len(prompts), xs.shape[-2:], self.vae_scale_factor)
-        levels = self.de.denoiser.levels(resolve(s, False).ratio, s.steps)
+        levels = self.de.denoiser.levels(self._resolved(s, False).ratio, s.steps)
         inputs = []
         for x in xs:  # x: (k or k + 1, C, h, w), most noisy first
             up = x.flip(0).to(self.de.device, self.de.latent_dtype)
@@ -427,11 +419,10 @@ class StableDiffusionDiffEditPipeline:
         x = torch.cat(list(image_latents)) if isinstance(image_latents, (list, tuple)) else image_latents
         if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
             raise ValueError("image_latents must be a (B, k, C, h, w) tensor from invert()")
-        r = resolve(s, False)
-        k = round(r.ratio * s.steps) + (0 if self.recipe == "diffusers" else 1)
-        if x.ndim == 4:
+        k = round(self._resolved(s, False).ratio * s.steps) + (0 if self.recipe == "diffusers" else 1)
+        if x.ndim == 4 and x.shape[0] % batch == 0:
             x = x.reshape(batch, -1, *x.shape[1:])
-        if tuple(x.shape[:2]) != (batch, k) or x.shape[2] != self.de.cfg.unet.in_channels:
+        if x.ndim != 5 or tuple(x.shape[:2]) != (batch, k) or x.shape[2] != self.de.cfg.unet.in_channels:
             extra = "" if self.recipe == "diffusers" else " (recipe 'paper': x_0 last)"
             raise ValueError(f"image_latents: expected ({batch}, {k}, {self.de.cfg.unet.in_channels}, h, w) for "
                              f"{batch} prompt(s), inpaint_strength {s.ratio} and {s.steps} steps{extra}, got "

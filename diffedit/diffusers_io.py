@@ -9,11 +9,32 @@ refused in one line naming what differs otherwise.
 """
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
+
 import numpy as np
 import torch
 from PIL import Image
 
 from . import ddim
+
+class _Output:
+    """Fields by name or position, as diffusers' outputs (``out.images``, ``out[0]``)."""
+
+    def __getitem__(self, i):
+        return astuple(self)[i] if isinstance(i, int) else getattr(self, i)
+
+
+@dataclass
+class DiffEditInversionPipelineOutput(_Output):
+    latents: torch.Tensor  # (B, k, C, h, w), most noisy first (recipe "paper": k + 1, x_0 last)
+    images: list | np.ndarray | None = None
+
+
+@dataclass
+class StableDiffusionPipelineOutput(_Output):
+    images: list | np.ndarray | torch.Tensor
+    nsfw_content_detected: list | None = None
+
 
 # The config of Stable Diffusion's scheduler folder, in diffusers' key names, for ``DDIMScheduler.from_config``.
 SD_DDIM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -80,7 +101,8 @@ def inverse_v(alpha_bar: torch.Tensor, steps: int):
 
     def wrap(eps):
         def converted(x, t, context):
-            at = lambda level: ddim.alpha_bar_at(level, alpha_bar).to(x.device, x.dtype).reshape(-1, 1, 1, 1)  # noqa: E731
+            def at(level):
+                return ddim.alpha_bar_at(level, alpha_bar).to(x.device, x.dtype).reshape(-1, 1, 1, 1)
             return ddim.v_to_eps(x, ddim.eps_to_v(x, eps(x, t, context), at(t)), at(t - gap))
         return converted
     return wrap

@@ -70,8 +70,9 @@ def contenders(case: str, dtype: torch.dtype) -> dict:
     ours, paper = StableDiffusionDiffEditPipeline(de), StableDiffusionDiffEditPipeline(de, recipe="paper")
     for p in (ours, paper):
         p.set_progress_bar_config(disable=True)
-    return {"diffusers": (theirs, theirs.unet, theirs.vae.encoder), "ours": (ours, de.model.unet,
-            de.model.first_stage_model.encoder), "ours_paper": (paper, de.model.unet, de.model.first_stage_model.encoder)}
+    encoder = de.model.first_stage_model.encoder
+    return {"diffusers": (theirs, theirs.unet, theirs.vae.encoder), "ours": (ours, de.model.unet, encoder),
+            "ours_paper": (paper, de.model.unet, encoder)}
 
 
 def run_dtype(case: str, dtype: torch.dtype, image, args, deadline: float) -> dict:
@@ -141,7 +142,8 @@ def main(argv=None):
         with contextlib.redirect_stderr(sys.stdout) if args.dry_run else contextlib.nullcontext():
             result["dtypes"][name] = run_dtype(args.case, dtype, image, args, deadline)
         r = result["dtypes"][name]
-        print(f"{name}: total {r['diffusers']['total']['time_s']:.2f} s diffusers, {r['ours']['total']['time_s']:.2f} s "
+        print(f"{name}: total {r['diffusers']['total']['time_s']:.2f} s diffusers, "
+              f"{r['ours']['total']['time_s']:.2f} s "
               f"ours ({r['speedup_ours']['total']:.2f}x), {r['ours_paper']['total']['time_s']:.2f} s paper "
               f"({r['speedup_ours_paper']['total']:.2f}x); UNet rows {r['diffusers']['total']['unet_rows']} / "
               f"{r['ours']['total']['unet_rows']} / {r['ours_paper']['total']['unet_rows']}; VAE encodes "

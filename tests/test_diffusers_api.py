@@ -184,7 +184,8 @@ def test_ddim_schedulers_from_sd_configs_are_accepted_and_others_refused(sd1):
     _, ours = sd1
     ours.scheduler = DDIMScheduler.from_config(ours.scheduler.config)
     ours.inverse_scheduler = DDIMInverseScheduler.from_config(ours.scheduler.config)
-    for bad, match in ((DDIMScheduler(), "beta_start"), (DDIMScheduler(**{**SD_SCHEDULER, "clip_sample": True}), "clip"),
+    for bad, match in ((DDIMScheduler(), "beta_start"),
+                       (DDIMScheduler(**{**SD_SCHEDULER, "clip_sample": True}), "clip"),
                        (DDIMScheduler(**SD_SCHEDULER, timestep_spacing="trailing"), "leading"),
                        (DDIMScheduler(**SD_SCHEDULER, prediction_type="v_prediction"), "prediction_type"),
                        (EulerDiscreteScheduler.from_config(ours.scheduler.config), "DDIM"), ("ddim", "config")):
