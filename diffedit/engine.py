@@ -226,9 +226,9 @@ class Engine:
             log.warning("the target equals the source: D = 0, so the mask is empty and the input comes back")
         if given is None:
             noises = masking.noised_latents(self.denoiser, x0, draw, strength, steps, torch.Generator().manual_seed(seed))
-        elif int(given.t) != int(self.denoiser.strength_level(strength, steps)) or given.x_t.shape[0] < draw:
-            raise ValueError(f"the noises given are {given.x_t.shape[0]} at level {int(given.t)}; this mask needs "
-                             f"{draw} at level {int(self.denoiser.strength_level(strength, steps))}")
+        elif float(given.t) != float(self.denoiser.strength_level(strength, steps)) or given.x_t.shape[0] < draw:
+            raise ValueError(f"the noises given are {given.x_t.shape[0]} at level {float(given.t):g}; this mask needs "
+                             f"{draw} at level {float(self.denoiser.strength_level(strength, steps)):g}")
         else:
             noises = given
         maps = masking.noise_difference_maps(self.denoiser, noises, texts, pairs, sorted({r.settings.n for r in requests}))

@@ -94,7 +94,7 @@ def _mmdit_from_shapes(shape: dict) -> MMDiTConfig:
         qk_norm=ln_q in shape, head_dim=shape[ln_q][0] if ln_q in shape else 64,
         dual_attention_layers=tuple(i for i in range(depth)
                                     if f"{p}joint_blocks.{i}.x_block.attn2.qkv.weight" in shape),
-        mlp_ratio=shape[p + "joint_blocks.0.x_block.mlp.fc1.weight"][0] // hidden)
+        mlp_width=shape[p + "joint_blocks.0.x_block.mlp.fc1.weight"][0])
 
 
 def _clip_from_shapes(shape: dict, prefix: str, **choice) -> TextConfig:

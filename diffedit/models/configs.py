@@ -229,7 +229,11 @@ class MMDiTConfig:
     qk_norm: bool = False                  # SD3.5: RMS-norm on q and k per head (attn.ln_q / ln_k present)
     dual_attention_layers: tuple[int, ...] = ()  # SD3.5 MMDiT-X: blocks with x_block.attn2
     head_dim: int = 64                     # every released model; smaller only in tests
-    mlp_ratio: int = 4
+    mlp_width: int | None = None           # mlp.fc1.weight.shape[0]; None: 4 x hidden_size (diffusers' fixed width)
+
+    def __post_init__(self):
+        if self.mlp_width is None:
+            object.__setattr__(self, "mlp_width", 4 * self.hidden_size)
 
     @property
     def heads(self) -> int:

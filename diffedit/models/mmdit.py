@@ -37,10 +37,10 @@ def modulate(x, shift, scale):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, ratio: int):
+    def __init__(self, dim: int, width: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, dim * ratio)
-        self.fc2 = nn.Linear(dim * ratio, dim)
+        self.fc1 = nn.Linear(dim, width)
+        self.fc2 = nn.Linear(width, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -83,7 +83,7 @@ class DismantledBlock(nn.Module):
             self.attn2 = Attention(h, cfg.head_dim, cfg.qk_norm)
         if not pre_only:
             self.norm2 = layer_norm(h)
-            self.mlp = Mlp(h, cfg.mlp_ratio)
+            self.mlp = Mlp(h, cfg.mlp_width)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, self.n_mod * h))
 
     def pre_attention(self, x, c):
