@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffedit.models import StableDiffusion, preset
+from diffedit.toy import world
 
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "walkthrough.py"
 
@@ -27,6 +28,9 @@ def test_walkthrough_writes_a_page_that_shows_every_png(tmp_path, monkeypatch):
 
     out = tmp_path / "walkthrough"
     tiny = ["--model", str(ckpt), "--steps", "4", "--n", "2", "--size", "16"]
+    # a random model edits nothing right: a judge that fails edit 0 alone makes the rule pick edit 1
+    first = world.edits(1, world.EVAL_SEED, size=16)[0]
+    monkeypatch.setattr(walkthrough.judge, "edit_success", lambda edited, edit: edit != first)
     assert walkthrough.main(["--out", str(out), *tiny, "--grid", "2"]) == 0
 
     page = (out / "index.html").read_text()
@@ -51,10 +55,11 @@ def test_walkthrough_writes_a_page_that_shows_every_png(tmp_path, monkeypatch):
     for kind in ("colour", "shape", "background", "remove"):
         assert f"<tr><td>{kind} (" in page
     # the selection rule, on the page and in --help
-    assert html.escape(walkthrough.RULE) in page and "chosen by a fixed rule" in page
+    assert html.escape(walkthrough.RULE) in page and "held-out edit 1, chosen by a fixed rule" in page
+    assert "Edit 0 failed." in page
     assert walkthrough.RULE in " ".join(walkthrough.build_parser().format_help().split())
 
-    # a random model's gray output can pass a gray-background edit, so force the fallback with a judge that fails all
+    # the fallback: a judge that fails every edit
     monkeypatch.setattr(walkthrough.judge, "edit_success", lambda edited, edit: False)
     assert walkthrough.main(["--out", str(tmp_path / "fallback"), *tiny, "--grid", "0",
                              "--results", str(tmp_path / "none")]) == 0
