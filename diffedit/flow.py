@@ -7,15 +7,16 @@ Notation (flow matching; the DiffEdit paper's x_t becomes x_s):
     v            the model's output, the velocity v_theta(x_s, t, c) ~ dx_s/ds = e - x_0; called with t = 1000 s
     e_hat        the noise the velocity implies: e_hat = x_s + (1 - s) v
     k            the shift: s' = k s / (1 + (k - 1) s) (Esser et al., Sec. 5.3.2; k = 3 for SD3 / SD3.5)
-A step is Euler's, x_b = x_a + (b - a) v(x_a, a), in either direction: b < a samples, b > a encodes.
+A step is Euler's, x_b = x_a + (b - a) v, in either direction: b < a samples with v(x_a, a); b > a encodes with
+the velocity at x_a given the level b (inversion.py's convention, as diffusers' DDIMInverseScheduler's).
 
 Where DiffEdit's DDIM steps carry over exactly, and where only approximately:
   * the mask (Sec. 3.1): at a fixed x_s, e_hat_Q - e_hat_R = (1 - s) (v_Q - v_R), so the map of velocity differences
     is the paper's D up to the factor (1 - s), which the per-image rescaling cancels: exact;
   * the blend at the same level (Sec. 3.2): the kept latents x_b sit on the same grid as the decoded y_b: exact;
-  * the encoding: the Euler step run upwards uses the velocity at the current, cleaner point x_a, not at x_b, as
-    DDIM inversion takes eps as constant over a step: an approximation with an O(ds^2) error per step, which adds
-    up to a drift of the reconstruction that shrinks with the number of steps.
+  * the encoding: the Euler step run upwards uses the velocity at the current, cleaner point x_a, not at the x_b it
+    is looking for, as DDIM inversion takes eps as constant over a step: an approximation with an O(ds^2) error per
+    step, which adds up to a drift of the reconstruction that shrinks with the number of steps.
 """
 from __future__ import annotations
 
