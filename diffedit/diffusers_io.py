@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import ddim
 
+
 class _Output:
     """Fields by name or position, as diffusers' outputs (``out.images``, ``out[0]``)."""
 

@@ -153,6 +153,25 @@ def test_the_embeddings_form_equals_the_text_form_and_diffusers_given_the_same_e
     assert rel_err(inv_emb, inv_text) < 1e-6
 
 
+def test_the_mask_with_equal_negative_prompts_or_without_guidance_is_diffusers(sd1):
+    """diffusers' mask map is (g - 1) |eps_T - eps_S| with equal negative prompts: the clamp rule cancels the factor,
+    so ours (no guidance, negatives unused) gives its masks. Without guidance (g <= 1) diffusers' generate_mask fails;
+    ours gives the same mask as with it."""
+    theirs, ours = sd1
+    raw_image = astronaut(SIDE)
+
+    def mask(p, **extra):
+        return p.generate_mask(image=raw_image, source_prompt=SOURCE, target_prompt=TARGET, num_maps_per_mask=N,
+                               num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), **extra)
+
+    negatives = dict(target_negative_prompt="blurry", source_negative_prompt="blurry")
+    ref = mask(theirs, **negatives)
+    assert np.array_equal(mask(ours, **negatives), ref) and 0 < ref.sum()
+    with pytest.raises(TypeError):
+        mask(theirs, guidance_scale=1.0)
+    assert np.array_equal(mask(ours, guidance_scale=1.0), mask(ours))
+
+
 def test_a_batch_of_two_images_gives_each_images_edit_alone(sd1):
     _, ours = sd1
     pics = [astronaut(SIDE), astronaut(SIDE, crop=(256, 256, 512, 512))]
