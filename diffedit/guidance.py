@@ -73,19 +73,21 @@ def mean_embedding(cond: Cond) -> Cond:
 
 
 def eps_model(unet: Callable, prediction_type: str, alpha_bar: torch.Tensor, dtype: torch.dtype | None = None) -> EpsFn:
-    """Wrap the UNet so it always returns eps: v-prediction models are converted with alpha_bar_t.
+    """Wrap the network so it returns what its schedule's denoiser steps with: eps for DDIM (v-prediction models are
+    converted with alpha_bar_t), the velocity as it comes for a flow-matching model ("flow_prediction").
 
-    ``dtype``: the UNet's dtype, if it differs from the latents' (a bf16 UNet under float32 latents): inputs
-    are cast to it and the estimate back to the latents' dtype, so the DDIM arithmetic never runs in bf16."""
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    ``dtype``: the network's dtype, if it differs from the latents' (a bf16 UNet under float32 latents): inputs
+    are cast to it and the estimate back to the latents' dtype, so the schedule's arithmetic never runs in bf16."""
+    if prediction_type not in ("epsilon", "v_prediction", "flow_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'flow_prediction', "
+                         f"got {prediction_type!r}")
 
     def eps(x, t, context):
         if dtype is None or dtype == x.dtype:
             out = unet(x, t, context)
         else:
             out = unet(x.to(dtype), t, context.to(dtype)).to(x.dtype)
-        if prediction_type == "epsilon":
+        if prediction_type != "v_prediction":
             return out
         ab = ddim.alpha_bar_at(t, alpha_bar).to(x.device, x.dtype).reshape(-1, 1, 1, 1)
         return ddim.v_to_eps(x, out, ab)

@@ -73,8 +73,7 @@ class DiffEdit:
         self.max_batch = max_batch
         self.alpha_bar = ddim.alphas_cumprod(dtype=torch.float64).to(self.device)
         self.flow = self.cfg.family == "sd3"  # SD3 / SD3.5: a flow-matching MMDiT in place of the UNet
-        # a flow model's velocity goes to the flow denoiser as it comes, as an epsilon model's noise does to DDIM
-        self.eps = eps_model(self.unet, "epsilon" if self.flow else self.prediction_type, self.alpha_bar, dtype)
+        self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar, dtype)
         self.vae_batch = 8  # images per VAE decoder call
         self.multiple = self.cfg.size_multiple  # image sides must be multiples of this
         self.latent_channels = self.cfg.mmdit.in_channels if self.flow else self.cfg.unet.in_channels
