@@ -56,7 +56,7 @@ class DiffEdit:
         ``attention_dtype``: the dtype the UNet's attention runs in; "auto" is float32 for an SD2 or
         v-prediction model in float16 (SD2.1 768-v overflows in fp16 attention: NaN, black images), else
         the activations' dtype. ``channels_last``: the UNet's weights in channels-last layout; "auto" is on for
-        bf16 on a CPU, where oneDNN's convolutions run faster in it (1.17x per SD1.5 UNet row; 0.90x in fp32).
+        bf16 on a CPU, where oneDNN's convolutions run faster in it (and slower in fp32: docs/results/bench_cpu*.json).
         ``compile``: ``torch.compile`` the UNet (see ``compile()``)."""
         if dtype == "auto":
             log.info("networks in %s (dtype auto: %s; dtype float32 forces fp32)",
@@ -105,8 +105,8 @@ class DiffEdit:
     def compile(self, **options) -> "DiffEdit":
         """``torch.compile`` the UNet in place (``nn.Module.compile``: parameter names stay the checkpoint's);
         ``options`` go to ``torch.compile``. The first edit pays the compilation, once per batch shape (mask pass,
-        CFG pair, inversion row). Meant for GPUs: on the 2-core CPU it made one SD1.5 UNet forward (16 x 16
-        latents, fp32) slower, 0.71x eager, and 0.70x with inductor's ``freezing`` (interleaved timings)."""
+        CFG pair, inversion row). Meant for GPUs: on a 2-core CPU it made the UNet slower than eager
+        (docs/results/bench_cpu_compile.json)."""
         self.network.compile(**options)
         return self
 
