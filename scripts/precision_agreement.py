@@ -10,7 +10,7 @@ It runs bf16 whatever the CPU: where bf16 is not native it is emulated, far slow
     at world.TRAIN_SEED (0), and tests/test_precision.py uses 4242. Each edit runs at the toy evaluation's settings
     (r 0.7, the paper's other knobs, reference = source caption, seed S * 1000 + i) in both dtypes. The script reports
     the mask IoU between the two binary masks and the PSNR between the two outputs (measure.edit_agreement). The toy
-    harness (toy.evaluate.evaluate) then runs on the same edits in each dtype: DiffEdit's success, its IoU with the
+    harness (evaluation.evaluate) then runs on the same edits in each dtype: DiffEdit's success, its IoU with the
     ground truth, its background PSNR, and the bf16 - fp32 differences.
 (b) An SD1.5-size model with random weights (measure.random_model) at 128 px on crops of the astronaut, at the
     benchmark's settings (r 0.8, 10 steps, n 10): mask IoU and PSNR. With random weights, D has no meaning. This
@@ -32,9 +32,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
 import oracles  # noqa: E402
+from diffedit import evaluation
 from diffedit.measure import edit_agreement, random_model
 from diffedit.pipeline import DiffEdit
-from diffedit.toy import evaluate, world
+from diffedit.toy import world
 
 TARGETS = {"mask_iou": 0.95, "psnr_db": 30.0}
 TOY_TOLERANCE = {"success": 0.03, "iou": 0.03, "bg_psnr": 0.5}
@@ -54,8 +55,8 @@ def toy_part(args) -> dict:
             for i, e in enumerate(edits)]
     out = {"n": args.n, "seed": args.seed, "ratio": 0.7, "steps": args.steps,
            "agreement": edit_agreement(pairs_of(models, jobs))}
-    metrics = {d: evaluate.evaluate(de, n=args.n, seed=args.seed, ratio=0.7, steps=args.steps,
-                                    progress=False)["diffedit"] for d, de in models.items()}
+    metrics = {d: evaluation.evaluate(de, n=args.n, seed=args.seed, ratio=0.7, steps=args.steps,
+                                      progress=False)["diffedit"] for d, de in models.items()}
     out["diffedit_metrics"] = metrics
     out["bf16_minus_fp32"] = {k: metrics["bfloat16"][k] - metrics["float32"][k] for k in TOY_TOLERANCE}
     return out
