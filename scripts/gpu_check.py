@@ -19,7 +19,7 @@ The JSON holds:
              (measure.edit_agreement).
   memory     a 2048 px fp16 edit at 2 steps: peak memory above the weights (the mask pass of 2n rows at 256 x 256
              latents sets it), and seconds.
---dry-run: the tiny preset, 32 px (48 px for the memory row), 3 steps, n 2, a 128^3 matmul, on --device; the same
+--dry-run: the tiny preset, 16 px (32 px for the memory row), 3 steps, n 2, a 128^3 matmul, on --device; the same
 keys. It checks the script, not speed: on a CPU, fp16 (and bf16 without native bf16) is emulated, and on a shared CPU
 its timings are noise (OMP_NUM_THREADS=1 keeps them from spinning).
 """
@@ -48,7 +48,7 @@ HALF = ("float16", "bfloat16")
 
 def sizes(dry_run: bool) -> dict:
     if dry_run:
-        return dict(preset="tiny", px=32, steps=3, n=2, big_px=48, big_steps=2, matmul_n=128)
+        return dict(preset="tiny", px=16, steps=3, n=2, big_px=32, big_steps=2, matmul_n=128)
     return dict(preset="sd15", px=512, steps=50, n=10, big_px=2048, big_steps=2, matmul_n=8192)
 
 
