@@ -11,7 +11,7 @@ of a scene of two or more (its phrase leaves the caption, the background shows w
 else, including the background texture, bit-identical.
 
 Worlds: a ``WorldSpec`` says what a world draws, and every sampler takes one (default ``V1``, the shipped
-model's world, which every existing seed still draws bit for bit). ``V2`` has larger objects, radius 16-26 px
+model's world: its scenes and ``sample_edit`` draws are, seed for seed, those the model was trained on). ``V2`` has larger objects, radius 16-26 px
 (4-6.5 latent cells at 16 x 16 latents; v1: 8-18 px), 1-2 of them, laid out by a sampler that draws only
 placements that fit (two objects fit in 64 px only when their radii sum to <= 36, so a v2 pair has radii 16-20).
 A shape edit changes the band between two outlines, at most 0.29 r (circle/square) to 0.5 r (circle/triangle)
