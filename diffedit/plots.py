@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .settings import KNOBS
+from .settings import KNOBS, METHOD_TABLE
 
 # The paper's defaults (Sec. 4): when a figure must fix a knob it takes the grid value closest to these.
 PAPER = {**{k: KNOBS[k].default for k in ("ratio", "threshold", "n", "strength", "dilate")}, "reference": "caption"}
 MASK_KNOBS = ("threshold", "n", "strength", "dilate")  # DiffEdit's own knobs: its mask (dilate: not in the paper)
-METHOD_LABELS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode"}
+METHOD_LABELS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode",
+                 "masked-sdedit": "masked SDEdit"}
 MISSING = "plots need matplotlib: pip install 'diffedit[plots]' (or pip install matplotlib)"
 
 
@@ -81,7 +82,7 @@ def tradeoff(rows, path, x: str | None = None, y: str | None = None):
     for method in METHOD_LABELS:
         for ref in refs:
             pts = [r for r in rows if r["method"] == method and r["reference"] == ref]
-            if method == "diffedit":
+            if METHOD_TABLE[method].masked:
                 pts = [r for r in pts if all(r.get(k) == rep[k] for k in MASK_KNOBS)]
             pts = sorted((r for r in pts if r.get(x) is not None and r.get(y) is not None), key=lambda r: r["ratio"])
             if not pts:

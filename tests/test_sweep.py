@@ -138,7 +138,7 @@ def test_a_sweep_row_is_the_single_edit_with_the_same_settings_and_seed(base, ti
 def test_the_first_n_of_n_max_noises_are_the_n_noises_of_a_single_edit(shape):
     """What makes a sweep row at n < n_max equal DiffEdit.edit(n=n).
 
-    Image i of a sweep uses the seed S * 1000 + i (as toy/evaluate.py); its mask noises come from a generator
+    Image i of a sweep uses the seed S * 1000 + i (as diffedit/evaluation.py); its mask noises come from a generator
     seeded with it, drawn as ONE tensor of the grid's n_max noises, and a row with n noises uses the first n.
     A row at n = n_max is therefore exactly ``de.edit(..., n=n_max, seed=S * 1000 + i)``. For smaller n it
     equals ``de.edit(..., n=n)`` only because torch's CPU normal generator fills a tensor of a multiple of 16

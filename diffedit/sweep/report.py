@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..plots import MASK_KNOBS, METHOD_LABELS, PAPER, closest
+from ..settings import METHOD_TABLE
 from .plan import GRID_KNOBS, METRICS, ordered, separate_cost, shared_cost
 from .results import merge, summarize
 
@@ -53,7 +54,7 @@ def _stem(image_id: str) -> str:
 def example_knobs(settings) -> dict:
     """The knobs of the example images: the grid values closest to the paper's (DiffEdit's own for its mask)."""
     rep = {k: closest([getattr(s, k) for s in settings], k) for k in PAPER}
-    masked = [s for s in settings if s.method == "diffedit"]
+    masked = [s for s in settings if METHOD_TABLE[s.method].masked]
     return {**rep, **{k: closest([getattr(s, k) for s in masked], k) for k in MASK_KNOBS}}
 
 
@@ -75,9 +76,9 @@ def save_examples(out: Path, item, image, outputs, rep: dict):
         s = o.setting
         if s.reference != rep["reference"]:
             continue
-        if s.method == "diffedit":
-            if any(getattr(s, k) != rep[k] for k in MASK_KNOBS):
-                continue
+        if METHOD_TABLE[s.method].masked and any(getattr(s, k) != rep[k] for k in MASK_KNOBS):
+            continue
+        if s.method == "diffedit":  # (masked SDEdit's D and M are DiffEdit's)
             heatmap(o.map.cpu(), image.size).save(ex / f"{stem}_map.png")  # D and M do not depend on r
             np.save(ex / f"{stem}_map.npy", o.map.cpu().numpy())
             overlay(image, imgs.mask_to_pil(o.mask, image.size)).save(ex / f"{stem}_mask.png")
