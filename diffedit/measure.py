@@ -179,6 +179,20 @@ def median_time(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(interleaved({"fn": fn}, device, repeats, warmup)["fn"])
 
 
+def race_summary(times: dict, flops: int, counted: dict, peak: float, rows: int) -> dict:
+    """Per contender of an ``interleaved`` race of ``rows``-row forwards: its times, the median, ms per row, the
+    FLOP rate and its fraction of the matmul ``peak`` (TFLOP/s); then diffusers' median and fastest over ours."""
+    res = {}
+    for who in times:
+        med = statistics.median(times[who])
+        res[who] = {"flops_counted_on_cpu": counted[who], "times_s": times[who], "time_s": med,
+                    "ms_per_row": 1e3 * med / rows, "min_ms_per_row": 1e3 * min(times[who]) / rows,
+                    "tflop_per_s": flops / med / 1e12, "fraction_of_matmul": flops / med / 1e12 / peak}
+    res["speedup"] = res["diffusers"]["time_s"] / res["ours"]["time_s"]
+    res["speedup_of_minima"] = min(times["diffusers"]) / min(times["ours"])
+    return res
+
+
 def matmul_rate(device="cpu", dtype=None, n: int = 2048) -> float:
     """FLOP/s of an n^3 square matmul in ``dtype`` on ``device`` (median of 5): the dtype's practical peak."""
     import torch

@@ -27,13 +27,13 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from diffedit.measure import race_summary
 from diffedit.measure import count_flops, interleaved, matmul_rate, tune_malloc
 from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
@@ -109,14 +109,7 @@ def race(ours, theirs, side: int, dtype, args, deadline: float) -> dict:
     res = {"batch": 2, "latent": [side, side], "image_px": 8 * side, "text_tokens": args.tokens, "flops": flops,
            "warmup_s": warmup, "matmul_tflop_per_s": peak, "matmul_tflop_per_s_before_after": peaks,
            "relative_difference": float((a - b).norm() / b.norm()), "repeats_done": len(times["ours"])}
-    for who in fns:
-        med = statistics.median(times[who])
-        res[who] = {"flops_counted_on_cpu": counted[who], "times_s": times[who], "time_s": med,
-                    "ms_per_row": 1e3 * med / 2, "min_ms_per_row": 1e3 * min(times[who]) / 2,
-                    "tflop_per_s": flops / med / 1e12, "fraction_of_matmul": flops / med / 1e12 / peak}
-    res["speedup"] = res["diffusers"]["time_s"] / res["ours"]["time_s"]
-    res["speedup_of_minima"] = min(times["diffusers"]) / min(times["ours"])
-    return res
+    return {**res, **race_summary(times, flops, counted, peak, rows=2)}
 
 
 def run_dtype(cfg: MMDiTConfig, dtype, args, deadline: float) -> dict:

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -46,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
 import oracles  # noqa: E402
 from diffedit.guidance import Conditioning
+from diffedit.measure import race_summary
 from diffedit.measure import ModuleCounter, count_flops, interleaved, matmul_rate, random_model, tune_malloc
 from diffedit.models import StableDiffusion, preset, size_conditioning
 from diffedit.pipeline import DiffEdit
@@ -98,14 +98,7 @@ def race(de: DiffEdit, unet, side: int, args, deadline: float) -> dict:
     res = {"batch": 2, "latent": [side, side], "image_px": side * de.cfg.vae.downsampling, "flops": flops,
            "warmup_s": warmup, "matmul_tflop_per_s": peak, "matmul_tflop_per_s_before_after": peaks,
            "relative_difference": float((a - b).norm() / b.norm()), "repeats_done": len(times["ours"])}
-    for who in fns:
-        med = statistics.median(times[who])
-        res[who] = {"flops_counted_on_cpu": counted[who], "times_s": times[who], "time_s": med,
-                    "ms_per_row": 1e3 * med / 2, "min_ms_per_row": 1e3 * min(times[who]) / 2,
-                    "tflop_per_s": flops / med / 1e12, "fraction_of_matmul": flops / med / 1e12 / peak}
-    res["speedup"] = res["diffusers"]["time_s"] / res["ours"]["time_s"]
-    res["speedup_of_minima"] = min(times["diffusers"]) / min(times["ours"])
-    return res
+    return {**res, **race_summary(times, flops, counted, peak, rows=2)}
 
 
 def run_dtype(dtype, args, deadline: float) -> dict:

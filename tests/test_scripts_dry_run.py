@@ -122,3 +122,11 @@ def test_mask_anatomy_refuses_the_training_seed_and_bad_lists():
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "mask_anatomy.py"), "--n", "1", *flags],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sd3_roundtrip_dry_run_measures_both_schedules_drift(tmp_path):
+    r = run_script(tmp_path, "sd3_roundtrip", "--dry-run")
+    assert len(r["models"]) == 2  # the flow model's Euler inversion and DDIM's, side by side
+    assert all(set(m["errors"]["r=1"]) == {"4", "8"} for m in r["models"].values())
+    values = numbers(r)
+    assert values and all(math.isfinite(v) for v in values)
