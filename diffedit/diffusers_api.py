@@ -174,7 +174,7 @@ class StableDiffusionDiffEditPipeline:
         """The DiffEdit's engine, counting UNet rows on a progress bar; ``convert`` wraps the model call first."""
         config = dict(self._progress)
         disable = config.pop("disable", False)
-        bar = tqdm(**{"desc": desc, "unit": "UNet row", **config, "disable": disable})
+        bar = tqdm(**{"desc": desc, "unit": " UNet rows", **config, "disable": disable})
         wrap = convert if disable else lambda model: EvalCounter(convert(model) if convert else model, bar.update)
         try:
             yield self.de.engine(wrap=wrap)

@@ -351,3 +351,21 @@ def test_bad_arguments_fail_in_one_line_naming_the_argument(sd1):
         with pytest.raises((ValueError, TypeError), match=name) as e:
             call()
         assert "\n" not in str(e.value), name
+
+
+def test_to_keeps_the_results_and_the_progress_bar_counts_unet_rows(sd1, capsys):
+    _, ours = sd1
+    raw_image = astronaut(SIDE)
+
+    def mask():
+        return ours.generate_mask(image=raw_image, source_prompt=SOURCE, target_prompt=TARGET, num_maps_per_mask=N,
+                                  num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
+
+    before = mask()
+    assert ours.to("cpu") is ours and ours.to(torch.float32).dtype == torch.float32
+    ours.set_progress_bar_config(disable=False)
+    try:
+        assert np.array_equal(mask(), before)
+    finally:
+        ours.set_progress_bar_config(disable=True)
+    assert f"generate_mask: {2 * N} UNet rows" in capsys.readouterr().err
