@@ -308,20 +308,20 @@ class StableDiffusionDiffEditPipeline:
         pixels = self._pixels(image, len(targets))
         n, b = num_maps_per_mask, len(pixels)
         denoiser = self.de.denoiser
-        strength = self._resolved(s, True).strength
-        level = denoiser.strength_level(strength, s.steps)
+        level = denoiser.strength_level(self._resolved(s, True).strength, s.steps)
         posts = [self._posterior(x) for x in pixels]
         x0s = [self._latent(m, None, None) for m, _ in posts]
+        shape = (b * n, *posts[0][0].shape[1:])
         if diffusers:  # diffusers: B x n posterior samples (image-major), then B x n noises, from one generator
-            shape = (b * n, *posts[0][0].shape[1:])
             draws = randn(shape, generator, self.de.device, self.de.vae_dtype)
-            noise = randn(shape, generator, self.de.device, self.de.vae_dtype).to(self.de.latent_dtype)
             rows = [self._latent(m, sd, draws[i * n:(i + 1) * n]) for i, (m, sd) in enumerate(posts)]
-            noises = [masking.Noises(denoiser.add_noise(x, noise[i * n:(i + 1) * n], level)[:, None], level)
-                      for i, x in enumerate(rows)]
-        else:
-            noises = [masking.noised_latents(denoiser, x0, n, strength, s.steps, generator)
-                      for x0 in x0s]
+            noise = randn(shape, generator, self.de.device, self.de.vae_dtype)
+        else:  # the posterior mean under n noises per image, drawn as masking.noised_latents draws them
+            rows = [x0.expand(n, *x0.shape[1:]) for x0 in x0s]
+            noise = randn(shape, generator, self.de.device, torch.float32)
+        noise = noise.to(self.de.latent_dtype)
+        noises = [masking.Noises(denoiser.add_noise(x, noise[i * n:(i + 1) * n], level)[:, None], level)
+                  for i, x in enumerate(rows)]
         inputs = [Input(x0=x0, noises=z) for x0, z in zip(x0s, noises)]
         requests = [Request(i, t, src, s) for i, (t, src) in enumerate(zip(self._on(targets), self._on(sources)))]
         with self._engine("generate_mask") as engine:

@@ -172,8 +172,10 @@ def test_the_mask_with_equal_negative_prompts_or_without_guidance_is_diffusers(s
     assert np.array_equal(mask(ours, guidance_scale=1.0), mask(ours))
 
 
-def test_a_batch_of_two_images_gives_each_images_edit_alone(sd1):
-    _, ours = sd1
+@pytest.mark.parametrize("recipe", ["diffusers", "paper"])
+def test_a_batch_of_two_images_gives_each_images_edit_alone(sd1, recipe):
+    ours = StableDiffusionDiffEditPipeline(sd1[1].de, recipe=recipe)
+    ours.set_progress_bar_config(disable=True)
     pics = [astronaut(SIDE), astronaut(SIDE, crop=(256, 256, 512, 512))]
     common = dict(num_inference_steps=STEPS)
 
@@ -195,7 +197,7 @@ def test_a_batch_of_two_images_gives_each_images_edit_alone(sd1):
         alone_mask, alone = edit([i])
         assert np.array_equal(mask[i], alone_mask[0])
         err = rel_err(torch.from_numpy(both[i]), torch.from_numpy(alone[0]))
-        report(f"image {i} of a batch of 2 vs alone", err)
+        report(f"{recipe}: image {i} of a batch of 2 vs alone", err)
         assert err < 1e-4
 
 
