@@ -147,11 +147,10 @@ class Engine:
             if key not in self._conds:
                 self._conds[key] = self._cached(key, lambda: self.models.encode_prompt([text], size))
             return self._conds[key]
-        batched = len(text.shape) == 3  # len(shape): SDXL's Conditioning has a shape, no ndim
-        rows = text.shape[0] if batched else 1
+        rows = text.shape[0] if text.ndim == 3 else 1
         if rows != 1:
             raise ValueError(f"an embedding given for one text must have one row, got {rows}")
-        return text if batched else text[None]
+        return text if text.ndim == 3 else text[None]
 
     # --- step 1 ---------------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from . import ddim
 @dataclass(frozen=True)
 class Conditioning:
     """SDXL's conditioning of B rows: ``context`` (B, L, D) for cross-attention, ``y`` (B, adm) added to the time
-    embedding. Rows behave as a tensor's first axis: ``c[i]``, ``c[i:j]``, ``c.expand(n, ...)``, ``c.shape``,
+    embedding. Rows behave as a tensor's first axis: ``c[i]``, ``c[i:j]``, ``c.expand(n, ...)``, ``c.shape``, ``c.ndim``,
     ``c.to(dtype)``, ``torch.cat`` and ``torch.equal``."""
     context: torch.Tensor
     y: torch.Tensor
@@ -35,6 +35,10 @@ class Conditioning:
     @property
     def shape(self) -> torch.Size:
         return self.context.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.context.ndim
 
     def __len__(self) -> int:
         return self.context.shape[0]

@@ -334,9 +334,9 @@ def _texts(name: str, value, empty_ok: bool = False) -> tuple[list, bool]:
     """A text argument as a list of texts (a string, an embedding of one row, or a list of them; an embedding of
     K rows is K texts), and whether it was a list."""
     if isinstance(value, (torch.Tensor, Conditioning)):
-        if isinstance(value, torch.Tensor) and value.ndim == 2:
+        if value.ndim == 2:
             return [value[None]], False
-        if value.ndim != 3 if isinstance(value, torch.Tensor) else False:
+        if value.ndim != 3:
             raise ValueError(f"{name}: an embedding must be (rows, tokens, width), got {tuple(value.shape)}")
         rows = [value[i:i + 1] for i in range(value.shape[0])]
         return rows, len(rows) > 1

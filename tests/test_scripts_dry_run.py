@@ -130,3 +130,14 @@ def test_sd3_roundtrip_dry_run_measures_both_schedules_drift(tmp_path):
     assert all(set(m["errors"]["r=1"]) == {"4", "8"} for m in r["models"].values())
     values = numbers(r)
     assert values and all(math.isfinite(v) for v in values)
+
+
+def test_bench_diffusers_api_dry_run_counts_rows_and_encodes_of_the_three_calls(tmp_path):
+    r = run_script(tmp_path, "bench_diffusers_api", "--dry-run")
+    fp32 = r["dtypes"]["float32"]
+    assert fp32["parity"]["mask_equal"] and fp32["parity"]["image_max_diff_255"] <= 2
+    # diffusers' mask pass runs CFG rows and encodes the image n times; ours neither
+    assert fp32["ours"]["total"]["unet_rows"] < fp32["diffusers"]["total"]["unet_rows"]
+    assert fp32["ours"]["total"]["vae_encode_rows"] == 1 < fp32["diffusers"]["total"]["vae_encode_rows"]
+    values = numbers(r)
+    assert values and all(math.isfinite(v) for v in values)
