@@ -85,12 +85,14 @@ def _texts(args, de, image):
     written or generated elsewhere), conditioned for the image's working size."""
     from .guidance import mean_embedding
     from .images import model_size
-    w, h = model_size(image.size, de.multiple)
     out = []
     for name, text, path in (("target", args.target, args.target_file),
                              ("source", args.source, getattr(args, "source_file", None))):
-        out.append(text if path is None else mean_embedding(de.encode_prompt(_captions(f"--{name}-file", path),
-                                                                             (h, w))))
+        if path is None:
+            out.append(text)
+        else:
+            w, h = model_size(image.size, de.multiple)
+            out.append(mean_embedding(de.encode_prompt(_captions(f"--{name}-file", path), (h, w))))
     return out
 
 
