@@ -315,3 +315,27 @@ def test_panel_scales_small_images_up_and_marks_missing_masks():
     assert viz.tile_size((600, 300)) == (600, 300) and p.size[0] == 4 * 600 + 12
     grey = np.asarray(p)[150, 600 + 4 + 5]
     assert tuple(grey) == (200, 200, 200)  # the "no mask" placeholder
+
+
+def test_captions_files_give_the_mean_embedding_and_bad_files_are_named(tiny_checkpoint, image, tmp_path, capsys):
+    """--target-file with one caption twice equals --target with it (the mean of equal rows is the row); a file with
+    two captions runs; a missing or blank file is a one-line error before the model loads."""
+    one, two, blank = tmp_path / "one.txt", tmp_path / "two.txt", tmp_path / "blank.txt"
+    one.write_text("a dog\n\na dog\n")
+    two.write_text("a dog\na puppy on grass\n")
+    blank.write_text("\n  \n")
+    base = ["edit", image, "--model", tiny_checkpoint, "--steps", "4", "--n", "2", "--dtype", "float32", "-q"]
+    outs = {}
+    for name, flags in (("text", ["--target", "a dog", "--source", "a cat"]),
+                        ("file", ["--target-file", one, "--source", "a cat"]),
+                        ("two", ["--target-file", two, "--source-file", one])):
+        outs[name] = tmp_path / f"{name}.png"
+        code, _, err = run([*base, *flags, "--out", outs[name]], capsys)
+        assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(outs["text"])), np.asarray(Image.open(outs["file"])))
+    for flags, words in ((["--target-file", tmp_path / "none.txt"], ["--target-file", "not found"]),
+                         (["--target-file", blank], ["--target-file", "no caption"]),
+                         (["--target", "a dog", "--source-file", blank], ["--source-file", "no caption"]),
+                         (["--target", "a dog", "--target-file", one], ["not allowed with"])):
+        code, _, err = run([*base, *flags], capsys)
+        assert code == 2 and err.count("\n") == 1 and all(w in err for w in words), err
