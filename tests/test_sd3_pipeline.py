@@ -229,3 +229,21 @@ def test_full_size_sd35_medium_mmdit_equals_diffusers_transformer_inside_both_pi
     errs = rel_err(mine.mask_map, theirs.mask_map), rel_err(mine.latents, theirs.latents)
     report("sd3.5 medium (full-size MMDiT) edit: map D, latents with diffusers' transformer", max(errs))
     assert max(errs) < 1e-4
+
+
+def test_the_app_edits_on_sd3_at_its_working_size_and_equals_the_api(de):
+    """The app's work (engine + session cache) on SD3: mask and edit equal the API's; a threshold change reuses D."""
+    from diffedit import app_state
+    from diffedit.settings import EditSettings
+    image = picture()
+    s = EditSettings(ratio=0.5, steps=4, n=2, seed=0)
+    api = de.edit(image, "a green circle", source="a red circle", ratio=0.5, steps=4, n=2)
+    engine = app_state.Engine(de)
+    work = engine.work(app_state.Session())
+    pic = work.picture(image)
+    d, m = work.mask(pic, "a red circle", "a green circle", s)
+    edited = work.edit(pic, "a red circle", "a green circle", s, m)
+    assert torch.equal(d, api.mask_map) and np.array_equal(np.asarray(edited), np.asarray(api.image))
+    before = engine.evals.count
+    work.mask(pic, "a red circle", "a green circle", s.replace(threshold=0.3))
+    assert engine.evals.count == before  # a new threshold: no model call
