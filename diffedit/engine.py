@@ -224,13 +224,15 @@ class Engine:
         if any(a == b or torch.equal(texts[a], texts[b]) for a, b in pairs):
             log.warning("the target equals the source: D = 0, so the mask is empty and the input comes back")
         if given is None:
-            noises = masking.noised_latents(self.denoiser, x0, draw, strength, steps, torch.Generator().manual_seed(seed))
+            noises = masking.noised_latents(self.denoiser, x0, draw, strength, steps,
+                                            torch.Generator().manual_seed(seed))
         elif float(given.t) != float(self.denoiser.strength_level(strength, steps)) or given.x_t.shape[0] < draw:
             raise ValueError(f"the noises given are {given.x_t.shape[0]} at level {float(given.t):g}; this mask needs "
                              f"{draw} at level {float(self.denoiser.strength_level(strength, steps)):g}")
         else:
             noises = given
-        maps = masking.noise_difference_maps(self.denoiser, noises, texts, pairs, sorted({r.settings.n for r in requests}))
+        ns = sorted({r.settings.n for r in requests})
+        maps = masking.noise_difference_maps(self.denoiser, noises, texts, pairs, ns)
         return [d[r.settings.n].float() for d, r in zip(maps, requests)]
 
     # --- step 2 ---------------------------------------------------------------------------------------------
@@ -266,9 +268,9 @@ class Engine:
             given = inp.trajectory
             if given is not None:
                 if given.steps != steps or given.ratio < ratio - 1e-9:
-                    raise ValueError(f"the trajectory given reaches ratio {given.ratio:g} on a {given.steps}-step grid; "
-                                     f"this edit needs ratio {ratio:g} on a {steps}-step grid (invert with the same "
-                                     "steps and at least that ratio)")
+                    raise ValueError(f"the trajectory given reaches ratio {given.ratio:g} on a {given.steps}-step "
+                                     f"grid; this edit needs ratio {ratio:g} on a {steps}-step grid (invert with the "
+                                     "same steps and at least that ratio)")
                 found[(i, steps, name)] = given
                 continue
             k = encoding_steps(ratio, steps)
@@ -322,7 +324,8 @@ class Engine:
             y = torch.cat([p[0] for p in parts])
             any_mask = any(p[2] is not None for p in parts)
             keep = torch.cat([p[1] for p in parts], dim=1) if any_mask else None
-            mask = torch.cat([p[2] if p[2] is not None else torch.ones_like(y[:1, :1]) for p in parts]) if any_mask else None
+            ones = torch.ones_like(y[:1, :1])  # an unmasked row among masked ones: M = 1 keeps y exactly
+            mask = torch.cat([ones if p[2] is None else p[2] for p in parts]) if any_mask else None
             size = self.models.image_size(y)
             cond = torch.cat([self.cond(requests[j].target, size) for j in js])
             uncond = torch.cat([self.cond(requests[j].source, size) for j in js])
@@ -357,7 +360,8 @@ class Engine:
             y = self.denoiser.add_noise(x0, noise, levels[-1])
             keep = x0[None].expand(len(levels), *x0.shape)
             if mask is not None:  # Blended Latent Diffusion: x_0 noised to each level with fresh noise; x_0 at the end
-                fresh = torch.randn((len(levels) - 1, *x0.shape), generator=gen, dtype=torch.float32).to(x0.device, x0.dtype)
+                fresh = torch.randn((len(levels) - 1, *x0.shape), generator=gen, dtype=torch.float32)
+                fresh = fresh.to(x0.device, x0.dtype)
                 keep = torch.cat([x0[None], torch.stack([self.denoiser.add_noise(x0, fresh[i - 1], levels[i])
                                                          for i in range(1, len(levels))])])
         m = None if mask is None else mask[1][None, None].to(y.dtype)

@@ -22,9 +22,9 @@ from . import ddim
 
 @dataclass(frozen=True)
 class Conditioning:
-    """SDXL's conditioning of B rows: ``context`` (B, L, D) for cross-attention, ``y`` (B, adm) added to the time
-    embedding. Rows behave as a tensor's first axis: ``c[i]``, ``c[i:j]``, ``c.expand(n, ...)``, ``c.shape``, ``c.ndim``,
-    ``c.to(dtype)``, ``torch.cat`` and ``torch.equal``."""
+    """SDXL's and SD3's conditioning of B rows: ``context`` (B, L, D) for attention, ``y`` (B, adm) added to the time
+    embedding (SD3: the pooled text). Rows behave as a tensor's first axis: ``c[i]``, ``c[i:j]``,
+    ``c.expand(n, ...)``, ``c.shape``, ``c.ndim``, ``c.to(dtype)``, ``torch.cat`` and ``torch.equal``."""
     context: torch.Tensor
     y: torch.Tensor
 

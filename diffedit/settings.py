@@ -28,7 +28,7 @@ METHOD_TABLE = {m.name: m for m in (
     Method("diffedit", masked=True, start="encoding"),
     Method("sdedit", masked=False, start="noise"),                # Meng et al., 2022
     Method("encode-decode", masked=False, start="encoding"),      # DiffEdit with M = 1
-    Method("masked-sdedit", masked=True, start="noise"),          # DiffEdit's mask, SDEdit's noise (Blended Latent Diffusion's blend)
+    Method("masked-sdedit", masked=True, start="noise"),          # the mask, fresh noise (Blended Latent Diffusion)
 )}
 METHODS = tuple(METHOD_TABLE)
 NORMALIZATIONS = ("quantile", "clamp", "minmax", "clamp-mean")
@@ -178,5 +178,6 @@ class EditSettings:
         return replace(self, **changes)
 
 
-__all__ = ["Method", "METHOD_TABLE", "METHODS", "NORMALIZATIONS", "REFERENCES", "MAX_N", "MAX_STEPS", "SettingsError", "Knob", "KNOBS",
+__all__ = ["Method", "METHOD_TABLE", "METHODS", "NORMALIZATIONS", "REFERENCES", "MAX_N", "MAX_STEPS", "SettingsError",
+           "Knob", "KNOBS",
            "check", "Recipe", "RECIPES", "recipe", "EditSettings"]
