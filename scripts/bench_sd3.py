@@ -27,14 +27,16 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from diffedit.measure import race_summary
-from diffedit.measure import count_flops, interleaved, matmul_rate, tune_malloc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+import oracles  # noqa: E402
+from diffedit.measure import count_flops, interleaved, matmul_rate, race_summary, tune_malloc  # noqa: E402
 from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
 from diffedit.precision import cpu_has_native_bf16
@@ -57,24 +59,6 @@ def random_mmdit(cfg: MMDiTConfig, dtype, seed: int = 0) -> MMDiT:
                 scale = 1.0 if name == "pos_embed" else p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return model.eval().requires_grad_(False)
-
-
-def diffusers_twin(ours: MMDiT):
-    """diffusers' SD3Transformer2DModel holding our tensors (meta + assign=True through its own converter)."""
-    from diffusers import SD3Transformer2DModel
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-    cfg = ours.cfg
-    with torch.device("meta"):
-        theirs = SD3Transformer2DModel(
-            sample_size=2 * cfg.pos_embed_max_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
-            num_layers=cfg.depth, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
-            joint_attention_dim=cfg.context_dim, caption_projection_dim=cfg.hidden_size,
-            pooled_projection_dim=cfg.pooled_dim, out_channels=cfg.out_channels,
-            pos_embed_max_size=cfg.pos_embed_max_size, dual_attention_layers=cfg.dual_attention_layers,
-            qk_norm="rms_norm" if cfg.qk_norm else None)
-    theirs.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(dict(ours.state_dict())), strict=True,
-                           assign=True)
-    return theirs.eval().requires_grad_(False)
 
 
 def meta_flops(cfg: MMDiTConfig, side: int, batch: int, tokens: int) -> int:
@@ -116,7 +100,7 @@ def run_dtype(cfg: MMDiTConfig, dtype, args, deadline: float) -> dict:
     """Both models on one set of random weights in ``dtype``, every latent side raced; the models freed after."""
     t0 = time.perf_counter()
     ours = random_mmdit(cfg, dtype)
-    theirs = diffusers_twin(ours)
+    theirs = oracles.sd3_transformer(ours)
     mine = {p.untyped_storage().data_ptr() for p in [*ours.parameters(), *ours.buffers()]}
     tensors = [*theirs.parameters(), *theirs.buffers()]
     shared = sum(p.nbytes for p in tensors if p.untyped_storage().data_ptr() in mine)

@@ -17,8 +17,7 @@ from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import SD3Transformer2DModel  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
+from oracles import sd3_transformer  # noqa: E402
 
 TOL, WRONG = 1e-4, 1e-3
 SD3 = dataclasses.replace(MMDIT_PRESETS["tiny-sd3"], qk_norm=False, dual_attention_layers=())
@@ -39,26 +38,6 @@ def randomize(model: MMDiT, seed: int = 0) -> MMDiT:
             else:
                 p.copy_(r * (p[0].numel() ** -0.5 if p.ndim >= 2 else 0.1))
     return model.eval().requires_grad_(False)
-
-
-def diffusers_twin(ours: MMDiT, device=None) -> SD3Transformer2DModel:
-    """diffusers' model with our weights through diffusers' converter (strict: no key missing or left over). On
-    ``device="meta"`` it is built empty and takes the converted tensors themselves (no second copy where the
-    converter does not copy)."""
-    cfg = ours.cfg
-    with torch.device(device or "cpu"):
-        theirs = SD3Transformer2DModel(
-            sample_size=2 * cfg.pos_embed_max_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
-            num_layers=cfg.depth, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
-            joint_attention_dim=cfg.context_dim, caption_projection_dim=cfg.hidden_size,
-            pooled_projection_dim=cfg.pooled_dim, out_channels=cfg.out_channels,
-            pos_embed_max_size=cfg.pos_embed_max_size, dual_attention_layers=cfg.dual_attention_layers,
-            qk_norm="rms_norm" if cfg.qk_norm else None)
-    single_file = {f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}
-    converted = convert_sd3_transformer_checkpoint_to_diffusers(single_file)
-    assert not single_file, f"keys diffusers' converter did not use: {sorted(single_file)}"
-    theirs.load_state_dict(converted, strict=True, assign=device == "meta")
-    return theirs.eval().requires_grad_(False)
 
 
 def inputs(cfg: MMDiTConfig, h: int, w: int, batch: int = 2, tokens: int = 7, seed: int = 1):
@@ -92,7 +71,7 @@ def swapped_halves(w):
 
 def test_sd3_final_layer_order_and_pooled_text():
     ours = randomize(MMDiT(SD3))
-    theirs = diffusers_twin(ours)
+    theirs = sd3_transformer(ours)
     x, t, ctx, y = inputs(SD3, 16, 16)
     # the final adaLN read as (scale, shift), the order diffusers stores it in
     wrong = copy.deepcopy(ours)
@@ -117,7 +96,7 @@ def test_sd3_keys_of_the_last_block():
 
 def test_sd35_qk_norm_and_dual_attention():
     ours = randomize(MMDiT(SD35))
-    theirs = diffusers_twin(ours)
+    theirs = sd3_transformer(ours)
     x, t, ctx, y = inputs(SD35, 16, 16)
     no_norm = copy.deepcopy(ours)
     for m in no_norm.modules():
@@ -134,7 +113,7 @@ def test_sd35_qk_norm_and_dual_attention():
 
 def test_non_square_latent():
     ours = randomize(MMDiT(SD35), seed=2)
-    theirs = diffusers_twin(ours)
+    theirs = sd3_transformer(ours)
     x, t, ctx, y = inputs(SD35, 12, 20, tokens=5)
     wrong = copy.deepcopy(ours)  # height and width of the position table swapped
     m = SD35.pos_embed_max_size
@@ -144,7 +123,7 @@ def test_non_square_latent():
 
 def test_pos_embed_centre_crop_below_max():
     ours = randomize(MMDiT(SD3), seed=3)
-    theirs = diffusers_twin(ours)
+    theirs = sd3_transformer(ours)
     m = SD3.pos_embed_max_size
     x, t, ctx, y = inputs(SD3, 2 * (m - 6), 2 * (m - 4), batch=1)
     wrong = copy.deepcopy(ours)  # the top-left corner of the table instead of its centre
@@ -175,7 +154,7 @@ def test_sd35_medium_full_size():
         ours = MMDiT(cfg)
     ours = randomize(ours.to_empty(device="cpu"))
     assert sum(p.numel() for p in ours.parameters()) > 2.2e9
-    theirs = diffusers_twin(ours, device="meta")
+    theirs = sd3_transformer(ours)
     x, t, ctx, y = inputs(cfg, 32, 32, batch=1, tokens=16)
     wrong = lambda x, t, c, y: ours(x, t, c, y.roll(cfg.pooled_dim // 2, dims=1))  # pooled halves swapped
     compare(ours, theirs, x, t, ctx, y, wrong)

@@ -184,6 +184,25 @@ def _on_meta(cls, config: dict, state: dict, **kwargs):
     return net.eval().requires_grad_(False)
 
 
+def sd3_transformer(mmdit, sample_size: int | None = None):
+    """diffusers' SD3Transformer2DModel holding an ``MMDiT``'s tensors, through diffusers' own
+    ``convert_sd3_transformer_checkpoint_to_diffusers`` (which must use every key) onto a model built on meta: tensors
+    the converter passes through are shared, not copied. ``sample_size``: its config's (default: the table's side)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    m = mmdit.cfg
+    single_file = {f"model.diffusion_model.{k}": v for k, v in mmdit.state_dict().items()}
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(single_file)
+    if single_file:
+        raise RuntimeError(f"keys diffusers' converter did not use: {sorted(single_file)[:5]}")
+    return _on_meta(SD3Transformer2DModel, dict(
+        sample_size=sample_size or 2 * m.pos_embed_max_size, patch_size=m.patch_size, in_channels=m.in_channels,
+        num_layers=m.depth, attention_head_dim=m.head_dim, num_attention_heads=m.heads,
+        joint_attention_dim=m.context_dim, caption_projection_dim=m.hidden_size, pooled_projection_dim=m.pooled_dim,
+        out_channels=m.out_channels, pos_embed_max_size=m.pos_embed_max_size,
+        dual_attention_layers=m.dual_attention_layers, qk_norm="rms_norm" if m.qk_norm else None), converted)
+
+
 @torch.no_grad()
 def sd3_pipeline(model, tok_dir: Path):
     """diffusers' StableDiffusion3Pipeline on an SD3 ``StableDiffusion3``'s own weights, without T5 (fp32, its
@@ -191,23 +210,14 @@ def sd3_pipeline(model, tok_dir: Path):
     ``convert_sd3_transformer_checkpoint_to_diffusers`` and the VAE through ``convert_ldm_vae_checkpoint`` (tensors
     shared with ours where the converters pass them through), the CLIP towers by name; ``tok_dir`` receives the
     tokenizer files."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
-                                                     convert_sd3_transformer_checkpoint_to_diffusers)
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from transformers import CLIPTextModelWithProjection
     cfg = model.cfg
     if cfg.family != "sd3" or cfg.text_3 is not None:
         raise ValueError("sd3_pipeline needs an SD3 model without T5")
-    m, v, state = cfg.mmdit, cfg.vae, model.state_dict()
-    dit = {k: t for k, t in state.items() if k.startswith("model.diffusion_model.")}
-    transformer = _on_meta(SD3Transformer2DModel, dict(
-        sample_size=cfg.resolution // v.downsampling, patch_size=m.patch_size, in_channels=m.in_channels,
-        num_layers=m.depth, attention_head_dim=m.head_dim, num_attention_heads=m.heads,
-        joint_attention_dim=m.context_dim, caption_projection_dim=m.hidden_size, pooled_projection_dim=m.pooled_dim,
-        out_channels=m.out_channels, pos_embed_max_size=m.pos_embed_max_size,
-        dual_attention_layers=m.dual_attention_layers, qk_norm="rms_norm" if m.qk_norm else None),
-        convert_sd3_transformer_checkpoint_to_diffusers(dit))
+    v, state = cfg.vae, model.state_dict()
+    transformer = sd3_transformer(model.mmdit, sample_size=cfg.resolution // v.downsampling)
     vae_config = dict(block_out_channels=[v.ch * k for k in v.ch_mult], layers_per_block=v.num_res_blocks,
                       latent_channels=v.z_channels, norm_num_groups=v.norm_groups, use_quant_conv=False,
                       use_post_quant_conv=False, scaling_factor=v.scaling_factor, shift_factor=v.shift_factor,
