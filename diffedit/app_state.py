@@ -68,6 +68,14 @@ class LRUCache:
         with self._lock:
             return key in self._items
 
+    def get(self, key):
+        """The value under ``key``, or None if it is not (or no longer) kept."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key][0]
+
     def cached(self, key, make):
         """The value under ``key``; made (outside the lock: it may run the UNet) and kept if missing."""
         with self._lock:

@@ -19,9 +19,10 @@ Rows of different images share model calls in steps 2 and 3, where CPU kernels m
 batch size: a batch equals each image edited alone to float rounding; masks, drawn from each image's own seeded
 generator and evaluated per image, are the same bits.
 
-Optional: a ``memo`` (``memo.cached(key, make)``; the app's per-session cache) keeps x_0, texts, D, trajectories
-and edits across calls, for inputs that have a ``key``; ``wrap`` wraps the model call (counting, cancelling);
-``on_phase(name)`` hears "encode" before each VAE encode and "mask", "inversion", "decoding" before each phase.
+Optional: a ``memo`` (``cached(key, make)``, ``has(key)``, ``get(key)``; the app's per-session cache) keeps x_0,
+texts, D and trajectories across calls, for inputs that have a ``key``; ``wrap`` wraps the model call (counting,
+cancelling); ``on_phase(name)`` hears "encode" before each VAE encode and "mask", "inversion", "decoding" before
+each phase.
 """
 from __future__ import annotations
 
@@ -125,6 +126,9 @@ class Engine:
             return make()
         return self.memo.cached(key, make)
 
+    def _held(self, key) -> bool:
+        return bool(key) and self.memo is not None and self.memo.has(key)
+
     # --- inputs and texts -----------------------------------------------------------------------------------
 
     def x0(self, inp: Input) -> torch.Tensor:
@@ -162,7 +166,7 @@ class Engine:
     def has_map(self, inp: Input, r: Request, n_draw: int | None = None) -> bool:
         """Whether the memo holds the map D of ``r`` on ``inp`` (then ``masks`` runs no model call for it)."""
         key = self._map_key(inp, self._checked(r, 1, masked=True), max(r.settings.n, n_draw or 0))
-        return bool(key) and self.memo is not None and self.memo.has(key)
+        return self._held(key)
 
     @staticmethod
     def _map_key(inp: Input, r: Request, draw: int):
@@ -191,7 +195,7 @@ class Engine:
                 same.setdefault((text_key(r.target), text_key(r.source), r.settings.n), []).append(j)
             firsts = [group[0] for group in same.values()]
             keys = {j: self._map_key(inp, requests[j], draw) for j in firsts}
-            todo = [j for j in firsts if not (keys[j] and self.memo is not None and self.memo.has(keys[j]))]
+            todo = [j for j in firsts if not self._held(keys[j])]
             raw = dict(zip(todo, self._difference_maps(x0, [requests[j] for j in todo], draw, strength, seed, steps,
                                                        inp.noises)))
             for group in same.values():
@@ -275,8 +279,9 @@ class Engine:
                 continue
             k = encoding_steps(ratio, steps)
             key = inp.key and ("trajectory", inp.key, steps, k, name)
-            if key and self.memo is not None and self.memo.has(key):
-                found[(i, steps, name)] = self.memo.cached(key, lambda: None)
+            held = self.memo.get(key) if key and self.memo is not None else None
+            if held is not None:
+                found[(i, steps, name)] = held
             else:
                 shape = tuple(self.x0(inp).shape)  # images of one size share the model calls
                 batches.setdefault((shape, steps, k, name[0], g), []).append((i, name, cond, uncond, key))
@@ -341,8 +346,7 @@ class Engine:
                 pixels_js = self.decode(torch.stack([y[j] for j in js]))
                 for j, pj in zip(js, pixels_js):
                     pixels[j] = pj
-        return [Output(y[j], pixels[j], mask_of.get(j, (None, None))[0], mask_of.get(j, (None, None))[1],
-                       trajectories[j]) for j in range(len(requests))]
+        return [Output(y[j], pixels[j], *mask_of.get(j, (None, None)), trajectories[j]) for j in range(len(requests))]
 
     def _row(self, inputs, r: Request, trajectory: Trajectory | None, mask, blend_late: bool):
         """One decoding row: (start y (1, C, h, w), latents to keep (k + 1, 1, C, h, w), mask (1, 1, h, w) or None,
