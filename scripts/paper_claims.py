@@ -44,7 +44,7 @@ from diffedit.checkpoint.sources import resolve
 from diffedit.settings import KNOBS, METHODS
 from diffedit import plots
 from diffedit.sweep import mean_by, read_rows, summarize
-from diffedit.sweep.cli import DTYPES
+from diffedit.frontend import DTYPES
 from diffedit.toy import resolve_world
 from diffedit.toy.world import EDIT_KINDS, WORLDS
 

@@ -350,7 +350,8 @@ def test_importing_the_sweep_and_building_its_parser_load_neither_torch_nor_nump
 
 
 def test_the_dtype_and_normalisation_choices_follow_precision_and_settings():
-    assert set(cli.DTYPES) == {"auto", *precision.DTYPES} - {"float64"}
+    from diffedit import frontend  # the front ends' one list of --dtype choices
+    assert set(frontend.DTYPES) == {"auto", *precision.DTYPES} - {"float64"}
     assert cli.NORMALIZATIONS == ("quantile", "clamp", "minmax")  # settings' rules but the diffusers recipe's
     assert set(cli.NORMALIZATIONS) < set(NORMALIZATIONS)
 

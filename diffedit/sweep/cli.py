@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import settings
-from ..frontend import DTYPES, HelpFormatter, add_model_args
+from ..frontend import HelpFormatter, add_model_args
 from ..settings import METHODS, REFERENCES, Knob, SettingsError
 from .items import load_items
 from .plan import GRID_KNOBS, grid, ordered, row_key, separate_cost, setting_key, shared_cost
