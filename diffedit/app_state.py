@@ -26,7 +26,8 @@ from PIL import Image
 from . import images
 from .denoiser import encoding_steps
 from .engine import Input, Request
-from .guidance import Conditioning, Rows
+from .conditioning import Conditioning
+from .model_call import Rows
 from .inversion import Trajectory
 from .settings import METHOD_TABLE, EditSettings
 

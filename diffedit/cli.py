@@ -83,7 +83,7 @@ def _captions(flag: str, path: str) -> list[str]:
 def _texts(args, de, image):
     """(Q, R): the texts, or the mean embedding of a captions file's lines (the diffusers docs' recipe with captions
     written or generated elsewhere), conditioned for the image's working size."""
-    from .guidance import mean_embedding
+    from .conditioning import mean_embedding
     from .images import model_size
     out = []
     for name, text, path in (("target", args.target, args.target_file),

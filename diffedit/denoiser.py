@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import ddim
-from .guidance import Cond, EpsFn
+from .conditioning import Cond
+from .model_call import EpsFn
 
 
 def encoding_steps(ratio: float, steps: int) -> int:

@@ -33,7 +33,7 @@ from .diffusers_io import (DDIMConfig, DiffEditInversionPipelineOutput, StableDi
                            check_output_type, check_scheduler, inverse_v, mask_rows, negative_rows, postprocess,
                            prompt_rows, randn, refuse)
 from .engine import Input, Request, resolve
-from .guidance import EvalCounter
+from .model_call import EvalCounter
 from .inversion import Trajectory
 from .pipeline import DiffEdit
 from .settings import RECIPES, EditSettings, SettingsError

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .denoiser import Denoiser
-from .guidance import Cond
+from .conditioning import Cond
 
 
 @torch.no_grad()

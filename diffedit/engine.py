@@ -36,7 +36,7 @@ import torch
 from . import masking
 from .denoiser import encoding_steps
 from .edit import decode
-from .guidance import Cond, Conditioning
+from .conditioning import Cond, Conditioning
 from .inversion import Trajectory, encode
 from .settings import METHOD_TABLE, EditSettings
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .denoiser import Denoiser, encoding_steps
-from .guidance import Cond, EpsFn
+from .conditioning import Cond
+from .model_call import EpsFn
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .denoiser import Denoiser, encoding_steps
-from .guidance import Cond
+from .conditioning import Cond
 
 
 @dataclass

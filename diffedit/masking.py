@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .denoiser import Denoiser
-from .guidance import Cond
+from .conditioning import Cond
 from .settings import NORMALIZATIONS
 
 

@@ -18,7 +18,8 @@ from . import ddim, images, precision
 from .denoiser import Denoiser, encoding_steps
 from .engine import Engine, Input, Request, resolve, text_key
 from .flow import FlowDenoiser
-from .guidance import Conditioning, EvalCounter, eps_model
+from .conditioning import Conditioning
+from .model_call import EvalCounter, eps_model
 from .images import load_image
 from .inversion import Trajectory
 from .models import ModelConfig, StableDiffusion
@@ -266,7 +267,7 @@ class DiffEdit:
         """Edit ``image`` (one image, or a list of images) towards ``target``.
 
         ``target`` / ``source``: a text, or what ``encode_prompt`` returns (one row; e.g. the mean of several
-        captions' embeddings, ``guidance.mean_embedding``); one for all images or a list with one per image. For
+        captions' embeddings, ``conditioning.mean_embedding``); one for all images or a list with one per image. For
         one image, a list of targets gives one edit each (sharing the encoding and the reference's mask rows).
         A list in (images or targets) gives a list of ``EditResult`` out, else one.
         ``mask``: a PIL mask at image size or a (h, w) tensor at latent size (one, or one per image): replaces

@@ -20,15 +20,16 @@ class Method:
     and where its decoding starts: the DDIM encoding x_r of the input (Sec. 3.2) or the input noised to r with
     fresh noise (SDEdit). The four combinations are DiffEdit and the ablations of its abstract."""
     name: str
+    label: str  # how figures, tables and the app name it
     masked: bool
     start: str  # "encoding" or "noise"
 
 
 METHOD_TABLE = {m.name: m for m in (
-    Method("diffedit", masked=True, start="encoding"),
-    Method("sdedit", masked=False, start="noise"),                # Meng et al., 2022
-    Method("encode-decode", masked=False, start="encoding"),      # DiffEdit with M = 1
-    Method("masked-sdedit", masked=True, start="noise"),          # the mask, fresh noise (Blended Latent Diffusion)
+    Method("diffedit", "DiffEdit", masked=True, start="encoding"),
+    Method("sdedit", "SDEdit", masked=False, start="noise"),                      # Meng et al., 2022
+    Method("encode-decode", "Encode-Decode", masked=False, start="encoding"),     # DiffEdit with M = 1
+    Method("masked-sdedit", "masked SDEdit", masked=True, start="noise"),  # the mask, fresh noise (Blended Latent Diffusion)
 )}
 METHODS = tuple(METHOD_TABLE)
 NORMALIZATIONS = ("quantile", "clamp", "minmax", "clamp-mean")
@@ -39,7 +40,12 @@ MAX_N = 256
 MAX_STEPS = 1000
 
 
-class SettingsError(ValueError):
+class UsageError(ValueError):
+    """A mistake in what the user asked for (an argument, a file, a knob): front ends show its message alone. Any other
+    exception is a bug and shows with its traceback."""
+
+
+class SettingsError(UsageError):
     """A knob out of its range; ``field`` names it, ``detail`` says what is wrong."""
 
     def __init__(self, field: str, detail: str):
@@ -178,6 +184,7 @@ class EditSettings:
         return replace(self, **changes)
 
 
-__all__ = ["Method", "METHOD_TABLE", "METHODS", "NORMALIZATIONS", "REFERENCES", "MAX_N", "MAX_STEPS", "SettingsError",
+__all__ = ["Method", "METHOD_TABLE", "METHODS", "NORMALIZATIONS", "REFERENCES", "MAX_N", "MAX_STEPS", "UsageError",
+           "SettingsError",
            "Knob", "KNOBS",
            "check", "Recipe", "RECIPES", "recipe", "EditSettings"]

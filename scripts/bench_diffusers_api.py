@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
 from diffedit import StableDiffusionDiffEditPipeline  # noqa: E402
-from diffedit.measure import ModuleCounter, interleaved, random_model, timed  # noqa: E402
+from measure import ModuleCounter, interleaved, random_model, timed  # noqa: E402
 from diffedit.pipeline import DiffEdit  # noqa: E402
 from diffedit.precision import cpu_has_native_bf16  # noqa: E402
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from diffedit.measure import count_flops, interleaved, matmul_rate, race_summary, tune_malloc  # noqa: E402
+from measure import count_flops, interleaved, matmul_rate, race_summary, tune_malloc  # noqa: E402
 from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
 from diffedit.precision import cpu_has_native_bf16

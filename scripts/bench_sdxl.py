@@ -42,11 +42,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from diffedit.guidance import Conditioning
-from diffedit.measure import ModuleCounter, count_flops, interleaved, matmul_rate, race_summary, random_model
-from diffedit.measure import tune_malloc
+from diffedit.conditioning import Conditioning
+from measure import ModuleCounter, count_flops, interleaved, matmul_rate, race_summary, random_model
+from measure import tune_malloc
 from diffedit.models import StableDiffusion, preset, size_conditioning
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import native_dtypes, resolve_dtype

@@ -68,9 +68,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from diffedit.measure import (ModuleCounter, PeakMemory, flop_rate, interleaved, matmul_rate, random_model, timed,
+from measure import (ModuleCounter, PeakMemory, flop_rate, interleaved, matmul_rate, random_model, timed,
                               tune_malloc, unet_inputs)
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import native_dtypes, resolve_dtype

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from diffedit.measure import ModuleCounter, PeakMemory, random_model
+from measure import ModuleCounter, PeakMemory, random_model
 from diffedit.pipeline import DiffEdit
 from diffedit.precision import DTYPES, resolve_dtype
 

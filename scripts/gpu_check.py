@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from diffedit.measure import ModuleCounter, PeakMemory, count_flops, edit_agreement, matmul_rate, random_model
-from diffedit.measure import timed, unet_inputs
+from measure import ModuleCounter, PeakMemory, count_flops, edit_agreement, matmul_rate, random_model
+from measure import timed, unet_inputs
 from diffedit.pipeline import DiffEdit
 
 HALF = ("float16", "bfloat16")

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
 from diffedit import evaluation
-from diffedit.measure import edit_agreement, random_model
+from measure import edit_agreement, random_model
 from diffedit.pipeline import DiffEdit
 from diffedit.toy import world
 

@@ -23,7 +23,8 @@ from diffedit import ddim
 from diffedit.denoiser import Denoiser
 from diffedit.edit import decode
 from diffedit.flow import FlowDenoiser
-from diffedit.guidance import Conditioning, eps_model
+from diffedit.conditioning import Conditioning
+from diffedit.model_call import eps_model
 from diffedit.inversion import encode
 from diffedit.models import PRESETS, StableDiffusion, StableDiffusion3
 

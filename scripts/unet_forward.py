@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from diffedit.measure import count_flops, interleaved, matmul_rate, random_model, tune_malloc, unet_inputs
+from measure import count_flops, interleaved, matmul_rate, random_model, tune_malloc, unet_inputs
 
 
 def main(argv=None):

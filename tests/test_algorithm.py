@@ -5,7 +5,7 @@ import torch
 
 from diffedit import ddim, masking, settings
 from diffedit.denoiser import Denoiser, encoding_steps
-from diffedit.guidance import eps_model
+from diffedit.model_call import eps_model
 from diffedit.models import StableDiffusion, preset, tokenize
 from diffedit.pipeline import DiffEdit
 from steps import ddim_encode, difference_maps, masked_decode, noised

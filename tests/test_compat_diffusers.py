@@ -39,7 +39,7 @@ from diffedit import ddim, images, masking
 from diffedit.denoiser import Denoiser
 from diffedit.denoiser import encoding_steps as num_encoding_steps
 from diffedit.inversion import Trajectory
-from diffedit.measure import ModuleCounter
+from measure import ModuleCounter
 from diffedit.pipeline import DiffEdit
 from diffedit.settings import recipe
 

@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import rel_err
 
 from diffedit import app_state, sweep
-from diffedit.guidance import Conditioning, EvalCounter, mean_embedding
+from diffedit.conditioning import Conditioning, mean_embedding
+from diffedit.model_call import EvalCounter
 from diffedit.models import StableDiffusion, preset
 from diffedit.pipeline import DiffEdit
 from diffedit.settings import EditSettings

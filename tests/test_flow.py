@@ -12,7 +12,7 @@ from conftest import randomize_
 from diffedit import masking
 from diffedit.edit import decode
 from diffedit.flow import FlowDenoiser, sigmas
-from diffedit.guidance import Conditioning
+from diffedit.conditioning import Conditioning
 from diffedit.inversion import encode
 from diffedit.models import PRESETS, StableDiffusion3
 

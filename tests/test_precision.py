@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from diffedit import DiffEdit, precision
-from diffedit.measure import edit_agreement
+from measure import edit_agreement
 from diffedit.models import StableDiffusion, preset
 from diffedit.toy import judge, world
 

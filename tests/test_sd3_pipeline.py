@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import randomize_, rel_err, report
 from diffedit import images
-from diffedit.guidance import Conditioning
+from diffedit.conditioning import Conditioning
 from diffedit.pipeline import DiffEdit
 from diffedit.settings import KNOBS
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from diffedit import images
-from diffedit.guidance import Conditioning
+from diffedit.conditioning import Conditioning
 from diffedit.models import StableDiffusion, preset
 from diffedit.pipeline import DiffEdit
 from diffedit.settings import KNOBS

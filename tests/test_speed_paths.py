@@ -19,10 +19,10 @@ from conftest import rel_err
 from diffedit import ddim, masking
 from diffedit.denoiser import Denoiser
 from diffedit.edit import decode
-from diffedit.guidance import eps_model
+from diffedit.model_call import eps_model
 from diffedit.inversion import encode
-from diffedit.guidance import EvalCounter
-from diffedit.measure import ModuleCounter
+from diffedit.model_call import EvalCounter
+from measure import ModuleCounter
 from diffedit.models import ModelConfig, StableDiffusion, UNetConfig, preset
 from diffedit.models.unet import CrossAttention, UNetModel
 from diffedit.models.vae import AttnBlock

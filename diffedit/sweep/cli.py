@@ -246,7 +246,7 @@ def _run(args, cfg: Config, todo, own: Path, out: Path, device, scorers, rank: i
     from tqdm import tqdm
 
     from ..checkpoint import CheckpointError
-    from ..guidance import EvalCounter
+    from ..model_call import EvalCounter
     from ..pipeline import DiffEdit
     from .grid import edit_grid, rows_for
 

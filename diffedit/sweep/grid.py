@@ -35,7 +35,7 @@ def edit_grid(de, image, source: str, target: str, settings, steps: int = 50, gu
 
     ``source`` is the text of reference "caption" ("empty" is ""); ``n_draw`` the number of mask noises drawn
     (default: the largest n of ``settings``; rows use the first n); ``wrap`` wraps the model call (a
-    ``guidance.EvalCounter`` class or factory, to count); ``normalization`` the rule that removes D's extremes
+    ``model_call.EvalCounter`` class or factory, to count); ``normalization`` the rule that removes D's extremes
     (``masking.normalize``). Returns one Output per setting, in order."""
     from .. import images
     from ..engine import Input, Request

@@ -1,6 +1,6 @@
-"""Measuring tools of the benchmark scripts and the tests (torch only; no diffusers); the package never imports it.
+"""Measuring tools of the benchmark scripts and the tests (torch only; no diffusers); outside the installed package.
 
-``ModuleCounter`` applies the counting rule of ``guidance.Rows`` (a call adds its first tensor's batch size) to any
+``ModuleCounter`` applies the counting rule of ``diffedit.model_call.Rows`` (a call adds its first tensor's batch size) to any
 module's forward (ours or diffusers'). Also: random full-size weights, peak memory, interleaved median timing, the
 matmul rate (a dtype's practical peak), FLOP counts and the agreement of two edits (mask IoU, PSNR).
 """
@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .guidance import Rows
+from .model_call import Rows
 
 
 # --- counting UNet evaluations ------------------------------------------------------------------------------------
