@@ -13,9 +13,7 @@ PROG = "diffedit"
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # precision.DTYPES but float64, and "auto"; without torch
 
 
-class UsageError(Exception):
-    """Bad input found by a front end itself: reported in one line, exit status 2."""
-
+from .settings import UsageError  # noqa: F401  (front ends raise it; cli.main reports it in one line, exit 2)
 
 def fail(message: str, prog: str = PROG):
     """Write ``<prog>: error: <message>`` on one line and exit with status 2."""
