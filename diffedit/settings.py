@@ -184,7 +184,25 @@ class EditSettings:
         return replace(self, **changes)
 
 
+def resolve(s: EditSettings, estimates_mask: bool) -> EditSettings:
+    """The settings as the recipe runs them: the paper's as given; diffusers' takes int(f * steps) grid steps for
+    the ratio and, when the mask is estimated, its strength (ours rounds: 3.5 -> 3, not 4); D's extremes removed by
+    the recipe's rule when none is asked for."""
+    if s.recipe.floor_grid:
+        s = s.replace(ratio=_floor_fraction("ratio", s.ratio, s.steps))
+        if estimates_mask:
+            s = s.replace(strength=_floor_fraction("strength", s.strength, s.steps))
+    return s.replace(normalization=s.mask_normalization)
+
+
+def _floor_fraction(name: str, fraction: float, steps: int) -> float:
+    k = int(fraction * steps)
+    if k < 1:
+        raise SettingsError(name, f"{fraction} x {steps} steps is below one grid step: diffusers runs no step (compat)")
+    return k / steps
+
+
 __all__ = ["Method", "METHOD_TABLE", "METHODS", "NORMALIZATIONS", "REFERENCES", "MAX_N", "MAX_STEPS", "UsageError",
            "SettingsError",
            "Knob", "KNOBS",
-           "check", "Recipe", "RECIPES", "recipe", "EditSettings"]
+           "check", "Recipe", "RECIPES", "recipe", "EditSettings", "resolve"]
