@@ -1,73 +1,38 @@
-"""The one place DiffEdit's three steps are composed: any number of images x targets x settings, sharing work.
+"""The engine: runs a plan (plan.py) of DiffEdit's three steps for any number of images x queries x settings.
 
-    inputs    the images (pixels, or their latent x_0 given), each VAE-encoded once
-    requests  one edit each: an input, a target Q, a reference R, its settings, optionally a given mask
+``plan`` turns (inputs, requests) into named jobs; ``edits`` runs them with one short loop per step:
+    mask passes   step 1 (masking.noise_difference_maps): per job one draw of noises, each text's rows in their own
+                  batched pass, so an image's map D never depends on what else is edited with it
+    encodings     step 2 (inversion.encode): per job one batched encoding, to the largest ratio asked for
+    decodings     step 3 (edit.decode): per job one batched decoding of its requests' rows
+Each request's result is what ``reference.edit`` gives for it alone (tests/test_reference.py): rows of several
+images share model calls in steps 2 and 3, where CPU kernels may round differently for another batch size, so a
+batch equals each image edited alone to float rounding; masks, from each image's own seeded draw, are the same bits.
 
-Shared across requests, as far as the paper's algorithm allows:
-  * texts: each distinct text encoded once per image size (an embedding given for a text is used as it is);
-  * step 1 (mask): per (image, strength, seed) one draw of the noises; each text's rows evaluated once in their own
-    batched pass, so an image's map D never depends on what else is edited with it; the first n noises serve every
-    n, one D every threshold and dilate;
-  * step 2 (encoding): per (image, steps, inversion recipe) one encoding to the largest ratio asked for, batched
-    across images;
-  * step 3 (decoding): one batched decoding per (ratio, steps, guidance, recipe) of every row that starts from the
-    encoding, across images and masks; rows that start from fresh noise per (seed, reference) as well.
-Methods dispatch through ``settings.METHOD_TABLE`` (masked or not; started from the encoding or from fresh noise)
-and the recipe (``settings.Recipe``: the paper's or diffusers') is applied in ``resolve`` only.
-
-Rows of different images share model calls in steps 2 and 3, where CPU kernels may round differently for another
-batch size: a batch equals each image edited alone to float rounding; masks, drawn from each image's own seeded
-generator and evaluated per image, are the same bits.
+Methods dispatch through ``settings.METHOD_TABLE`` (masked or not; started from the encoding or from fresh noise);
+the recipe (``settings.Recipe``) is applied by ``settings.resolve`` and read from the settings where it applies.
 
 Optional: a ``memo`` (``cached(key, make)``, ``has(key)``, ``get(key)``; the app's per-session cache) keeps x_0,
-texts, D and trajectories across calls, for inputs that have a ``key``; ``wrap`` wraps the model call (counting,
-cancelling); ``on_phase(name)`` hears "encode" before each VAE encode and "mask", "inversion", "decoding" before
-each phase.
+texts, D and trajectories across calls, for inputs that have a ``key`` (the plan names each key); ``wrap`` wraps
+the model call (counting, cancelling); ``on_phase(name)`` hears "encode" before each VAE encode and "mask",
+"inversion", "decoding" before each phase that runs.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Union
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from . import masking
-from .denoiser import encoding_steps
+from .conditioning import Cond
 from .edit import decode
-from .conditioning import Cond, Conditioning
 from .inversion import Trajectory, encode
-from .settings import METHOD_TABLE, EditSettings
+from .plan import PHASES, Decoding, Encoded, Encoding, Input, MaskPass, Plan, Request, Text, plan_edits, text_key
+from .settings import METHOD_TABLE, UsageError, resolve
 
 log = logging.getLogger(__name__)
-
-Text = Union[str, torch.Tensor, Conditioning]  # a text, or what ``encode_prompt`` returns for one text
-
-
-@dataclass
-class Input:
-    """One image: its pixels (1, 3, H, W) in [-1, 1] at a size the model takes, or its latent x_0 (1, C, h, w);
-    ``key`` names it in the memo (None: nothing of it is memoised); ``trajectory`` an encoding of it already made
-    (``DiffEdit.invert``), used instead of encoding again; ``noises`` the mask pass's noised latents given (x_t
-    (n, 1, C, h, w) at the strength's level; diffusers' recipe samples the VAE posterior once per noise), used
-    instead of drawing them (not memoised: give no ``key`` with them)."""
-    pixels: torch.Tensor | None = None
-    x0: torch.Tensor | None = None
-    key: str | None = None
-    trajectory: Trajectory | None = None
-    noises: masking.Noises | None = None
-
-
-@dataclass
-class Request:
-    """One edit of ``inputs[image]`` towards ``target`` (Q) against ``source`` (R, also decoding's negative prompt),
-    with ``settings``; ``mask`` (h, w) bool at latent size replaces step 1 for a masked method."""
-    image: int
-    target: Text
-    source: Text = ""
-    settings: EditSettings = field(default_factory=EditSettings)
-    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -79,39 +44,9 @@ class Output:
     trajectory: Trajectory | None = None       # the encoding the decoding started from (truncated to r)
 
 
-def resolve(s: EditSettings, estimates_mask: bool) -> EditSettings:
-    """The settings as the recipe runs them: the paper's as given; diffusers' takes int(f * steps) grid steps for
-    the ratio and the mask's strength (ours rounds: 3.5 -> 3, not 4) and its own rule for D's extremes."""
-    r = s.recipe
-    if r.floor_grid:
-        s = s.replace(ratio=_floor_fraction("ratio", s.ratio, s.steps))
-        if estimates_mask:
-            s = s.replace(strength=_floor_fraction("strength", s.strength, s.steps))
-    return s.replace(normalization=s.mask_normalization)
-
-
-def _floor_fraction(name: str, fraction: float, steps: int) -> float:
-    k = int(fraction * steps)
-    if k < 1:
-        raise ValueError(f"{name} {fraction} x {steps} steps is below one grid step: diffusers runs no step (compat)")
-    return k / steps
-
-
-def text_key(text: Text):
-    """What identifies a text: the string, or a digest of the embedding's values."""
-    if isinstance(text, str):
-        return text
-    parts = [text.context, text.y] if isinstance(text, Conditioning) else [text]
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(repr((tuple(p.shape), p.dtype)).encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return ("embedding", h.hexdigest())
-
-
 class Engine:
     """Runs requests on ``models`` (a ``DiffEdit``: ``denoiser``, ``encode_image``, ``decode_latents``,
-    ``encode_prompt``, ``image_size``, ``vae_batch``)."""
+    ``encode_prompt``, ``image_size``, ``latent_shape``, ``vae_batch``, ``device``)."""
 
     def __init__(self, models, memo=None, wrap: Callable | None = None, on_phase: Callable[[str], None] | None = None):
         self.models, self.memo = models, memo
@@ -122,20 +57,48 @@ class Engine:
         self._x0s: dict = {}
 
     def _cached(self, key, make):
-        if self.memo is None or key is None:
+        if self.memo is None or not key:
             return make()
         return self.memo.cached(key, make)
 
     def _held(self, key) -> bool:
         return bool(key) and self.memo is not None and self.memo.has(key)
 
-    # --- inputs and texts -----------------------------------------------------------------------------------
+    # --- planning -------------------------------------------------------------------------------------------------
+
+    def plan(self, inputs: list[Input], requests: list[Request], n_draw: int | None = None,
+             invert_to: float | None = None, phases=PHASES, decode_pixels: bool = True) -> Plan:
+        """The jobs ``edits`` (or, with ``phases``, ``masks`` / ``trajectories``) runs for these requests, knowing
+        what the memo holds; ``.cost`` is what they will run. A UsageError if a request cannot run."""
+        masked = phases == ("mask",)
+        checked = [self._checked(r, len(inputs), masked) for r in requests]
+        return plan_edits(inputs, checked, self.latent_shape, self._held, n_draw, invert_to, phases, decode_pixels)
+
+    def latent_shape(self, inp: Input) -> tuple:
+        """x_0's shape, without encoding the image."""
+        if inp.x0 is not None:
+            return tuple(inp.x0.shape)
+        if inp.pixels is None:
+            raise UsageError("an input needs its pixels or its latent x0")
+        return self.models.latent_shape(inp.pixels)
+
+    def _checked(self, r: Request, count: int, masked: bool = False) -> Request:
+        """The request with its settings as the recipe runs them (``settings.resolve``); a UsageError if it cannot
+        run."""
+        if not 0 <= r.image < count:
+            raise UsageError(f"request for image {r.image}, but {count} image(s) were given")
+        method = METHOD_TABLE[r.settings.method]
+        masked = masked or method.masked
+        if r.mask is not None and not masked:
+            masks = ", ".join(m for m, t in METHOD_TABLE.items() if t.masked)
+            raise UsageError(f"mask= is used by the masked methods ({masks}); {method.name!r} edits without a mask")
+        return Request(r.image, r.target, r.source, resolve(r.settings, masked and r.mask is None), r.mask)
+
+    # --- inputs and texts -----------------------------------------------------------------------------------------
 
     def x0(self, inp: Input) -> torch.Tensor:
         if inp.x0 is not None:
             return inp.x0
-        if inp.pixels is None:
-            raise ValueError("an input needs its pixels or its latent x0")
 
         def make():
             self.on_phase("encode")
@@ -153,208 +116,160 @@ class Engine:
             return self._conds[key]
         rows = text.shape[0] if text.ndim == 3 else 1
         if rows != 1:
-            raise ValueError(f"an embedding given for one text must have one row, got {rows}")
+            raise UsageError(f"an embedding given for one text must have one row, got {rows}")
         return text if text.ndim == 3 else text[None]
 
-    # --- step 1 ---------------------------------------------------------------------------------------------
+    def _size(self, shape: tuple) -> tuple[int, int]:
+        return self.models.image_size(torch.empty(shape, device="meta"))
+
+    # --- the run --------------------------------------------------------------------------------------------------
+
+    def edits(self, inputs: list[Input], requests: list[Request], n_draw: int | None = None,
+              invert_to: float | None = None, decode_pixels: bool = True) -> list[Output]:
+        """Each request edited by its method; results in the order of ``requests``. ``n_draw``: the mask noises
+        drawn per (image, strength, seed) (default: the largest n asked for); ``invert_to``: encode at least to this
+        ratio (the app keeps one encoding for every ratio)."""
+        plan = self.plan(inputs, requests, n_draw, invert_to, decode_pixels=decode_pixels)
+        masks = self._run_masks(inputs, plan)
+        trajectories = self._run_encodings(inputs, plan)
+        latents = self._run_decodings(inputs, plan, masks, trajectories)
+        pixels = self._decode_pixels(latents) if decode_pixels else [None] * len(latents)
+        return [Output(latents[j], pixels[j], *masks.get(j, (None, None)), trajectories.get(j))
+                for j in range(len(requests))]
 
     def masks(self, inputs: list[Input], requests: list[Request], n_draw: int | None = None) -> list[tuple]:
         """(D rescaled to [0, 1], M) of each request, (h, w) each (Sec. 3.1); a given mask is used as it is.
         ``n_draw``: the number of noises drawn per (image, strength, seed) (default: the largest n asked for)."""
-        return self._masks(inputs, [self._checked(r, len(inputs), masked=True) for r in requests], n_draw)
+        found = self._run_masks(inputs, self.plan(inputs, requests, n_draw, phases=("mask",)))
+        return [found[j] for j in range(len(requests))]
 
     def has_map(self, inp: Input, r: Request, n_draw: int | None = None) -> bool:
         """Whether the memo holds the map D of ``r`` on ``inp`` (then ``masks`` runs no model call for it)."""
-        key = self._map_key(inp, self._checked(r, 1, masked=True), max(r.settings.n, n_draw or 0))
-        return self._held(key)
-
-    @staticmethod
-    def _map_key(inp: Input, r: Request, draw: int):
-        s = r.settings
-        return inp.key and ("D", inp.key, text_key(r.target), text_key(r.source), s.n, draw, s.strength, s.seed,
-                            s.steps)
-
-    def _masks(self, inputs: list[Input], requests: list[Request], n_draw: int | None) -> list[tuple]:
-        out: list = [None] * len(requests)
-        groups: dict = {}
-        for j, r in enumerate(requests):
-            if r.mask is not None:
-                out[j] = (None, r.mask.bool())
-            else:
-                s = r.settings
-                groups.setdefault((r.image, s.strength, s.seed, s.steps), []).append(j)
-        if groups:
-            self.on_phase("mask")
-        for (i, strength, seed, steps), js in groups.items():
-            inp, x0 = inputs[i], self.x0(inputs[i])
-            draw = max([requests[j].settings.n for j in js] + [n_draw or 0])
-            # one map D per (target, source, n): every threshold, dilate and normalisation shares it
-            same = {}
-            for j in js:
-                r = requests[j]
-                same.setdefault((text_key(r.target), text_key(r.source), r.settings.n), []).append(j)
-            firsts = [group[0] for group in same.values()]
-            keys = {j: self._map_key(inp, requests[j], draw) for j in firsts}
-            todo = [j for j in firsts if not self._held(keys[j])]
-            raw = dict(zip(todo, self._difference_maps(x0, [requests[j] for j in todo], draw, strength, seed, steps,
-                                                       inp.noises)))
-            for group in same.values():
-                j0 = group[0]
-                d = self._cached(keys[j0], lambda j0=j0: raw[j0] if j0 in raw else self._difference_maps(
-                    x0, [requests[j0]], draw, strength, seed, steps)[0])
-                rescaled = {}
-                for j in group:
-                    s = requests[j].settings
-                    if s.normalization not in rescaled:
-                        rescaled[s.normalization] = masking.normalize(d[None], s.normalization)[0]
-                    d_norm = rescaled[s.normalization]
-                    out[j] = (d_norm, masking.dilate(masking.binarize(d_norm, s.threshold), s.dilate))
-        return out
-
-    def _difference_maps(self, x0, requests: list[Request], draw: int, strength: float, seed: int,
-                         steps: int, given: masking.Noises | None = None) -> list[torch.Tensor]:
-        """The raw maps D (h, w) of requests on one image, from one draw of ``draw`` noises at ``strength`` (or the
-        noises ``given``)."""
-        if not requests:
-            return []
-        size = self.models.image_size(x0)
-        texts, index = [], {}
-        for r in requests:
-            for t in (r.target, r.source):
-                if text_key(t) not in index:
-                    index[text_key(t)] = len(texts)
-                    texts.append(self.cond(t, size))
-        pairs = [(index[text_key(r.target)], index[text_key(r.source)]) for r in requests]
-        if any(a == b or torch.equal(texts[a], texts[b]) for a, b in pairs):
-            log.warning("the target equals the source: D = 0, so the mask is empty and the input comes back")
-        if given is None:
-            noises = masking.noised_latents(self.denoiser, x0, draw, strength, steps,
-                                            torch.Generator().manual_seed(seed))
-        elif float(given.t) != float(self.denoiser.strength_level(strength, steps)) or given.x_t.shape[0] < draw:
-            raise ValueError(f"the noises given are {given.x_t.shape[0]} at level {float(given.t):g}; this mask needs "
-                             f"{draw} at level {float(self.denoiser.strength_level(strength, steps)):g}")
-        else:
-            noises = given
-        ns = sorted({r.settings.n for r in requests})
-        maps = masking.noise_difference_maps(self.denoiser, noises, texts, pairs, ns)
-        return [d[r.settings.n].float() for d, r in zip(maps, requests)]
-
-    # --- step 2 ---------------------------------------------------------------------------------------------
-
-    def _inversion(self, r: Request, size) -> tuple:
-        """How a request's input is encoded: the paper's unconditional model (text "", no guidance), or diffusers'
-        CFG under the source text; returned as (a hashable name, cond, uncond, guidance)."""
-        s = r.settings
-        empty = self.cond("", size)
-        if s.recipe.inversion_guidance:
-            return ("cfg", text_key(r.source), s.guidance), self.cond(r.source, size), empty, s.guidance
-        return ("unconditional",), empty, None, 1.0
+        return self.plan([inp], [r], n_draw, phases=("mask",)).cost.mask == 0
 
     def trajectories(self, inputs: list[Input], requests: list[Request], invert_to: float | None = None) -> list:
         """The encoding (Sec. 3.2) each request's decoding starts from, truncated to its ratio (None for a request
-        that starts from fresh noise). Per (image, steps, recipe) one encoding, to the largest ratio asked for (or
-        ``invert_to``), of every image at once."""
-        return self._trajectories(inputs, [self._checked(r, len(inputs)) for r in requests], invert_to)
+        that starts from fresh noise)."""
+        found = self._run_encodings(inputs, self.plan(inputs, requests, invert_to=invert_to, phases=("inversion",)))
+        return [found.get(j) for j in range(len(requests))]
 
-    def _trajectories(self, inputs: list[Input], requests: list[Request], invert_to: float | None) -> list:
-        wanted: dict = {}
-        for j, r in enumerate(requests):
-            if METHOD_TABLE[r.settings.method].start == "encoding":
-                size = self.models.image_size(self.x0(inputs[r.image]))
-                name, cond, uncond, g = self._inversion(r, size)
-                entry = wanted.setdefault((r.image, r.settings.steps, name), [cond, uncond, g, invert_to or 0.0, []])
-                entry[3] = max(entry[3], r.settings.ratio)
-                entry[4].append(j)
-        found = {}
-        batches: dict = {}
-        for (i, steps, name), (cond, uncond, g, ratio, js) in wanted.items():
-            inp = inputs[i]
-            given = inp.trajectory
-            if given is not None:
-                if given.steps != steps or given.ratio < ratio - 1e-9:
-                    raise ValueError(f"the trajectory given reaches ratio {given.ratio:g} on a {given.steps}-step "
-                                     f"grid; this edit needs ratio {ratio:g} on a {steps}-step grid (invert with the "
-                                     "same steps and at least that ratio)")
-                found[(i, steps, name)] = given
-                continue
-            k = encoding_steps(ratio, steps)
-            key = inp.key and ("trajectory", inp.key, steps, k, name)
-            held = self.memo.get(key) if key and self.memo is not None else None
-            if held is not None:
-                found[(i, steps, name)] = held
-            else:
-                shape = tuple(self.x0(inp).shape)  # images of one size share the model calls
-                batches.setdefault((shape, steps, k, name[0], g), []).append((i, name, cond, uncond, key))
-        if batches:
-            self.on_phase("inversion")
-        for (_, steps, k, _, g), members in batches.items():
-            x0 = torch.cat([self.x0(inputs[i]) for i, *_ in members])
-            cond = torch.cat([m[2] for m in members])
-            uncond = None if members[0][3] is None else torch.cat([m[3] for m in members])
-            levels = self.denoiser.levels(k / steps, steps)
-            both = encode(self.denoiser, x0, cond, levels, steps, g, uncond)
-            for row, (i, name, _, _, key) in enumerate(members):
-                found[(i, steps, name)] = self._cached(key, lambda row=row: both.rows(slice(row, row + 1)))
-        out: list = [None] * len(requests)
-        for (i, steps, name), (_, _, _, _, js) in wanted.items():
-            for j in js:
-                out[j] = found[(i, steps, name)].truncate(requests[j].settings.ratio)
+    def _run_masks(self, inputs: list[Input], plan: Plan) -> dict[int, tuple]:
+        """Step 1: {request: (D rescaled, M)} for the masked requests; a given mask is used as it is (no D)."""
+        out = {j: (None, r.mask.bool()) for j, r in enumerate(plan.requests) if r.mask is not None}
+        if plan.masks:
+            self.on_phase("mask")
+        for job in plan.masks:
+            raw = self._difference_maps(inputs[job.image], job, [m for m in job.maps if m.run])
+            for m in job.maps:
+                d = self._cached(m.key, lambda m=m: raw[id(m)] if id(m) in raw else
+                                 self._difference_maps(inputs[job.image], job, [m])[id(m)])
+                rescaled = {}
+                for j in m.requests:
+                    s = plan.requests[j].settings
+                    if s.normalization not in rescaled:
+                        rescaled[s.normalization] = masking.normalize(d[None], s.normalization)[0]
+                    out[j] = (rescaled[s.normalization], masking.dilate(masking.binarize(rescaled[s.normalization],
+                                                                                          s.threshold), s.dilate))
         return out
 
-    # --- step 3 ---------------------------------------------------------------------------------------------
+    def _difference_maps(self, inp: Input, job: MaskPass, maps: list) -> dict[int, torch.Tensor]:
+        """The raw maps D (h, w) of ``maps`` (by id), from one draw of the job's noises (or the input's given)."""
+        shape = self.latent_shape(inp)
+        if any(m.empty for m in maps):
+            log.warning("the target equals the source: D = 0, so the mask is empty and the input comes back")
+        live = [m for m in maps if not m.empty]
+        out = {id(m): torch.zeros(shape[-2:], device=self.models.device) for m in maps if m.empty}
+        if not live:
+            return out
+        size = self._size(shape)
+        texts, index = [], {}
+        for t in (t for m in live for t in (m.target, m.source)):
+            if text_key(t) not in index:
+                index[text_key(t)] = len(texts)
+                texts.append(self.cond(t, size))
+        noises = self._noises(inp, job)
+        pairs = [(index[text_key(m.target)], index[text_key(m.source)]) for m in live]
+        if any(torch.equal(texts[a], texts[b]) for a, b in pairs):  # an embedding given equal to a text's
+            log.warning("the target equals the source: D = 0, so the mask is empty and the input comes back")
+        maps_n = masking.noise_difference_maps(self.denoiser, noises, texts, pairs, sorted({m.n for m in live}))
+        return out | {id(m): d[m.n].float() for m, d in zip(live, maps_n)}
 
-    def edits(self, inputs: list[Input], requests: list[Request], n_draw: int | None = None,
-              invert_to: float | None = None, decode_pixels: bool = True) -> list[Output]:
-        """Each request edited by its method (``settings.METHOD_TABLE``); results in the order of ``requests``.
-        ``n_draw``: the number of mask noises drawn per (image, strength, seed) (default: the largest n asked for);
-        ``invert_to``: encode at least to this ratio (the app keeps one encoding for every ratio)."""
-        requests = [self._checked(r, len(inputs)) for r in requests]
-        masked = [j for j, r in enumerate(requests) if METHOD_TABLE[r.settings.method].masked]
-        mask_of = dict(zip(masked, self._masks(inputs, [requests[j] for j in masked], n_draw)))
-        trajectories = self._trajectories(inputs, requests, invert_to)
-        rows: dict = {}
-        for j, r in enumerate(requests):
-            s, method = r.settings, METHOD_TABLE[r.settings.method]
-            shape = tuple(self.x0(inputs[r.image]).shape)
-            group = (shape, s.steps, encoding_steps(s.ratio, s.steps), s.guidance, s.recipe.blend_late, method.start)
-            if method.start == "noise":  # rows share their noise per seed: decoded as SDEdit always was, per text R
-                group += (s.seed, r.image, text_key(r.source))
-            rows.setdefault(group, []).append(j)
+    def _noises(self, inp: Input, job: MaskPass) -> masking.Noises:
+        level = self.denoiser.strength_level(job.strength, job.steps)
+        given = inp.noises
+        if given is None:
+            return masking.noised_latents(self.denoiser, self.x0(inp), job.draw, job.strength, job.steps,
+                                          torch.Generator().manual_seed(job.seed))
+        if float(given.t) != float(level) or given.x_t.shape[0] < job.draw:
+            raise UsageError(f"the noises given are {given.x_t.shape[0]} at level {float(given.t):g}; this mask "
+                             f"needs {job.draw} at level {float(level):g}")
+        return given
+
+    def _run_encodings(self, inputs: list[Input], plan: Plan) -> dict[int, Trajectory]:
+        """Step 2: {request: the trajectory it starts from, truncated to its ratio}."""
+        made: dict[int, Trajectory] = {}
+        if plan.encodings:
+            self.on_phase("inversion")
+        for job in plan.encodings:
+            for t, trajectory in zip(job.rows, self._encode(inputs, job)):
+                made[id(t)] = self._cached(t.key, lambda trajectory=trajectory: trajectory)
+        out = {}
+        for t in plan.trajectories:
+            full = made.get(id(t)) or self._given_or_held(inputs, t)
+            for j in t.requests:
+                out[j] = full.truncate(plan.requests[j].settings.ratio)
+        return out
+
+    def _encode(self, inputs: list[Input], job: Encoding) -> list[Trajectory]:
+        x0 = torch.cat([self.x0(inputs[t.image]) for t in job.rows])
+        size, empty = self._size(job.shape), self.cond("", self._size(job.shape))
+        empties = torch.cat([empty] * len(job.rows))
+        if job.guided:  # diffusers' recipe: CFG under R
+            cond, uncond = torch.cat([self.cond(t.source, size) for t in job.rows]), empties
+        else:
+            cond, uncond = empties, None
+        levels = self.denoiser.levels(job.k / job.steps, job.steps)
+        both = encode(self.denoiser, x0, cond, levels, job.steps, job.inversion_guidance, uncond)
+        return [both.rows(slice(row, row + 1)) for row in range(len(job.rows))]
+
+    def _given_or_held(self, inputs: list[Input], t: Encoded) -> Trajectory:
+        if t.given:
+            given = inputs[t.image].trajectory
+            if given.steps != t.steps or given.ratio < t.k / t.steps - 1e-9:
+                raise UsageError(f"the trajectory given reaches ratio {given.ratio:g} on a {given.steps}-step grid; "
+                                 f"this edit needs ratio {t.k / t.steps:g} on a {t.steps}-step grid (invert with the "
+                                 "same steps and at least that ratio)")
+            return given
+        # held at planning; made again, alone, if the memo let it go since
+        alone = Encoding(self.latent_shape(inputs[t.image]), t.steps, t.k, t.inversion.guidance,
+                         t.inversion.source is not None, [t])
+        return self._cached(t.key, lambda: self._encode(inputs, alone)[0])
+
+    def _run_decodings(self, inputs: list[Input], plan: Plan, masks: dict, trajectories: dict) -> list[torch.Tensor]:
+        """Step 3: y_0 (C, h, w) of every request."""
         latents: dict = {}
-        if rows:
+        if plan.decodings:
             self.on_phase("decoding")
-        for (_, steps, k, guidance, blend_late, start, *_), js in rows.items():
-            parts = [self._row(inputs, requests[j], trajectories[j], mask_of.get(j), blend_late) for j in js]
-            levels = parts[0][3]
-            y = torch.cat([p[0] for p in parts])
-            any_mask = any(p[2] is not None for p in parts)
-            keep = torch.cat([p[1] for p in parts], dim=1) if any_mask else None
+        for job in plan.decodings:
+            rows = [self._row(inputs, plan.requests[j], trajectories.get(j), masks.get(j), job) for j in job.requests]
+            levels, y = rows[0][3], torch.cat([row[0] for row in rows])
+            any_mask = any(row[2] is not None for row in rows)
+            keep = torch.cat([row[1] for row in rows], dim=1) if any_mask else None
             ones = torch.ones_like(y[:1, :1])  # an unmasked row among masked ones: M = 1 keeps y exactly
-            mask = torch.cat([ones if p[2] is None else p[2] for p in parts]) if any_mask else None
-            size = self.models.image_size(y)
-            cond = torch.cat([self.cond(requests[j].target, size) for j in js])
-            uncond = torch.cat([self.cond(requests[j].source, size) for j in js])
-            y0 = decode(self.denoiser, y, levels, cond, uncond, guidance, keep, mask)
-            latents.update(zip(js, y0))
-        y = [latents[j] for j in range(len(requests))]
-        pixels: list = [None] * len(y)
-        if decode_pixels:
-            by_shape: dict = {}
-            for j, yj in enumerate(y):
-                by_shape.setdefault(tuple(yj.shape), []).append(j)
-            for js in by_shape.values():
-                pixels_js = self.decode(torch.stack([y[j] for j in js]))
-                for j, pj in zip(js, pixels_js):
-                    pixels[j] = pj
-        return [Output(y[j], pixels[j], *mask_of.get(j, (None, None)), trajectories[j]) for j in range(len(requests))]
+            mask = torch.cat([ones if row[2] is None else row[2] for row in rows]) if any_mask else None
+            size = self._size(job.shape)
+            cond = torch.cat([self.cond(plan.requests[j].target, size) for j in job.requests])
+            uncond = torch.cat([self.cond(plan.requests[j].source, size) for j in job.requests])
+            latents.update(zip(job.requests, decode(self.denoiser, y, levels, cond, uncond, job.guidance, keep, mask)))
+        return [latents[j] for j in range(len(plan.requests))]
 
-    def _row(self, inputs, r: Request, trajectory: Trajectory | None, mask, blend_late: bool):
+    def _row(self, inputs, r: Request, trajectory: Trajectory | None, mask, job: Decoding):
         """One decoding row: (start y (1, C, h, w), latents to keep (k + 1, 1, C, h, w), mask (1, 1, h, w) or None,
         levels)."""
         s = r.settings
         if trajectory is not None:
             xs, levels = trajectory.latents, trajectory.timesteps
-            keep = xs[1:] if blend_late else xs  # diffusers blends one step late: with x at t, not at t_prev
+            keep = xs[1:] if job.blend_late else xs  # diffusers blends one step late: with x at t, not at t_prev
             y = xs[-1]
         else:
             x0 = self.x0(inputs[r.image])
@@ -371,21 +286,21 @@ class Engine:
         m = None if mask is None else mask[1][None, None].to(y.dtype)
         return y, keep, m, levels
 
+    def _decode_pixels(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each y_0 decoded to pixels, images of one shape together."""
+        pixels: list = [None] * len(latents)
+        by_shape: dict = {}
+        for j, y in enumerate(latents):
+            by_shape.setdefault(tuple(y.shape), []).append(j)
+        for js in by_shape.values():
+            for j, p in zip(js, self.decode(torch.stack([latents[j] for j in js]))):
+                pixels[j] = p
+        return pixels
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) to pixels (B, 3, H, W), in chunks of the models' ``vae_batch``."""
         b = self.models.vae_batch
         return torch.cat([self.models.decode_latents(latents[i:i + b]) for i in range(0, len(latents), b)])
-
-    def _checked(self, r: Request, count: int, masked: bool = False) -> Request:
-        """The request with its settings as the recipe runs them (``resolve``); a ValueError if it cannot run."""
-        if not 0 <= r.image < count:
-            raise ValueError(f"request for image {r.image}, but {count} image(s) were given")
-        method = METHOD_TABLE[r.settings.method]
-        masked = masked or method.masked
-        if r.mask is not None and not masked:
-            masks = ", ".join(m for m, t in METHOD_TABLE.items() if t.masked)
-            raise ValueError(f"mask= is used by the masked methods ({masks}); {method.name!r} edits without a mask")
-        return Request(r.image, r.target, r.source, resolve(r.settings, masked and r.mask is None), r.mask)
 
     def generate(self, noise: torch.Tensor, target: Text, steps: int, guidance: float) -> torch.Tensor:
         """Plain text-to-image: guided sampling from pure noise (B, C, h, w) over the whole grid."""

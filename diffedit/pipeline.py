@@ -15,8 +15,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import ddim, images, precision
-from .denoiser import Denoiser, encoding_steps
-from .engine import Engine, Input, Request, resolve, text_key
+from .denoiser import Denoiser
+from .engine import Engine
 from .flow import FlowDenoiser
 from .conditioning import Conditioning
 from .model_call import EvalCounter, eps_model
@@ -25,7 +25,8 @@ from .inversion import Trajectory
 from .models import ModelConfig, StableDiffusion
 from .models.conditioner import size_conditioning
 from .models.unet import CrossAttention
-from .settings import METHOD_TABLE, EditSettings
+from .plan import Input, Request
+from .settings import EditSettings, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,11 @@ class DiffEdit:
         e, at = self.encode_prompt(unique, size), {t: i for i, t in enumerate(unique)}
         return [torch.cat([e[at[t]:at[t] + 1] for t in g]) for g in groups]
 
+    def latent_shape(self, pixels: torch.Tensor) -> tuple:
+        """The shape of x_0 for images ``pixels`` (B, 3, H, W): (B, C, H/f, W/f)."""
+        f = self.cfg.vae.downsampling
+        return (pixels.shape[0], self.latent_channels, pixels.shape[-2] // f, pixels.shape[-1] // f)
+
     def image_size(self, latents: torch.Tensor) -> tuple[int, int]:
         """(H, W) in pixels of the image that ``latents`` (..., h, w) encode."""
         return tuple(s * self.cfg.vae.downsampling for s in latents.shape[-2:])
@@ -204,7 +210,7 @@ class DiffEdit:
         many = isinstance(image, (list, tuple))
         pils = [load_image(im) for im in (image if many else [image])]
         if not pils:
-            raise ValueError("images must be an image or a non-empty list of images")
+            raise UsageError("images must be an image or a non-empty list of images")
         return pils, [Input(images.to_tensor(p, self.multiple, self.device, self.dtype)) for p in pils], many
 
     def _requests(self, count: int, many: bool, target, source, settings: EditSettings, mask=None, latent_sizes=None):
@@ -213,12 +219,12 @@ class DiffEdit:
         targets, many_targets = _texts("target", target)
         sources, many_sources = _texts("source", source, empty_ok=True)
         if many and many_targets and len(targets) != count:
-            raise ValueError(f"target: give one text for all {count} images or one per image, got {len(targets)}")
+            raise UsageError(f"target: give one text for all {count} images or one per image, got {len(targets)}")
         if many_sources and len(sources) != count:
-            raise ValueError(f"source: give one text for all images or one per image ({count}), got {len(sources)}")
+            raise UsageError(f"source: give one text for all images or one per image ({count}), got {len(sources)}")
         masks = mask if isinstance(mask, (list, tuple)) else [mask] * count
         if len(masks) != count:
-            raise ValueError(f"mask: give one mask for all {count} images or one per image, got {len(masks)}")
+            raise UsageError(f"mask: give one mask for all {count} images or one per image, got {len(masks)}")
         masks = [None if m is None else self._external_mask(m, latent_sizes[i]) for i, m in enumerate(masks)]
         if many:
             pairs = [(i, targets[i] if many_targets else targets[0]) for i in range(count)]
@@ -240,7 +246,7 @@ class DiffEdit:
         _, inputs, many = self._inputs(image)
         sources, many_sources = _texts("source", source, empty_ok=True)
         if many_sources and len(sources) != len(inputs):
-            raise ValueError(f"source: give one text for all images or one per image ({len(inputs)}), "
+            raise UsageError(f"source: give one text for all images or one per image ({len(inputs)}), "
                              f"got {len(sources)}")
         reqs = [Request(i, "", sources[i] if many_sources else sources[0], s) for i in range(len(inputs))]
         out = self.engine().trajectories(inputs, reqs)
@@ -280,14 +286,15 @@ class DiffEdit:
         if trajectory is not None:
             given = list(trajectory) if isinstance(trajectory, (list, tuple)) else [trajectory]
             if len(given) != len(inputs):
-                raise ValueError(f"trajectory: give one per image ({len(inputs)}), got {len(given)}")
+                raise UsageError(f"trajectory: give one per image ({len(inputs)}), got {len(given)}")
             for inp, t in zip(inputs, given):
                 inp.trajectory, inp.x0 = t, t.latents[0].to(self.device)
         reqs, listed = self._requests(len(inputs), many, target, source, s, mask, self._latent_sizes(inputs))
-        bar = tqdm(total=self._planned_rows(inputs, reqs), desc=s.method, unit="row", disable=not progress,
+        bar = None
+        engine = self.engine(wrap=(lambda model: EvalCounter(model, lambda rows: bar.update(rows))) if progress else None)
+        bar = tqdm(total=engine.plan(inputs, reqs).cost.rows, desc=s.method, unit="row", disable=not progress,
                    leave=False)
-        counted = lambda model: EvalCounter(model, bar.update)  # noqa: E731
-        out = self.engine(wrap=counted if progress else None).edits(inputs, reqs)
+        out = engine.edits(inputs, reqs)
         bar.close()
         results = [EditResult(images.to_pil(o.pixels, pils[r.image].size),
                               None if o.mask is None else images.mask_to_pil(o.mask, pils[r.image].size),
@@ -295,29 +302,12 @@ class DiffEdit:
                    for r, o in zip(reqs, out)]
         return results if listed else results[0]
 
-    def _planned_rows(self, inputs: list[Input], reqs: list[Request]) -> int:
-        """The UNet rows ``edit`` runs for requests that share one setting (for the progress bar's total)."""
-        s = resolve(reqs[0].settings, reqs[0].mask is None)
-        method, k = METHOD_TABLE[s.method], encoding_steps(s.ratio, s.steps)
-        g = 1 if s.guidance == 1 else 2
-        total = g * k * len(reqs)
-        for i, inp in enumerate(inputs):
-            mine = [r for r in reqs if r.image == i]
-            if method.start == "encoding" and inp.trajectory is None:
-                total += k * (g if s.recipe.inversion_guidance else 1)
-            estimated = [r for r in mine if method.masked and r.mask is None]
-            differ = [r for r in estimated if text_key(r.target) != text_key(r.source)]
-            if differ:
-                texts = {text_key(t) for r in differ for t in (r.target, r.source)}
-                total += s.n * len(texts)
-        return total
-
     def _external_mask(self, mask, latent_size) -> torch.Tensor:
         if isinstance(mask, Image.Image):
             return images.mask_from_pil(mask, tuple(latent_size)).to(self.device)
         mask = torch.as_tensor(mask)
         if mask.shape != tuple(latent_size):
-            raise ValueError(f"a tensor mask must have the latent size {tuple(latent_size)}, got {tuple(mask.shape)}")
+            raise UsageError(f"a tensor mask must have the latent size {tuple(latent_size)}, got {tuple(mask.shape)}")
         return (mask > 0.5).to(self.device)
 
     @torch.no_grad()
@@ -338,22 +328,22 @@ def _texts(name: str, value, empty_ok: bool = False) -> tuple[list, bool]:
         if value.ndim == 2:
             return [value[None]], False
         if value.ndim != 3:
-            raise ValueError(f"{name}: an embedding must be (rows, tokens, width), got {tuple(value.shape)}")
+            raise UsageError(f"{name}: an embedding must be (rows, tokens, width), got {tuple(value.shape)}")
         rows = [value[i:i + 1] for i in range(value.shape[0])]
         return rows, len(rows) > 1
     many = isinstance(value, (list, tuple))
     items = list(value) if many else [value]
     if not items:
-        raise ValueError(f"{name} must be a text, an embedding or a non-empty list of them")
+        raise UsageError(f"{name} must be a text, an embedding or a non-empty list of them")
     out = []
     for t in items:
         if isinstance(t, (torch.Tensor, Conditioning)):
             rows, listed = _texts(name, t)
             if listed:
-                raise ValueError(f"{name}: each embedding in a list must have one row, got {len(rows)}")
+                raise UsageError(f"{name}: each embedding in a list must have one row, got {len(rows)}")
             out += rows
         elif not isinstance(t, str) or (not empty_ok and not t.strip()):
-            raise ValueError(f"{name} must be a non-empty text, an embedding or a list of them, got {t!r}")
+            raise UsageError(f"{name} must be a non-empty text, an embedding or a list of them, got {t!r}")
         else:
             out.append(t)
     return out, many

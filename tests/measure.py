@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .model_call import Rows
+from diffedit.model_call import Rows
 
 
 # --- counting UNet evaluations ------------------------------------------------------------------------------------

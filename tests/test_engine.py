@@ -112,7 +112,7 @@ def test_a_sweep_row_an_app_edit_and_an_api_edit_of_the_same_setting_are_equal(d
     api = de.edit(pic, "a red circle", source="a photo", ratio=0.5, steps=4, n=2, seed=7, threshold=0.4)
     (row,) = sweep.edit_grid(de, pic, "a photo", "a red circle",
                              [sweep.Setting("diffedit", 0.5, "caption", 0.4, 2, 0.5, 0)], 4, 7.5, 7)
-    work = app_state.Engine(de).work(app_state.Session())
+    work = app_state.AppModel(de).work(app_state.Session())
     p = work.picture(pic)
     d, m = work.mask(p, "a photo", "a red circle", s)
     app = work.edit(p, "a photo", "a red circle", s, m)

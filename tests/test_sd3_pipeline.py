@@ -238,7 +238,7 @@ def test_the_app_edits_on_sd3_at_its_working_size_and_equals_the_api(de):
     image = picture()
     s = EditSettings(ratio=0.5, steps=4, n=2, seed=0)
     api = de.edit(image, "a green circle", source="a red circle", ratio=0.5, steps=4, n=2)
-    engine = app_state.Engine(de)
+    engine = app_state.AppModel(de)
     work = engine.work(app_state.Session())
     pic = work.picture(image)
     d, m = work.mask(pic, "a red circle", "a green circle", s)
