@@ -47,8 +47,11 @@ import oracles  # noqa: E402
 from diffedit.conditioning import Conditioning
 from measure import ModuleCounter, count_flops, interleaved, matmul_rate, race_summary, random_model
 from measure import tune_malloc
+from diffedit import images  # noqa: E402
 from diffedit.models import StableDiffusion, preset, size_conditioning
 from diffedit.pipeline import DiffEdit
+from diffedit.plan import Input, Request  # noqa: E402
+from diffedit.settings import EditSettings  # noqa: E402
 from diffedit.precision import native_dtypes, resolve_dtype
 
 EDIT = dict(ratio=0.8, n=10, strength=0.5, steps=50, guidance=7.5, seed=0)  # the benchmark's paper-faithful edit
@@ -133,9 +136,9 @@ def edit_rows() -> dict:
     for name, settings in (("paper", EDIT), ("library_defaults", dict(seed=0))):
         with ModuleCounter(de.model.unet) as c:
             de.edit(oracles.astronaut(px), oracles.TARGET, oracles.SOURCE, **settings)
-        full = {**dict(ratio=0.7, n=10, steps=50), **settings}
-        k = round(full["ratio"] * full["steps"])
-        out[name] = {"settings": settings, **c.get(), "expected_rows": 2 * full["n"] + 3 * k}
+        request = Request(0, oracles.TARGET, oracles.SOURCE, EditSettings(**settings))
+        pixels = images.to_tensor(oracles.astronaut(px), de.multiple, "cpu", de.dtype)
+        out[name] = {"settings": settings, **c.get(), "expected_rows": de.engine().plan([Input(pixels)], [request]).cost.rows}
     return out
 
 

@@ -47,7 +47,7 @@ def random_model(name: str, device="cpu", dtype=None, seed: int = 0, parts=None)
     through the full-size networks), norms the identity, other vectors N(0, 0.02^2). ``parts``: the attribute names
     that get weights (e.g. ("model", "first_stage_model")); the others stay on meta. None: all."""
     import torch
-    from .models import StableDiffusion, preset
+    from diffedit.models import StableDiffusion, preset
     with torch.device("meta"):
         model = StableDiffusion(preset(name)).to(dtype or torch.float32)
     gen = torch.Generator(device).manual_seed(seed)
