@@ -7,16 +7,18 @@ order the seed draws them) that DiffEdit at the page's settings edits successful
 (``toy.judge.edit_success``); the first edit if none does, and the page says so. A teaching example should
 show the method working; the grid below it shows how often it does.
 
-The page shows the input scene and its caption, the target caption, the noise estimates under the two texts
-for one noise (channel means of eps_Q and eps_R), the difference map D and the mask (Sec. 3.1), the DDIM
-encoding decoded at a few levels (Sec. 3.2), the mask-guided decoding step by step (Sec. 3.2, "decoding with
-mask guidance"), and the result next to SDEdit, Encode-Decode and masked SDEdit (DiffEdit's mask, SDEdit's
-noise). Below the steps, a grid of the first ``--grid`` held-out edits as they come (failures included), each
-method judged by the toy judge, and what the toy world shows per kind of edit, read from the shipped model's
-measurements (``--results``, default docs/results/toy_kinds). Everything is computed with the same functions
-``DiffEdit.edit`` uses (masking.py, inversion.py, edit.py), so the page cannot drift from the code; tests/test_walkthrough.py runs it on a tiny random model. On the toy model the
-steps take about 300 UNet evaluations on 16 x 16 latents at 50 steps, and every edit the search or the grid
-runs about as many.
+The edit the page shows is run by ``diffedit/reference.py:edit``, the one-screen DiffEdit written beside the paper's
+Sec. 3, and every intermediate picture is a tensor that run computed: the denoiser's model call is wrapped so that it
+keeps each row it is given and returns, in the order the three steps make them (``Recorder``). The page shows the input
+scene and its caption, the target caption, the noise estimates under the two texts for one noise (channel means of
+eps_Q and eps_R), the difference map D and the mask (Sec. 3.1), the DDIM encoding decoded at a few levels (Sec. 3.2),
+the mask-guided decoding step by step (Sec. 3.2, "decoding with mask guidance"), and the result next to SDEdit,
+Encode-Decode and masked SDEdit (DiffEdit's mask, SDEdit's noise), each also run by the reference. Below the steps, a
+grid of the first ``--grid`` held-out edits as they come (failures included), each method run by ``DiffEdit.edit`` and
+judged by the toy judge, and what the toy world shows per kind of edit, read from the shipped model's measurements
+(``--results``, default docs/results/toy_kinds). The page cannot drift from the code: the reference is tested equal,
+bit for bit, to the engine that ``DiffEdit.edit`` and every front end run (tests/test_reference.py), the page compares
+the two on its own edit, and tests/test_walkthrough.py runs this script on a tiny random model.
 """
 from __future__ import annotations
 
@@ -30,11 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffedit import images, masking
+from diffedit import images, masking, reference
 from diffedit.denoiser import encoding_steps
-from diffedit.edit import decode
-from diffedit.inversion import encode
 from diffedit.pipeline import DiffEdit
+from diffedit.settings import EditSettings
 from diffedit.toy import judge, model_world, world
 from diffedit.viz import heatmap, overlay
 
@@ -42,6 +43,7 @@ SHOW = 192  # px: every picture is shown this wide, pixelated (the toy scenes ar
 THUMB = 112  # px: the grid's pictures
 SEARCH = 20  # held-out edits the selection rule looks at, at most
 STRENGTH, GUIDANCE, THRESHOLD = 0.5, 7.5, 0.5  # the paper's, and DiffEdit.edit's defaults
+CFG_ROWS = 1 if GUIDANCE == 1.0 else 2  # rows per decoding step: Denoiser.guided runs both halves unless the scale is 1
 METHODS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode", "masked-sdedit": "masked SDEdit"}
 RESULTS = Path(__file__).parent / "results" / "toy_kinds"  # the shipped model's per-kind measurements
 RULE = (f"the first of the first {SEARCH} held-out edits, in the order the seed draws them, that DiffEdit at the "
@@ -78,6 +80,22 @@ def _signed(x: torch.Tensor) -> np.ndarray:
 def _scaled(x: torch.Tensor) -> np.ndarray:
     x = x.detach().float().cpu()
     return (x / x.max().clamp(min=1e-12)).numpy()
+
+
+class Recorder:
+    """Wraps the model call: returns what the model returns, and keeps every row it was given (``x``) and gave back
+    (``out``), in call order. A reference edit asks for the rows of step 1 (n under Q, then n under R), then step 2
+    (one row per encoding step), then step 3 (``CFG_ROWS`` per decoding step, the unconditional half first), so the
+    rows are that edit's own intermediates."""
+
+    def __init__(self, model):
+        self.model, self.x, self.out = model, [], []
+
+    def __call__(self, x, t, cond):
+        out = self.model(x, t, cond)
+        self.x.extend(x)
+        self.out.extend(out)
+        return out
 
 
 @torch.no_grad()
@@ -125,58 +143,64 @@ def main(argv: list[str] | None = None) -> int:
     def latent_image(y: torch.Tensor) -> Image.Image:
         return images.to_pil(de.decode_latents(y.reshape(1, *y.shape[-3:]))[0], size)
 
-    # The texts and the input latent x_0 (one VAE encode).
+    # The input latent x_0 (one VAE encode) and the texts, as the engine would encode them for this image.
     x0 = de.encode_image(images.to_tensor(pil, de.multiple, de.device, de.dtype))
-    query, reference, empty = (de.encode_prompt([t]) for t in (edit.target_caption, edit.source_caption, ""))
+    query, ref, empty = (de.encode_prompt([t], de.image_size(x0)) for t in (edit.target_caption, edit.source_caption, ""))
     save("input.png", pil)
     save("target_truth.png", Image.fromarray(edit.target.render()))
 
+    # The edit, by the reference, its model call recorded; then the baselines, by the reference too.
+    settings = EditSettings(ratio=ratio, n=n, steps=steps, strength=strength, guidance=guidance, threshold=threshold,
+                            seed=seed)
+    rec = Recorder(de.denoiser.model)
+    den = de.denoiser.with_model(rec)
+    y0, d, m = reference.edit(den, x0, query, ref, empty, settings)
+    baselines = {method: reference.edit(de.denoiser, x0, query, ref, empty, settings.replace(method=method))[0]
+                 for method in list(METHODS)[1:]}
+    k = encoding_steps(ratio, steps)
+    levels = den.levels(ratio, steps)  # x_0's level, then the k grid levels the encoding climbs
+    if len(rec.x) != 2 * n + k + CFG_ROWS * k:
+        raise RuntimeError(f"the reference ran {len(rec.x)} model rows, not 2n + k + {CFG_ROWS}k: the page would "
+                           "show the wrong rows")
+    x_t, eps_q, eps_r = torch.stack(rec.x[:n]), torch.stack(rec.out[:n]), torch.stack(rec.out[n:2 * n])
+    encoding_rows = rec.x[2 * n:2 * n + k]                         # x_0, ..., x at level k - 1: each step's input
+    decoding_rows = rec.x[2 * n + k::CFG_ROWS]                     # y_r, then y after each step but the last
+    trajectory = torch.stack([*encoding_rows, decoding_rows[0]])  # x_0, ..., x_r (y_r = x_r)
+    if not torch.equal(trajectory[0], x0[0]):
+        raise RuntimeError("the recorded rows are out of order: the encoding's first input is not x_0")
+
     # Step 1 (Sec. 3.1): noise x_0 n times at strength 0.5; contrast the estimates under Q and R.
-    den = de.denoiser  # the model's noise estimate and the DDIM schedule
-    noises = masking.noised_latents(den, x0, n, strength, steps, torch.Generator().manual_seed(seed))
-    x1 = noises.x_t[:1, 0]
-    e = den(torch.cat([x1, x1]), noises.t, torch.cat([query, reference]))
-    eps_q, eps_r = e[0], e[1]
-    save("noised.png", latent_image(x1[0]))
-    save("eps_query.png", heatmap(_signed(eps_q.mean(0)), size))
-    save("eps_reference.png", heatmap(_signed(eps_r.mean(0)), size))
-    save("eps_difference_one_noise.png", heatmap(_scaled((eps_q - eps_r).abs().mean(0)), size))
-    d_raw = masking.noise_difference_maps(den, noises, [query, reference], [(0, 1)], [n])[0][n][None]  # (1, h, w)
-    d = masking.normalize(d_raw.float())
-    m = masking.binarize(d, threshold)
+    save("noised.png", latent_image(x_t[0]))
+    save("eps_query.png", heatmap(_signed(eps_q[0].mean(0)), size))
+    save("eps_reference.png", heatmap(_signed(eps_r[0].mean(0)), size))
+    save("eps_difference_one_noise.png", heatmap(_scaled((eps_q[0] - eps_r[0]).abs().mean(0)), size))
+    d_raw = masking.difference_map(eps_q[:, None], eps_r[:, None])  # (1, h, w), before the rescaling
     save("d_raw.png", heatmap(_scaled(d_raw[0]), size))
-    save("d.png", heatmap(d[0], size))
-    mask_pil = images.mask_to_pil(m[0], size)
+    save("d.png", heatmap(d, size))
+    mask_pil = images.mask_to_pil(m, size)
     save("mask.png", mask_pil)
     save("mask_overlay.png", overlay(pil, mask_pil))
 
     # Step 2 (Sec. 3.2): DDIM encoding with the unconditional model, every latent kept.
-    trajectory = encode(den, x0, empty, den.levels(ratio, steps), steps)
-    k = encoding_steps(ratio, steps)
-    levels = sorted({0, k // 3, (2 * k) // 3, k})
-    encoded = [(i, int(trajectory.timesteps[i]), save(f"encoded_{i:02d}.png", latent_image(trajectory.latents[i])))
-               for i in levels]
+    shown = sorted({0, k // 3, (2 * k) // 3, k})
+    encoded = [(i, float(levels[i]), save(f"encoded_{i:02d}.png", latent_image(trajectory[i]))) for i in shown]
 
-    # Step 3 (Sec. 3.2): decoding with mask guidance; y decoded after a few of the k steps.
-    keep = sorted({0, k // 3, (2 * k) // 3, k - 1})
-    snapshots = {}
-
-    def callback(step: int, y: torch.Tensor):
-        if step in keep:
-            snapshots[step] = y[0].clone()
-
-    y0 = decode(den, trajectory.latents[-1], trajectory.timesteps, query, reference, guidance,
-                keep=trajectory.latents, mask=m[:, None].to(x0.dtype), callback=callback)
-    decoding = [(s, int(trajectory.timesteps[k - 1 - s]), save(f"decoding_{s:02d}.png", latent_image(snapshots[s])))
-                for s in keep]
+    # Step 3 (Sec. 3.2): decoding with mask guidance; y after a few of the k steps (the last one is y_0).
+    after = [*decoding_rows[1:], y0[0]]  # after[s]: y after s + 1 steps
+    shown = sorted({0, k // 3, (2 * k) // 3, k - 1})
+    decoding = [(s, float(levels[k - 1 - s]), save(f"decoding_{s:02d}.png", latent_image(after[s]))) for s in shown]
 
     # The result and the paper's baselines, from the same parts.
     result = latent_image(y0[0])
     save("result_diffedit.png", result)
-    for method in list(METHODS)[1:]:  # the baselines as DiffEdit.edit runs them, with the page's seed
-        save(f"result_{method.replace('-', '_')}.png", run(index, method)[0].image)
+    for method, y in baselines.items():
+        save(f"result_{method.replace('-', '_')}.png", latent_image(y[0]))
     save("vae_reconstruction.png", latent_image(x0[0]))
     success = judge.edit_success(np.asarray(result.convert("RGB"), np.uint8), edit)  # the picture shown
+    rows = (2 * n, k, CFG_ROWS * k)
+    engine = run(index)[0].latents  # DiffEdit.edit (the engine) on the same edit, for the page to compare
+    same = bool(torch.equal(engine.to(y0.device), y0[0]))
+    gap = 0.0 if same else float((engine.to(y0.device) - y0[0]).abs().max())
 
     # The grid: the first edits as they come, so that it shows the failures the selection skips.
     grid = []
@@ -191,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         grid.append((i, item, names, verdicts))
 
     choice = _choice(args, index, found, success)
-    (out / "index.html").write_text(_page(args, edit, encoded, decoding, k, strength, noises.t, threshold, guidance,
-                                          choice, success, grid), encoding="utf-8")
+    (out / "index.html").write_text(_page(args, edit, encoded, decoding, k, strength, float(den.strength_level(strength, steps)),
+                                          threshold, guidance, choice, success, grid, rows, gap), encoding="utf-8")
     missing = [p for p in pngs if p not in (out / "index.html").read_text()]
     assert not missing, f"walkthrough page does not show {missing}"
     print(f"wrote {out / 'index.html'} and {len(pngs)} PNGs")
@@ -324,15 +348,18 @@ outline, keeps the old shape.</p>
 """
 
 
-def _page(args, edit, encoded, decoding, k, strength, t_mask, threshold, guidance, choice, success, grid) -> str:
+def _page(args, edit, encoded, decoding, k, strength, t_mask, threshold, guidance, choice, success, grid,
+          rows, gap) -> str:
     esc = html.escape
 
     def fig(name, caption):
         return (f"<figure><img src='{esc(name)}' width='{SHOW}'><figcaption>{caption}</figcaption></figure>")
 
-    lvl = lambda t: f"t = {t}" if t >= 0 else "the level of x<sub>0</sub>"
+    lvl = lambda t: f"t = {t:g}" if t >= 0 else "the level of x<sub>0</sub>"
     enc = "".join(fig(name, f"x after {i} of {k} encoding steps ({lvl(t)})") for i, t, name in encoded)
     dec = "".join(fig(name, f"y after {s + 1} of {k} decoding steps ({lvl(t)})") for s, t, name in decoding)
+    agree = ("<code>DiffEdit.edit</code> gives the same latents, bit for bit" if gap == 0 else
+             f"<code>DiffEdit.edit</code>'s latents differ from the reference's by at most {gap:.2g}")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>DiffEdit, step by step</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}}
 img{{image-rendering:pixelated;border:1px solid #ddd}} figure{{display:inline-block;margin:6px;text-align:center;
@@ -340,11 +367,16 @@ font-size:12px;vertical-align:top;max-width:{SHOW + 10}px}} code{{background:#f4
 <h1>DiffEdit, step by step</h1>
 <p>DiffEdit (Couairon et al., ICLR 2023) edits an image from a text query in three steps: it finds
 <em>where</em> to edit by contrasting the model's noise estimates under two texts, DDIM-encodes the image,
-and decodes it with the query while keeping everything outside the mask. This page runs each step on one
+and decodes it with the query while keeping everything outside the mask. This page runs DiffEdit on one
 held-out toy-world edit (model <code>{esc(args.model)}</code>, {args.steps} DDIM steps, encoding ratio
-r = {args.ratio:g}, n = {args.n}, strength {strength:g}, threshold {threshold:g}, guidance {guidance:g}).
-The code that computed each picture is named under it; <code>docs/paper-map.md</code> maps the paper's
-equations to it.</p>
+r = {args.ratio:g}, n = {args.n}, strength {strength:g}, threshold {threshold:g}, guidance {guidance:g}) with
+<code>reference.edit</code> (<code>diffedit/reference.py</code>), the one-screen DiffEdit written beside the paper's
+Sec. 3, and every picture of the three steps is a tensor that run computed, read off its model calls. The engine
+that <code>DiffEdit.edit</code> runs is tested equal to it bit for bit (<code>tests/test_reference.py</code>); on
+this edit {agree}. The function of each
+step is named beside it; <code>docs/paper-map.md</code> maps the paper's equations to the code.
+The edit ran {sum(rows)} model rows: 2n = {rows[0]} for the mask, k = {rows[1]} for the encoding and
+{rows[2]} for the guided decoding.</p>
 {choice}
 
 <h2>The input</h2>
@@ -355,14 +387,14 @@ Edit: {esc(edit.kind)}, {esc(edit.description)}.</p>
 
 <h2>Step 1: the mask (Sec. 3.1)</h2>
 <p>The latent x<sub>0</sub> is noised to strength {strength:g} (timestep {t_mask}) with noise 1 of {args.n}
-(<code>masking.noised_latents</code>). The UNet predicts that noise once conditioned on Q and once on R
-(<code>denoiser.Denoiser</code>, one batched call). Where the texts agree about the image the two estimates agree; where
+(<code>masking.noised_latents</code>). The UNet predicts that noise once conditioned on Q and once on R, without
+guidance (two batched passes over the {args.n} noises, one per text). Where the texts agree about the image the two estimates agree; where
 they disagree (the object or background the edit changes) they differ. Channel means, blue &lt; 0 &lt; yellow:</p>
 {fig("noised.png", "x<sub>t</sub> for noise 1, decoded")}{fig("eps_query.png", "eps(x<sub>t</sub>, Q), channel mean")}
 {fig("eps_reference.png", "eps(x<sub>t</sub>, R), channel mean")}
 {fig("eps_difference_one_noise.png", "|eps<sub>Q</sub> - eps<sub>R</sub>|, one noise")}
 <p>One noise is noisy. D averages |eps<sub>Q</sub> - eps<sub>R</sub>| over the channels and over
-n = {args.n} noises (<code>masking.noise_difference_maps</code>), is clipped at its 98th percentile and rescaled to
+n = {args.n} noises (<code>masking.difference_map</code>), is clipped at its 98th percentile and rescaled to
 [0, 1] (<code>masking.normalize</code>), and thresholded at {threshold:g} (<code>masking.binarize</code>):</p>
 {fig("d_raw.png", "D, averaged over n noises (raw)")}{fig("d.png", "D clipped and rescaled")}
 {fig("mask.png", "mask M = D &gt; threshold")}{fig("mask_overlay.png", "M over the input")}
@@ -375,9 +407,9 @@ latent is kept: decoding needs them. Decoded with the VAE:</p>
 
 <h2>Step 3: decoding with mask guidance (Sec. 3.2)</h2>
 <p>From x<sub>r</sub>, DDIM sampling with classifier-free guidance towards Q (R as the negative prompt)
-runs k steps (<code>edit.decode</code>). After each step the region
+runs k steps (<code>edit.decode</code>). After each step to a level t the region
 outside the mask is replaced by the encoded latent at the same level:
-y<sub>t-1</sub> = M y<sub>t-1</sub> + (1 - M) x<sub>t-1</sub>. The last step puts x<sub>0</sub> itself back,
+y<sub>t</sub> = M y<sub>t</sub> + (1 - M) x<sub>t</sub>. The last step puts x<sub>0</sub> itself back,
 so outside the mask only the VAE's reconstruction error remains.</p>
 {dec}
 
@@ -385,8 +417,9 @@ so outside the mask only the VAE's reconstruction error remains.</p>
 <p><b>SDEdit</b> noises x<sub>0</sub> to r with fresh noise and decodes with Q, no mask. <b>Encode-Decode</b>
 decodes the same DDIM encoding with Q and no mask (DiffEdit with M = 1). Both change the whole image; DiffEdit only
 the masked region. <b>Masked SDEdit</b> keeps DiffEdit's mask but starts from fresh noise instead of the DDIM
-encoding: the paper's claim that the encoding and the mask work well together is DiffEdit against it
-(<code>DiffEdit.edit(..., method="sdedit" / "encode-decode" / "masked-sdedit")</code>).</p>
+encoding: the paper's claim that the encoding and the mask work well together is DiffEdit against it. Each is
+<code>reference.edit</code> with its method (<code>"sdedit"</code>, <code>"encode-decode"</code>,
+<code>"masked-sdedit"</code>), as <code>DiffEdit.edit(..., method=...)</code> runs them.</p>
 {fig("result_diffedit.png", f"DiffEdit ({_verdict(success)})")}{fig("result_sdedit.png", "SDEdit")}
 {fig("result_encode_decode.png", "Encode-Decode")}{fig("result_masked_sdedit.png", "masked SDEdit")}
 {fig("vae_reconstruction.png", "VAE reconstruction of the input (the ceiling)")}

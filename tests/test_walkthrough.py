@@ -43,6 +43,10 @@ def test_walkthrough_writes_a_page_that_shows_every_png(tmp_path, monkeypatch):
                  "result_sdedit.png", "result_encode_decode.png", "result_masked_sdedit.png"):
         assert name in pngs
     assert any(n.startswith("encoded_") for n in pngs) and any(n.startswith("decoding_") for n in pngs)
+    # the edit shown is reference.edit's, and DiffEdit.edit (the engine) gives the same bits on it
+    assert "<code>reference.edit</code>" in page and "gives the same latents, bit for bit" in page
+    # 4 steps at r = 0.7, k = round(2.8) = 3: 2n = 4 mask rows, k = 3 encoding rows, 2k = 6 guided decoding rows
+    assert "The edit ran 13 model rows: 2n = 4 for the mask, k = 3 for the encoding and 6 for" in " ".join(page.split())
 
     # the grid: every method on edits 0 and 1, and a count per method
     for i in range(2):
