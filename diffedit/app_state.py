@@ -6,9 +6,10 @@
     n, strength, seed, texts            the mask pass, then the decoding
     image                               everything, with one VAE encode
 
-Torch only (no gradio). A ``Session`` is one browser session's cache, bounded in bytes; a ``Work`` is one
-user action on it: the edit engine (``diffedit.engine``) run with that cache as its memo, so each step is looked up
-under everything it depends on, and what the action cost (UNet rows per phase, VAE encodes, seconds).
+Torch only (no gradio). A ``Session`` is one browser session's cache, bounded in bytes; an ``AppModel`` the model
+every session shares; a ``Work`` is one user action on a session: the edit engine (``diffedit.engine``) run with that
+cache as its memo, so each step is looked up under everything it depends on, its progress totals read from the
+engine's plan, and what the action ran (``Spent``: UNet rows per phase, VAE encodes, seconds).
 """
 from __future__ import annotations
 
@@ -25,18 +26,17 @@ from PIL import Image
 
 from . import images
 from .denoiser import encoding_steps
-from .engine import Input, Request
+from .plan import PHASES, Input, Request
 from .conditioning import Conditioning
 from .model_call import Rows
 from .inversion import Trajectory
 from .settings import METHOD_TABLE, EditSettings
 
 CACHE_BYTES = 256 * 2 ** 20   # per session: a 512 px SD trajectory at 50 steps is 3.3 MB, a toy one 52 kB
-MAX_SIDE = 2048               # longer sides are shrunk to this (with a warning), not refused
+MAX_SIDE = 2048               # longer sides are shrunk to this (the status line says so), not refused
 FULL_SIZE_BUDGET = 4          # full size is offered up to this many times the model's native pixel count
 MAX_PIXELS = 100_000_000      # larger files are refused from their header, before any decoding
 STROKE_COVER = 0.25           # a latent cell joins a stroke when a quarter of its pixels are painted
-PHASES = ("mask", "inversion", "decoding")
 
 
 def nbytes(value) -> int:
@@ -101,7 +101,7 @@ class Cancelled(Exception):
 
 
 class Session:
-    """One browser session: its cache, the strokes painted on its image, the cost of its last action, and ``stop``,
+    """One browser session: its cache, the strokes painted on its image, the toy scenes drawn, and ``stop``,
     set to end its running work at the next UNet call (``check_stop``).
 
     gr.State deep-copies its initial value for each new session; the copy starts empty, so two sessions
@@ -110,7 +110,6 @@ class Session:
     def __init__(self, limit: int = CACHE_BYTES):
         self.cache = LRUCache(limit)
         self.strokes: dict[str, tuple] = {}  # image digest -> (add, erase) latent masks, the painted layers
-        self.last_cost: Cost | None = None
         self.scenes = 0  # toy scenes drawn: each press draws the next held-out one
         self.stop = threading.Event()
 
@@ -162,7 +161,7 @@ class Picture:
 
 
 @dataclass
-class Cost:
+class Spent:
     """What one action ran: UNet sample evaluations (batch rows) per phase, VAE encodes, seconds."""
     rows: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     encodes: int = 0
@@ -178,7 +177,7 @@ class Cost:
                 f"{self.seconds:.2f} s")
 
 
-class Engine:
+class AppModel:
     """The model every session shares, and ``evals``: every UNet evaluation run through it."""
 
     def __init__(self, de):
@@ -193,23 +192,27 @@ class Work:
     its memo. ``report(phase, rows_done, rows_total)`` follows the UNet work; every UNet call first asks the
     session whether to stop (``Session.check_stop``)."""
 
-    def __init__(self, engine: Engine, session: Session, report=None):
-        self.de, self.evals, self.session = engine.de, engine.evals, session
+    def __init__(self, model: AppModel, session: Session, report=None):
+        self.de, self.evals, self.session = model.de, model.evals, session
         self.cache = session.cache
-        self.cost = Cost()
+        self.spent = Spent()
         self.report = report or (lambda *_: None)
         self._start = time.perf_counter()
         self._phase, self._done, self._totals = None, 0, {}
         self.engine = self.de.engine(memo=self.cache, wrap=self._wrap, on_phase=self._on_phase)
 
-    def finish(self) -> Cost:
-        self.cost.seconds = time.perf_counter() - self._start
-        self.session.last_cost = self.cost
-        return self.cost
+    def finish(self) -> Spent:
+        self.spent.seconds = time.perf_counter() - self._start
+        return self.spent
+
+    def _expect(self, inputs: list[Input], requests: list[Request], **options):
+        """The progress bar's total per phase: the UNet rows the engine's plan will run (work held costs none)."""
+        cost = self.engine.plan(inputs, requests, **options).cost
+        self._totals = {phase: getattr(cost, phase) for phase in PHASES}
 
     def _on_phase(self, phase: str):
         if phase == "encode":
-            self.cost.encodes += 1
+            self.spent.encodes += 1
         else:
             self._phase, self._done = phase, 0
 
@@ -218,7 +221,7 @@ class Work:
         def call(x, t, context):
             self.session.check_stop()
             self.evals.add(x)
-            self.cost.rows[self._phase] += x.shape[0]
+            self.spent.rows[self._phase] += x.shape[0]
             self._done += x.shape[0]
             self.report(self._phase, self._done, self._totals.get(self._phase, self._done))
             return model(x, t, context)
@@ -241,8 +244,9 @@ class Work:
 
     def mask(self, pic: Picture, source: str, target: str, s: EditSettings):
         """(D rescaled to [0, 1], the mask M): D thresholded, with the session's strokes painted in."""
-        self._totals = {"mask": 2 * s.n}
-        ((d, m),) = self.engine.masks([self._input(pic)], [Request(0, target, source, s)])
+        inputs, requests = [self._input(pic)], [Request(0, target, source, s)]
+        self._expect(inputs, requests, phases=("mask",))
+        ((d, m),) = self.engine.masks(inputs, requests)
         if pic.digest in self.session.strokes:
             add, erase, _ = self.session.strokes[pic.digest]
             m = (m | add.to(m.device)) & ~erase.to(m.device)
@@ -260,21 +264,31 @@ class Work:
         return not all(torch.equal(a, b) for a, b in zip(cells, before))
 
     def edit(self, pic: Picture, source: str, target: str, s: EditSettings, mask: torch.Tensor | None = None):
-        """The edited image (input size) by ``s.method``; a masked method blends with ``mask`` (h, w) bool. The
-        encoding is made once to ratio 1: every ratio is a truncation of it."""
-        method = METHOD_TABLE[s.method]
-        k = encoding_steps(s.ratio, s.steps)
-        mask_key = hashlib.sha1(mask.cpu().numpy().tobytes()).hexdigest() if method.masked else None
-        key = ("edit", pic.digest, s.method, k, s.steps, s.guidance, source, target,
-               s.seed if method.start == "noise" else None, mask_key)
+        """The edited image (input size) by ``s.method``; a masked method blends with ``mask`` (h, w) bool."""
+        return self.edits(pic, source, target, [s], mask)[0]
 
-        def run():
-            g = 1 if s.guidance == 1 else 2
-            self._totals = {"inversion": s.steps, "decoding": g * k}
-            r = Request(0, target, source, s, mask if method.masked else None)
-            (out,) = self.engine.edits([self._input(pic)], [r], invert_to=1.0)
-            return images.to_pil(out.pixels, pic.pil.size)
-        return self.cache.cached(key, run)
+    def edits(self, pic: Picture, source: str, target: str, settings: list[EditSettings],
+              mask: torch.Tensor | None = None) -> list[Image.Image]:
+        """The edited images (input size) of each settings' method, those the cache does not hold in one engine call;
+        the masked methods blend with ``mask`` (h, w) bool. The encoding is made once to ratio 1: every ratio is a
+        truncation of it."""
+        mask_key = None if mask is None else hashlib.sha1(mask.cpu().numpy().tobytes()).hexdigest()
+        keys, requests = [], []
+        for s in settings:
+            method = METHOD_TABLE[s.method]
+            keys.append(("edit", pic.digest, s.method, encoding_steps(s.ratio, s.steps), s.steps, s.guidance, source,
+                         target, s.seed if method.start == "noise" else None, mask_key if method.masked else None))
+            requests.append(Request(0, target, source, s, mask if method.masked else None))
+        out = [self.cache.get(key) for key in keys]  # one look-up each: an entry may be dropped between two
+        todo = [j for j, image in enumerate(out) if image is None]
+        if todo:
+            inputs, requests = [self._input(pic)], [requests[j] for j in todo]
+            self._expect(inputs, requests, invert_to=1.0)
+            edited = self.engine.edits(inputs, requests, invert_to=1.0)
+            for j, e in zip(todo, edited):
+                image = images.to_pil(e.pixels, pic.pil.size)
+                out[j] = self.cache.cached(keys[j], lambda image=image: image)
+        return out
 
 
 def _picture(image) -> Picture:

@@ -1,5 +1,6 @@
-"""The web app (diffedit/app.py): its API through gradio_client, its page in a real browser, its cache bound, its
-working size, stopping a run and its one-line errors.
+"""The web app served (diffedit/app.py): its API through gradio_client, its page in a real browser, its working size,
+stopping a run, its one-line errors and its command line. The handlers alone, without a server, are tested in
+test_app_handlers.py, the session state in test_app_state.py.
 
 One server on a free loopback port serves the shipped toy model (64 px scenes, 10 DDIM steps, 4 noises to keep
 the module near a minute on 2 cores); gradio, gradio_client and (for the browser) Playwright with the system
@@ -8,7 +9,6 @@ Chromium are the 'app' extra's test dependencies. Timings are printed (pytest -s
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import io
 import logging
@@ -25,7 +25,6 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("gradio")
@@ -33,9 +32,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's 
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from diffedit import viz  # noqa: E402
-from diffedit.app import ADD, ERASE, MISSING, add_app_parser, build_app, launch, run_app, split_strokes  # noqa: E402
-from diffedit.app_state import FULL_SIZE_BUDGET, Cancelled, LRUCache, Session, _picture  # noqa: E402
+from diffedit.app import build_app, launch  # noqa: E402
+from diffedit.app_state import FULL_SIZE_BUDGET, AppModel  # noqa: E402
+from diffedit.cli import APP_MISSING, add_app_parser, run_app  # noqa: E402
 from diffedit.frontend import UsageError  # noqa: E402
 from diffedit.settings import EditSettings  # noqa: E402
 from diffedit.toy import world  # noqa: E402
@@ -63,18 +62,17 @@ class Gate:
 
 @pytest.fixture(scope="module")
 def server():
-    """(url, engine, gate): the app on the toy model; ``engine.evals.count`` counts every UNet evaluation."""
-    from diffedit.app_state import Engine
+    """(url, model, gate): the app on the toy model; ``model.evals.count`` counts every UNet evaluation."""
     from diffedit.pipeline import DiffEdit
     de = DiffEdit.from_pretrained("toy")
     gate = de.eps = Gate(de.eps)
-    engine = Engine(de)
-    demo = build_app(engine, EditSettings(steps=STEPS, n=N), toy=True)
+    model = AppModel(de)
+    demo = build_app(model, EditSettings(steps=STEPS, n=N), toy=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launch(demo, "127.0.0.1", port, quiet=True)
-    yield f"http://127.0.0.1:{port}/", engine, gate
+    yield f"http://127.0.0.1:{port}/", model, gate
     demo.close()
 
 
@@ -98,11 +96,11 @@ def white(path_or_bytes) -> int:
     return int((np.asarray(image.convert("L")) > 127).sum())
 
 
-def counted(engine, call):
+def counted(model, call):
     """(result, UNet evaluations it ran)."""
-    before = engine.evals.count
+    before = model.evals.count
     out = call()
-    return out, engine.evals.count - before
+    return out, model.evals.count - before
 
 
 def wait_for(condition, timeout=30.0):
@@ -115,7 +113,7 @@ def wait_for(condition, timeout=30.0):
 # --- the API ------------------------------------------------------------------------------------------------
 
 def test_mask_and_edit_come_back_at_the_input_size_and_leave_the_file_alone(server, tmp_path):
-    url, engine, _ = server
+    url, model, _ = server
     path, source, target = scene_file(tmp_path, 0, size=(72, 40))  # not multiples of the model's 16
     digest = hashlib.sha1(path.read_bytes()).digest()
     c = client(url)
@@ -150,30 +148,30 @@ def test_a_photo_is_worked_at_the_models_size_and_returned_at_its_own(server, tm
 
 
 def test_threshold_and_smaller_ratio_reuse_the_session_cache(server, tmp_path):
-    url, engine, _ = server
+    url, model, _ = server
     path, source, target = scene_file(tmp_path, 1)
     c, image = client(url), handle_file(str(path))
-    (mask_05, _), first = counted(engine, lambda: c.predict(image, source, target, 0.5, api_name="/mask"))
+    (mask_05, _), first = counted(model, lambda: c.predict(image, source, target, 0.5, api_name="/mask"))
     assert first == 2 * N                                    # the mask pass: query and reference rows
     t = time.perf_counter()
-    (mask_02, _), again = counted(engine, lambda: c.predict(image, source, target, 0.2, api_name="/mask"))
+    (mask_02, _), again = counted(model, lambda: c.predict(image, source, target, 0.2, api_name="/mask"))
     print(f"[app] /mask at a new threshold: {time.perf_counter() - t:.3f} s round trip, {again} UNet evaluations")
     assert again == 0 and white(mask_02) > white(mask_05)
-    _, edit_08 = counted(engine, lambda: c.predict(image, source, target, 0.8, 0.5, api_name="/edit"))
+    _, edit_08 = counted(model, lambda: c.predict(image, source, target, 0.8, 0.5, api_name="/edit"))
     assert edit_08 == STEPS + 2 * 8                          # inversion to ratio 1, then 8 guided decoding steps
     t = time.perf_counter()
-    _, edit_04 = counted(engine, lambda: c.predict(image, source, target, 0.4, 0.5, api_name="/edit"))
+    _, edit_04 = counted(model, lambda: c.predict(image, source, target, 0.4, 0.5, api_name="/edit"))
     print(f"[app] /edit at a smaller ratio: {time.perf_counter() - t:.3f} s round trip, {edit_04} UNet evaluations")
     assert edit_04 == 2 * 4                                  # decoding only: no inversion step, no mask pass
 
 
 def test_two_clients_do_not_share_state(server, tmp_path):
-    url, engine, _ = server
+    url, model, _ = server
     path, source, target = scene_file(tmp_path, 2)
     a, b = client(url), client(url)
-    _, cost_a = counted(engine, lambda: a.predict(handle_file(str(path)), source, target, 0.5, api_name="/mask"))
-    _, cost_b = counted(engine, lambda: b.predict(handle_file(str(path)), source, target, 0.5, api_name="/mask"))
-    _, again_a = counted(engine, lambda: a.predict(handle_file(str(path)), source, target, 0.4, api_name="/mask"))
+    _, cost_a = counted(model, lambda: a.predict(handle_file(str(path)), source, target, 0.5, api_name="/mask"))
+    _, cost_b = counted(model, lambda: b.predict(handle_file(str(path)), source, target, 0.5, api_name="/mask"))
+    _, again_a = counted(model, lambda: a.predict(handle_file(str(path)), source, target, 0.4, api_name="/mask"))
     assert cost_a == cost_b == 2 * N and again_a == 0        # b found nothing of a's in its own session
 
 
@@ -220,18 +218,18 @@ def test_bad_input_gets_a_one_line_message_and_the_server_lives(server, tmp_path
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     c = client(url)
-    caplog.set_level(logging.INFO, logger="diffedit.app")
+    caplog.set_level(logging.INFO, logger="diffedit")
     for image, tgt, threshold, expected in (
             (None, target, 0.5, "No image"), (handle_file(str(text)), target, 0.5, "not an image"),
             (handle_file(str(path)), "  ", 0.5, "target text is empty"),
             (handle_file(str(path)), target, 1.5, "1.5")):  # gradio checks the slider's range itself
         with pytest.raises(AppError, match=expected):
             c.predict(image, source, tgt, threshold, api_name="/mask")
-    refused = [r.getMessage() for r in caplog.records if r.name == "diffedit.app"]
+    refused = [r.getMessage() for r in caplog.records if r.name.startswith("diffedit.app")]
     assert len(refused) == 4 and all(m.startswith("refused: ") and "\n" not in m for m in refused)
     assert "Traceback" not in capfd.readouterr().err
     wide = tmp_path / "wide.png"
-    Image.open(path).resize((2100, 20)).save(wide)       # over the 2048 px side cap: shrunk, with a warning
+    Image.open(path).resize((2100, 20)).save(wide)       # over the 2048 px side cap: shrunk, not refused
     mask, _ = c.predict(handle_file(str(wide)), source, target, 0.5, api_name="/mask")
     assert max(Image.open(mask).size) == 2048
     assert Image.open(c.predict(handle_file(str(path)), source, target, 0.5, api_name="/mask")[0]).size == (64, 64)
@@ -270,7 +268,8 @@ def test_four_clients_editing_at_once_all_succeed(server, tmp_path):
 # --- the page in a browser ----------------------------------------------------------------------------------
 
 def test_page_in_a_browser(server, tmp_path):
-    """Upload a 451 x 300 photo, type, edit (the working size is shown); drag the threshold (the mask changes), paint
+    """Upload a 451 x 300 photo, type, edit (the working size is shown); a refused full-size edit keeps its reason on
+    the page and the panes as they were; drag the threshold (the mask changes), paint
     a stroke (the mask grows); slowed edits stop on Stop and when the page is closed; no request leaves loopback.
     Saves a screenshot: to $DIFFEDIT_APP_SCREENSHOT when set (docs/app.png is made so), else into the test's folder,
     so a test run leaves the tree as it was."""
@@ -278,7 +277,7 @@ def test_page_in_a_browser(server, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no system Chromium (apt-get install -y chromium chromium-driver)")
-    url, engine, gate = server
+    url, model, gate = server
     path, source, target = scene_file(tmp_path, 4, size=(451, 300))
     start, outside = time.perf_counter(), []
 
@@ -302,7 +301,20 @@ def test_page_in_a_browser(server, tmp_path):
         page.locator("#run").click()
         page.wait_for_selector("#edit img", timeout=60_000)
         page.wait_for_selector("#mask img")
-        assert "worked at 64 x 48 px (the model's 64 px), shown at 451 x 300" in page.locator("#cost").inner_text()
+        assert "worked at 64 x 48 px (the model's 64 px), shown at 451 x 300" in page.locator("#status").inner_text()
+
+        # refused (full size over the budget): the reason stays in the status line, the panes keep the last edit
+        shown = {pane: page.locator(f"#{pane} img").get_attribute("src") for pane in ("heat", "mask", "edit")}
+        page.locator("#full-size input").check()
+        page.locator("#run").click()
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Refused')")
+        page.wait_for_timeout(2000)  # a toast would be fading by now
+        assert "Full size is 451 x 300 px" in page.locator("#status").inner_text()
+        assert page.locator("#status").is_visible() and page.locator(".toast-body").count() == 0
+        for pane, src in shown.items():
+            assert page.locator(f"#{pane} img").get_attribute("src") == src
+            assert "Error" not in page.locator(f"#{pane}").inner_text()
+        page.locator("#full-size input").uncheck()
 
         def mask_src():
             return page.locator("#mask img").get_attribute("src")
@@ -346,11 +358,11 @@ def test_page_in_a_browser(server, tmp_path):
 
         page.locator("#knob-ratio input[type=range]").scroll_into_view_if_needed()  # a stroke scrolls the page
         ratio = page.locator("#knob-ratio input[type=range]").bounding_box()
-        edit, before = edit_src(), engine.evals.count
+        edit, before = edit_src(), model.evals.count
         page.mouse.click(ratio["x"] + 0.5 * ratio["width"], ratio["y"] + ratio["height"] / 2)
         ratio_trip = changed(edit_src, edit)
         k = round(float(page.locator("#knob-ratio input[type=number]").input_value()) * STEPS)
-        assert engine.evals.count - before == 2 * k  # decoding only: no inversion step
+        assert model.evals.count - before == 2 * k  # decoding only: no inversion step
         page.locator("#compare").click()
         page.wait_for_selector("#method-encode-decode img", timeout=60_000)
         page.wait_for_timeout(500)
@@ -369,7 +381,7 @@ def test_page_in_a_browser(server, tmp_path):
                 time.sleep(2.0)
                 after.append(len([t for t, _ in gate.calls[before:] if t > asked]))
                 if seed == "7":
-                    assert "stopped" in page.locator("#cost").inner_text()
+                    assert "stopped" in page.locator("#status").inner_text()
         finally:
             gate.delay = 0.0
         browser.close()
@@ -379,61 +391,22 @@ def test_page_in_a_browser(server, tmp_path):
     assert max(after) <= 1 and outside == []
 
 
-# --- the pieces ---------------------------------------------------------------------------------------------
+# --- the command line --------------------------------------------------------------------------------------
 
-def test_cache_stays_within_its_byte_limit_and_a_session_stops_on_request():
-    cache = LRUCache(limit=1000)
-    for i in range(5):
-        cache.cached(i, lambda: torch.zeros(100))            # 400 bytes each
-    assert cache.bytes <= 1000 and len(cache) == 2 and cache.has(4) and not cache.has(0)
-    big = cache.cached("big", lambda: torch.zeros(1000))      # larger than the limit: returned, not kept
-    assert big.numel() == 1000 and not cache.has("big")
-    session = Session(limit=1000)
-    session.cache.cached("x", lambda: torch.zeros(1))
-    session.stop.set()
-    with pytest.raises(Cancelled):
-        session.check_stop()
-    fresh = copy.deepcopy(session)                           # what gr.State does for each new browser session
-    assert len(fresh.cache) == 0 and fresh.cache.limit == 1000 and not fresh.stop.is_set()
-    fresh.check_stop()
-
-
-def test_picture_working_sizes_and_their_keys():
-    photo = _picture(Image.new("RGB", (451, 300), (200, 30, 30)))
-    native, again, full = photo.at(64, 16), photo.at(64, 16), photo.at(None, 16)
-    assert native.pil.size == (64, 48) and native.size == (451, 300) and native.pil is again.pil
-    assert full.pil.size == (448, 304) and len({native.digest, full.digest, photo.digest}) == 3
-    assert native.restore(Image.new("RGB", (64, 48))).size == (451, 300)
-    assert photo.at(451, 1).pil is photo.original
-
-
-def test_strokes_split_by_colour_and_the_overlay_shows_over_every_object_colour():
-    layer = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
-    layer.paste((*ADD, 255), (0, 0, 4, 4))
-    layer.paste((*ERASE, 255), (4, 0, 8, 2))
-    add, erase = (np.asarray(im.getchannel("A")) > 0 for im in split_strokes(layer))
-    assert add[:, :4].all() and not add[:, 4:].any() and erase[:2, 4:].all() and erase.sum() == 8
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    for colour in (*world.OBJECT_COLOURS.values(), *world.BACKGROUND_COLOURS.values()):
-        shown = np.asarray(viz.overlay(Image.new("RGB", (64, 64), colour), mask), dtype=float)[16:48, 16:48]
-        assert np.abs(shown - colour).sum(-1).max() > 150   # some stripes stand out from the colour
-
-
-def test_command_line_flags_and_missing_extra(monkeypatch):
+def test_command_line_flags_and_the_app_module_loads_only_when_it_runs():
     parser = argparse.ArgumentParser()
     add_app_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["app"])
     assert (args.model, args.device, args.port, args.host) == ("toy", "cpu", 7860, "127.0.0.1") and args.dtype
     assert args.run is run_app
-    import diffedit.app
-
-    def no_gradio():
-        raise ImportError("No module named 'gradio'")
-    monkeypatch.setattr(diffedit.app, "_gradio", no_gradio)
-    with pytest.raises(UsageError, match=r'pip install -e "\.\[app\]"'):
-        run_app(parser.parse_args(["app"]))
-    assert "[app]" in MISSING
-    code = ("import sys, diffedit.app; assert not {'torch', 'gradio', 'diffedit.cli'} & set(sys.modules), "
+    with pytest.raises(UsageError, match="--port"):
+        run_app(parser.parse_args(["app", "--port", "70000"]))
+    code = ("import sys, diffedit.cli; assert not {'torch', 'gradio', 'diffedit.app'} & set(sys.modules), "
             "sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_app_without_gradio_says_how_to_install_it_in_one_line():
+    code = "import sys; sys.modules['gradio'] = None; from diffedit.cli import main; main(['app'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == f"diffedit: error: {APP_MISSING}\n"
