@@ -8,7 +8,8 @@ and ``run_<name>(args) -> int``, registered in ``SUBCOMMANDS``; ``main`` builds 
 and calls ``args.run(args)``; ``run_*`` raise ``UsageError`` for bad input they find themselves.
 Arguments are checked before the model is loaded, and bad input (a missing image, a value out of range,
 an unknown model, an output path that would overwrite the input) ends with one line on stderr,
-``diffedit: error: ...``, and exit status 2. The input image is only ever opened for reading.
+``diffedit: error: ...``, and exit status 2; any other exception is a bug and shows its traceback. The input
+image is only ever opened for reading.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from .settings import KNOBS, METHOD_TABLE, METHODS, NORMALIZATIONS, EditSettings, SettingsError
+from .settings import KNOBS, METHOD_TABLE, EditSettings, SettingsError
 
 from .frontend import (PROG, HelpFormatter, Parser, UsageError, add_model_args, check_device, fail,
                        load_pipeline)
@@ -109,12 +110,10 @@ def _check_common(args) -> EditSettings:
 
 
 def _load_input(path: str):
-    """The input image, read (never written) now so that a bad file fails before the model loads."""
-    from .images import ImageError, load_image
-    try:
-        return load_image(path)
-    except ImageError as e:
-        raise UsageError(str(e)) from None
+    """The input image, read (never written) now so that a bad file fails before the model loads (an
+    ``images.ImageError``, a UsageError)."""
+    from .images import load_image
+    return load_image(path)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -299,8 +298,12 @@ def run_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    from .toy import model_world
-    ed = world.edits(args.index + 1, world.EVAL_SEED, spec=model_world(args.model))[args.index]
+    from .toy import resolve_world
+    try:
+        spec = resolve_world(None, args.model)
+    except ValueError as e:  # a toy model whose recipe names an unknown world
+        raise UsageError(str(e)) from None
+    ed = world.edits(args.index + 1, world.EVAL_SEED, spec=spec)[args.index]
     from PIL import Image
     image = Image.fromarray(ed.source.render())
     de = load_pipeline(args)
@@ -320,9 +323,36 @@ def add_sweep_parser(subparsers):
     add(subparsers)
 
 
+# --- diffedit app --------------------------------------------------------------------------------------
+
+APP_MISSING = 'the web app needs gradio: pip install -e ".[app]"'
+
+
 def add_app_parser(subparsers):
-    from .app import add_app_parser as add  # the app module owns its flags; gradio loads only when it runs
-    add(subparsers)
+    p = subparsers.add_parser(
+        "app", formatter_class=HelpFormatter,
+        help="a local web app where DiffEdit's knobs answer at once (needs the 'app' extra)",
+        description="Serve an interactive DiffEdit page on HOST:PORT (gradio; nothing leaves the machine). "
+                    "Each browser session caches its work, so moving the threshold or painting the mask runs "
+                    "no UNet evaluation.")
+    add_model_args(p)
+    p.add_argument("--port", type=int, default=7860, help="TCP port to serve on")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the app to the network")
+    p.set_defaults(run=run_app)
+    return p
+
+
+def run_app(args) -> int:
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    check_device(args.device)
+    try:
+        from .app import serve  # gradio loads here, only for this subcommand
+    except ModuleNotFoundError as e:
+        if e.name != "gradio":
+            raise
+        raise UsageError(APP_MISSING) from None
+    return serve(args)
 
 
 SUBCOMMANDS = [add_edit_parser, add_mask_parser, add_demo_parser, add_sweep_parser, add_app_parser]
@@ -343,13 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format=f"{PROG}: %(message)s")
     logging.getLogger("diffedit").setLevel(logging.INFO)  # e.g. which prediction type was detected, and why
-    from .checkpoint import CheckpointError
-    from .images import ImageError
     try:
         return args.run(args) or 0
-    except UsageError as e:
-        fail(str(e))
-    except (ImageError, CheckpointError, ValueError, OSError) as e:  # bad input met during the run; not bugs
+    except (UsageError, OSError) as e:  # bad input (a flag, an image, a checkpoint) or a file the system refused
         fail(str(e) or type(e).__name__)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

@@ -32,11 +32,11 @@ from . import images, masking
 from .diffusers_io import (DDIMConfig, DiffEditInversionPipelineOutput, StableDiffusionPipelineOutput,
                            check_output_type, check_scheduler, inverse_v, mask_rows, negative_rows, postprocess,
                            prompt_rows, randn, refuse)
-from .engine import Input, Request, resolve
+from .engine import Input, Request
 from .model_call import EvalCounter
 from .inversion import Trajectory
 from .pipeline import DiffEdit
-from .settings import RECIPES, EditSettings, SettingsError
+from .settings import EditSettings, Recipe, SettingsError, UsageError, recipe, resolve
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,22 @@ _IGNORED = ("safety_checker", "feature_extractor", "requires_safety_checker", "u
 _PASSED = ("prediction_type", "max_batch", "compile", "attention_dtype", "channels_last")
 
 
+def _named(name: str) -> Recipe:
+    """The recipe called ``name``, a UsageError naming ``recipe`` if there is none."""
+    try:
+        return recipe(name)
+    except SettingsError as e:
+        raise UsageError(e.message_for("recipe")) from None
+
+
 class StableDiffusionDiffEditPipeline:
     """DiffEdit with diffusers' API on a ``DiffEdit`` (SD 1.x / 2.x / XL)."""
 
     def __init__(self, diffedit: DiffEdit, recipe: str = "diffusers"):
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        self.recipe = _named(recipe)  # each of its choices is read where it applies
         if diffedit.cfg.family == "sd3":
-            raise ValueError("diffedit: SD3 is a flow-matching model; diffusers' DiffEdit API is DDIM's (use DiffEdit)")
-        self.de, self.recipe = diffedit, recipe
+            raise UsageError("diffedit: SD3 is a flow-matching model; diffusers' DiffEdit API is DDIM's (use DiffEdit)")
+        self.de = diffedit
         self._scheduler = DDIMConfig(diffedit.prediction_type)
         self._inverse_scheduler = DDIMConfig(diffedit.prediction_type, inverse=True)
         self._progress: dict = {}
@@ -76,6 +83,7 @@ class StableDiffusionDiffEditPipeline:
         if unknown:
             raise TypeError(f"from_pretrained() got an unexpected keyword argument {unknown[0]!r}")
         passed = {k: v for k, v in kwargs.items() if k in _PASSED}
+        _named(recipe)  # a misspelt recipe fails before the model loads
         de = DiffEdit.from_pretrained(str(pretrained_model_name_or_path), device=device or "cpu",
                                       dtype=torch.float32 if torch_dtype is None else torch_dtype, **passed)
         return cls(de, recipe)
@@ -192,7 +200,7 @@ class StableDiffusionDiffEditPipeline:
         ``device`` is the pipeline's."""
         for name, value in (("lora_scale", lora_scale), ("clip_skip", clip_skip)):
             if value is not None:
-                raise ValueError(f"{name}: not supported here (leave it None)")
+                raise UsageError(f"{name}: not supported here (leave it None)")
         rows = prompt_rows("prompt", prompt, prompt_embeds, required=True)
         index = torch.arange(len(rows), device=self.de.device).repeat_interleave(num_images_per_prompt)
         pos = self._embed(rows)[index]
@@ -217,10 +225,10 @@ class StableDiffusionDiffEditPipeline:
         """``count`` images (1, 3, H, W) in [-1, 1] from PIL images, arrays or tensors (a tensor or array with no value
         below 0 is read as [0, 1], as diffusers does); fewer images than prompts are repeated, as diffusers does."""
         if image is None:
-            raise ValueError("image: an image is needed")
+            raise UsageError("image: an image is needed")
         items = list(image) if isinstance(image, (list, tuple)) else [image]
         if not items:
-            raise ValueError("image: an empty list")
+            raise UsageError("image: an empty list")
         out = []
         for item in items:
             if isinstance(item, np.ndarray):
@@ -228,16 +236,16 @@ class StableDiffusionDiffEditPipeline:
             if isinstance(item, torch.Tensor):
                 x = (item if item.ndim == 4 else item[None]).float()
                 if x.shape[1] != 3 or any(s % self.de.multiple for s in x.shape[-2:]):
-                    raise ValueError(f"image: a tensor must be (B, 3, H, W) with sides multiples of "
+                    raise UsageError(f"image: a tensor must be (B, 3, H, W) with sides multiples of "
                                      f"{self.de.multiple}, got {tuple(item.shape)}")
                 x = x if x.min() < 0 else 2 * x - 1
                 out += [x[i:i + 1].to(self.de.device, self.de.dtype) for i in range(x.shape[0])]
             else:
                 out.append(images.to_tensor(images.load_image(item), self.de.multiple, self.de.device, self.de.dtype))
         if len({tuple(x.shape) for x in out}) > 1:
-            raise ValueError("image: the images of a batch must have one size")
+            raise UsageError("image: the images of a batch must have one size")
         if count % len(out):
-            raise ValueError(f"image: {len(out)} images cannot be repeated to {count} prompts")
+            raise UsageError(f"image: {len(out)} images cannot be repeated to {count} prompts")
         return out * (count // len(out))
 
     @torch.no_grad()
@@ -259,18 +267,17 @@ class StableDiffusionDiffEditPipeline:
 
     def _settings(self, **knobs) -> EditSettings:
         try:
-            return EditSettings(compat=None if self.recipe == "paper" else self.recipe, **knobs)
+            return EditSettings(compat=self.recipe.name, **knobs)
         except SettingsError as e:
-            raise ValueError(e.message_for(_NAMES.get(e.field, e.field))) from None
+            raise UsageError(e.message_for(_NAMES.get(e.field, e.field))) from None
 
     @staticmethod
     def _resolved(s: EditSettings, estimates_mask: bool) -> EditSettings:
-        """``engine.resolve`` (diffusers' recipe floors the grid steps), its errors in diffusers' names."""
+        """``settings.resolve`` (diffusers' recipe floors the grid steps), its errors in diffusers' names."""
         try:
             return resolve(s, estimates_mask)
-        except ValueError as e:
-            name, _, rest = str(e).partition(" ")
-            raise ValueError(f"{_NAMES.get(name, name)} {rest}") from None
+        except SettingsError as e:
+            raise UsageError(e.message_for(_NAMES.get(e.field, e.field))) from None
 
     # --- the three calls --------------------------------------------------------------------------------------------
 
@@ -290,21 +297,21 @@ class StableDiffusionDiffEditPipeline:
         targets = prompt_rows("target_prompt", target_prompt, target_prompt_embeds, required=True)
         sources = prompt_rows("source_prompt", source_prompt, source_prompt_embeds, required=True)
         if len(sources) != len(targets):
-            raise ValueError(f"source_prompt: {len(sources)} rows for {len(targets)} target rows")
+            raise UsageError(f"source_prompt: {len(sources)} rows for {len(targets)} target rows")
         for name, neg, emb in (("target_negative_prompt", target_negative_prompt, target_negative_prompt_embeds),
                                ("source_negative_prompt", source_negative_prompt, source_negative_prompt_embeds)):
             negative_rows(name, neg, emb, len(targets))
         if not isinstance(num_maps_per_mask, int) or isinstance(num_maps_per_mask, bool) or num_maps_per_mask < 1:
-            raise ValueError(f"num_maps_per_mask must be a positive integer, got {num_maps_per_mask!r}")
+            raise UsageError(f"num_maps_per_mask must be a positive integer, got {num_maps_per_mask!r}")
         if not mask_thresholding_ratio or mask_thresholding_ratio <= 0:
-            raise ValueError(f"mask_thresholding_ratio must be positive, got {mask_thresholding_ratio!r}")
-        diffusers = self.recipe == "diffusers"
-        if diffusers and mask_thresholding_ratio >= 6:
-            raise ValueError(f"mask_thresholding_ratio must be below 6 here, got {mask_thresholding_ratio}")
-        # clamp-mean at 3 x mean, thresholded at r / 6, is diffusers' rule at r x mean thresholded at 0.5
+            raise UsageError(f"mask_thresholding_ratio must be positive, got {mask_thresholding_ratio!r}")
+        # clamp-mean at 3 x mean, thresholded at r / 6, is diffusers' rule at r x mean thresholded at 0.5; the other
+        # rules rescale D without the mean and keep their own threshold
+        at_mean = self.recipe.normalization == "clamp-mean"
+        if at_mean and mask_thresholding_ratio >= 6:
+            raise UsageError(f"mask_thresholding_ratio must be below 6 here, got {mask_thresholding_ratio}")
         s = self._settings(n=num_maps_per_mask, strength=mask_encode_strength, steps=num_inference_steps,
-                           **(dict(normalization="clamp-mean", threshold=mask_thresholding_ratio / 6) if diffusers
-                              else {}))
+                           **(dict(threshold=mask_thresholding_ratio / 6) if at_mean else {}))
         pixels = self._pixels(image, len(targets))
         n, b = num_maps_per_mask, len(pixels)
         denoiser = self.de.denoiser
@@ -312,7 +319,7 @@ class StableDiffusionDiffEditPipeline:
         posts = [self._posterior(x) for x in pixels]
         x0s = [self._latent(m, None, None) for m, _ in posts]
         shape = (b * n, *posts[0][0].shape[1:])
-        if diffusers:  # diffusers: B x n posterior samples (image-major), then B x n noises, from one generator
+        if self.recipe.posterior_sample:  # B x n posterior samples (image-major), then B x n noises, one generator
             draws = randn(shape, generator, self.de.device, self.de.vae_dtype)
             rows = [self._latent(m, sd, draws[i * n:(i + 1) * n]) for i, (m, sd) in enumerate(posts)]
             noise = randn(shape, generator, self.de.device, self.de.vae_dtype)
@@ -343,9 +350,9 @@ class StableDiffusionDiffEditPipeline:
         unconditional model (``prompt`` and ``guidance_scale`` unused). ``decode_latents``: ``.images`` too."""
         refuse(callback=callback, cross_attention_kwargs=cross_attention_kwargs)
         if num_reg_steps:
-            raise ValueError("num_reg_steps: the Pix2Pix-Zero regularisation is not supported (0 only)")
+            raise UsageError("num_reg_steps: the Pix2Pix-Zero regularisation is not supported (0 only)")
         if negative_prompt not in (None, "") or negative_prompt_embeds is not None:
-            raise ValueError("negative_prompt: invert's unconditional text is '' here (leave negative_prompt None)")
+            raise UsageError("negative_prompt: invert's unconditional text is '' here (leave negative_prompt None)")
         check_output_type(output_type, ("pil", "np", "pt"))
         prompts = prompt_rows("prompt", prompt, prompt_embeds, required=True)
         s = self._settings(method="encode-decode", ratio=inpaint_strength, steps=num_inference_steps,
@@ -353,17 +360,17 @@ class StableDiffusionDiffEditPipeline:
         self._resolved(s, False)
         pixels = self._pixels(image, len(prompts))
         posts = [self._posterior(x) for x in pixels]
-        if self.recipe == "diffusers":  # one posterior sample per image, from the generator
+        if self.recipe.posterior_sample:  # one posterior sample per image, from the generator
             draws = randn((len(posts), *posts[0][0].shape[1:]), generator, self.de.device, self.de.vae_dtype)
             x0s = [self._latent(m, sd, draws[i:i + 1]) for i, (m, sd) in enumerate(posts)]
         else:
             x0s = [self._latent(m, None, None) for m, _ in posts]
         inputs = [Input(x0=x0) for x0 in x0s]
         requests = [Request(i, "", p, s) for i, p in enumerate(self._on(prompts))]
-        v_late = self.recipe == "diffusers" and self.de.prediction_type == "v_prediction"
+        v_late = self.recipe.inversion_v_late and self.de.prediction_type == "v_prediction"
         with self._engine("invert", inverse_v(self.de.alpha_bar, s.steps) if v_late else None) as engine:
             trajectories = engine.trajectories(inputs, requests)
-        first = 1 if self.recipe == "diffusers" else 0  # diffusers' layout leaves x_0 out
+        first = 1 if self.recipe.blend_late else 0  # a late blend never reads x_0: diffusers' layout leaves it out
         latents = torch.cat([t.latents[first:].flip(0).transpose(0, 1) for t in trajectories])
         pictures = None
         if decode_latents:
@@ -385,10 +392,10 @@ class StableDiffusionDiffEditPipeline:
         size, averaged to it). ``.images``: PIL list, "np" (B, H, W, 3) / "pt" (B, 3, H, W) in [0, 1], "latent"."""
         refuse(callback=callback, cross_attention_kwargs=cross_attention_kwargs, latents=latents, clip_skip=clip_skip)
         if eta:
-            raise ValueError(f"eta: only deterministic DDIM (eta 0) is supported, got {eta}")
+            raise UsageError(f"eta: only deterministic DDIM (eta 0) is supported, got {eta}")
         check_output_type(output_type, ("pil", "np", "pt", "latent"))
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+            raise UsageError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
         prompts = prompt_rows("prompt", prompt, prompt_embeds, required=True)
         negatives = negative_rows("negative_prompt", negative_prompt, negative_prompt_embeds, len(prompts))
         s = self._settings(ratio=inpaint_strength, steps=num_inference_steps, guidance=max(guidance_scale, 1.0))
@@ -398,8 +405,8 @@ class StableDiffusionDiffEditPipeline:
         inputs = []
         for x in xs:  # x: (k or k + 1, C, h, w), most noisy first
             up = x.flip(0).to(self.de.device, self.de.latent_dtype)
-            # diffusers' layout has no x_0; its late blend never reads that slot (filled with the level-1 latent)
-            lat = torch.cat([up[:1], up]) if self.recipe == "diffusers" else up
+            # a late blend's layout has no x_0 and never reads that slot (filled with the level-1 latent)
+            lat = torch.cat([up[:1], up]) if self.recipe.blend_late else up
             inputs.append(Input(x0=lat[:1], trajectory=Trajectory(lat[:, None], levels, s.steps)))
         requests = [Request(i, p, neg, s, masks[i].to(self.de.device))
                     for i, (p, neg) in enumerate(zip(self._on(prompts), self._on(negatives)))]
@@ -415,16 +422,16 @@ class StableDiffusionDiffEditPipeline:
     def _image_latents(self, image_latents, batch: int, s: EditSettings) -> torch.Tensor:
         """``invert``'s latents as (B, k, C, h, w) (k + 1 for recipe "paper"), checked against the steps asked for."""
         if image_latents is None:
-            raise ValueError("image_latents: give the latents invert() returned (.latents)")
+            raise UsageError("image_latents: give the latents invert() returned (.latents)")
         x = torch.cat(list(image_latents)) if isinstance(image_latents, (list, tuple)) else image_latents
         if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
-            raise ValueError("image_latents must be a (B, k, C, h, w) tensor from invert()")
-        k = round(self._resolved(s, False).ratio * s.steps) + (0 if self.recipe == "diffusers" else 1)
+            raise UsageError("image_latents must be a (B, k, C, h, w) tensor from invert()")
+        k = round(self._resolved(s, False).ratio * s.steps) + (0 if self.recipe.blend_late else 1)
         if x.ndim == 4 and x.shape[0] % batch == 0:
             x = x.reshape(batch, -1, *x.shape[1:])
         if x.ndim != 5 or tuple(x.shape[:2]) != (batch, k) or x.shape[2] != self.de.cfg.unet.in_channels:
-            extra = "" if self.recipe == "diffusers" else " (recipe 'paper': x_0 last)"
-            raise ValueError(f"image_latents: expected ({batch}, {k}, {self.de.cfg.unet.in_channels}, h, w) for "
+            extra = "" if self.recipe.blend_late else f" (recipe {self.recipe.name!r}: x_0 last)"
+            raise UsageError(f"image_latents: expected ({batch}, {k}, {self.de.cfg.unet.in_channels}, h, w) for "
                              f"{batch} prompt(s), inpaint_strength {s.ratio} and {s.steps} steps{extra}, got "
                              f"{tuple(x.shape)} (invert with the same strength and steps)")
         return x

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from . import ddim
+from .settings import UsageError
 
 
 class _Output:
@@ -71,25 +72,25 @@ def check_scheduler(name: str, scheduler, prediction_type: str):
     predicts)."""
     config = getattr(scheduler, "config", None)
     if config is None:
-        raise ValueError(f"{name}: expected a DDIM scheduler with a .config, got {type(scheduler).__name__}")
+        raise UsageError(f"{name}: expected a DDIM scheduler with a .config, got {type(scheduler).__name__}")
     kind = type(scheduler).__name__ if not isinstance(scheduler, DDIMConfig) else config["_class_name"]
     allowed = ("DDIMScheduler", "DDIMInverseScheduler") if name == "inverse_scheduler" else ("DDIMScheduler",)
     if kind not in allowed:
-        raise ValueError(f"{name}: DiffEdit inverts and samples with DDIM ({' or '.join(allowed)}), got {kind}")
+        raise UsageError(f"{name}: DiffEdit inverts and samples with DDIM ({' or '.join(allowed)}), got {kind}")
     get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
     for key, (want, default) in _REQUIRED.items():
         value = get(key, default)
         if key == "trained_betas" and value is not None:
-            raise ValueError(f"{name}: trained_betas are not supported; the schedule is SD's scaled_linear betas")
+            raise UsageError(f"{name}: trained_betas are not supported; the schedule is SD's scaled_linear betas")
         if isinstance(want, float) and isinstance(value, (int, float)) and abs(value - want) < 1e-12:
             continue
         if value != want:
             why = _WHY.get(key, "Stable Diffusion's DDIM schedule")
-            raise ValueError(f"{name}: {key}={value!r} is not supported ({why}; need {key}={want!r}: "
+            raise UsageError(f"{name}: {key}={value!r} is not supported ({why}; need {key}={want!r}: "
                              f"build it with DDIMScheduler.from_config(pipeline.scheduler.config))")
     given = get("prediction_type", "epsilon")
     if given != prediction_type:
-        raise ValueError(f"{name}: prediction_type={given!r} differs from the model's {prediction_type!r}")
+        raise UsageError(f"{name}: prediction_type={given!r} differs from the model's {prediction_type!r}")
     return scheduler
 
 
@@ -113,7 +114,7 @@ def randn(shape, generator, device, dtype) -> torch.Tensor:
     """Standard normal draws as diffusers makes them: on the generator's device, one row per generator of a list."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
-            raise ValueError(f"generator: a list needs one generator per row ({shape[0]}), got {len(generator)}")
+            raise UsageError(f"generator: a list needs one generator per row ({shape[0]}), got {len(generator)}")
         return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     where = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
@@ -122,11 +123,11 @@ def randn(shape, generator, device, dtype) -> torch.Tensor:
 def prompt_rows(name: str, prompt, embeds, required: bool = False) -> list | None:
     """One text per batch row, from ``name`` (a str or a list of str) or ``name``_embeds ((B, L, D)), not both."""
     if prompt is not None and embeds is not None:
-        raise ValueError(f"{name}: give {name} or {name}_embeds, not both")
+        raise UsageError(f"{name}: give {name} or {name}_embeds, not both")
     if embeds is not None:
         embeds = embeds[None] if len(embeds.shape) == 2 else embeds
         if len(embeds.shape) != 3:
-            raise ValueError(f"{name}_embeds must be (B, L, D), got {tuple(embeds.shape)}")
+            raise UsageError(f"{name}_embeds must be (B, L, D), got {tuple(embeds.shape)}")
         return [embeds[i:i + 1] for i in range(embeds.shape[0])]
     if isinstance(prompt, str):
         return [prompt]
@@ -134,7 +135,7 @@ def prompt_rows(name: str, prompt, embeds, required: bool = False) -> list | Non
         return list(prompt)
     if prompt is None and not required:
         return None
-    raise ValueError(f"{name} must be a str or a non-empty list of str (or give {name}_embeds), got {prompt!r}")
+    raise UsageError(f"{name} must be a str or a non-empty list of str (or give {name}_embeds), got {prompt!r}")
 
 
 def negative_rows(name: str, prompt, embeds, batch: int) -> list:
@@ -143,7 +144,7 @@ def negative_rows(name: str, prompt, embeds, batch: int) -> list:
     if len(rows) == 1:
         return rows * batch
     if len(rows) != batch:
-        raise ValueError(f"{name}: {len(rows)} rows for {batch} prompt rows")
+        raise UsageError(f"{name}: {len(rows)} rows for {batch} prompt rows")
     return rows
 
 
@@ -151,27 +152,27 @@ def mask_rows(mask_image, batch: int, latent_size, factor: int) -> torch.Tensor:
     """(B, h, w) bool from what diffusers' ``__call__`` takes (PIL, arrays, tensors, lists; one for all or one per
     row, values in [0, 1]); a mask at pixel size is averaged over each latent cell. Binarised at 0.5."""
     if mask_image is None:
-        raise ValueError("mask_image: give a mask (generate_mask() computes one)")
+        raise UsageError("mask_image: give a mask (generate_mask() computes one)")
     m = [mask_image] if isinstance(mask_image, (Image.Image, np.ndarray)) else mask_image
     if isinstance(m, (list, tuple)):
         if not m:
-            raise ValueError("mask_image: an empty list")
+            raise UsageError("mask_image: an empty list")
         m = [torch.from_numpy(np.asarray(x.convert("L"), dtype=np.float32) / 255) if isinstance(x, Image.Image)
              else torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x) for x in m]
         m = torch.stack(m) if m[0].ndim < 3 else torch.cat(m)
     m = torch.as_tensor(m).float().cpu()
     m = m[:, 0] if m.ndim == 4 and m.shape[1] == 1 else m[None] if m.ndim == 2 else m
     if m.ndim != 3:
-        raise ValueError(f"mask_image must be (B, 1, h, w), (B, h, w) or (h, w), got {tuple(m.shape)}")
+        raise UsageError(f"mask_image must be (B, 1, h, w), (B, h, w) or (h, w), got {tuple(m.shape)}")
     if m.shape[0] not in (1, batch):
-        raise ValueError(f"mask_image: {m.shape[0]} masks for {batch} prompt rows")
+        raise UsageError(f"mask_image: {m.shape[0]} masks for {batch} prompt rows")
     if m.min() < 0 or m.max() > 1:
-        raise ValueError("mask_image must be in [0, 1]")
+        raise UsageError("mask_image must be in [0, 1]")
     h, w = latent_size
     if tuple(m.shape[-2:]) == (h * factor, w * factor) and factor > 1:
         m = torch.nn.functional.avg_pool2d(m[:, None], factor)[:, 0]
     if tuple(m.shape[-2:]) != (h, w):
-        raise ValueError(f"mask_image must be at latent size ({h}, {w}) or pixel size, got {tuple(m.shape[-2:])}")
+        raise UsageError(f"mask_image must be at latent size ({h}, {w}) or pixel size, got {tuple(m.shape[-2:])}")
     return (m >= 0.5).expand(batch, h, w)
 
 
@@ -188,10 +189,10 @@ def postprocess(pixels: torch.Tensor, output_type: str):
 
 def check_output_type(value: str, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"output_type must be one of {', '.join(allowed)}, got {value!r}")
+        raise UsageError(f"output_type must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def refuse(**values) -> None:
     for name, value in values.items():
         if value is not None:
-            raise ValueError(f"{name}: not supported here (leave it None)")
+            raise UsageError(f"{name}: not supported here (leave it None)")

@@ -29,8 +29,9 @@ from . import masking
 from .conditioning import Cond
 from .edit import decode
 from .inversion import Trajectory, encode
-from .plan import PHASES, Decoding, Encoded, Encoding, Input, MaskPass, Plan, Request, Text, plan_edits, text_key
-from .settings import METHOD_TABLE, UsageError, resolve
+from .plan import (PHASES, Decoding, Encoded, Encoding, Input, MaskPass, Plan, Request, Text, plan_edits, resolved,
+                   text_key)
+from .settings import METHOD_TABLE, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ class Engine:
         return self.models.latent_shape(inp.pixels)
 
     def _checked(self, r: Request, count: int, masked: bool = False) -> Request:
-        """The request with its settings as the recipe runs them (``settings.resolve``); a UsageError if it cannot
-        run."""
+        """The request as the recipe runs it (``plan.resolved``); a UsageError if it cannot run."""
         if not 0 <= r.image < count:
             raise UsageError(f"request for image {r.image}, but {count} image(s) were given")
         method = METHOD_TABLE[r.settings.method]
@@ -92,7 +92,7 @@ class Engine:
         if r.mask is not None and not masked:
             masks = ", ".join(m for m, t in METHOD_TABLE.items() if t.masked)
             raise UsageError(f"mask= is used by the masked methods ({masks}); {method.name!r} edits without a mask")
-        return Request(r.image, r.target, r.source, resolve(r.settings, masked and r.mask is None), r.mask)
+        return resolved(r, masked)
 
     # --- inputs and texts -----------------------------------------------------------------------------------------
 

@@ -20,15 +20,13 @@ from tqdm import tqdm
 
 from . import metrics
 from .images import to_pil, to_tensor
-from .settings import REFERENCES, EditSettings
+from .settings import METHOD_TABLE, REFERENCES, EditSettings, UsageError
 from .sweep import METRICS, Setting, edit_grid, rows_for, toy_items
 from .toy import judge, world
 
-# method -> its JSON key
-KEYS = {"diffedit": "diffedit", "sdedit": "sdedit", "encode-decode": "encode_decode", "masked-sdedit": "masked_sdedit"}
+# method name -> its key in the results (the JSON files written since the first evaluation spell "-" as "_")
+KEYS = {m: m.replace("-", "_") for m in METHOD_TABLE}
 METHODS = tuple(KEYS.values())
-LABELS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode_decode": "Encode-Decode",
-          "masked_sdedit": "masked SDEdit"}
 
 
 def _u8(pil) -> np.ndarray:
@@ -47,9 +45,9 @@ def edit_rows(de, n: int, seed: int, indices, ratio: float = 0.7, steps: int = 5
               guidance: float = 7.5, progress: bool = True, spec: world.WorldSpec = world.V1) -> list[dict]:
     """Per-edit metrics for the edits ``indices`` of the ``n`` drawn at ``seed`` (so workers can split them)."""
     if seed == world.TRAIN_SEED:
-        raise ValueError(f"seed {seed} is the training seed; evaluate on held-out scenes (e.g. {world.EVAL_SEED})")
+        raise UsageError(f"seed {seed} is the training seed; evaluate on held-out scenes (e.g. {world.EVAL_SEED})")
     if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+        raise UsageError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
     s = EditSettings(ratio=ratio, steps=steps, guidance=guidance)
     mask = (s.threshold, s.n, s.strength)  # one mask for both masked methods
     points = [Setting("diffedit", s.ratio, reference, *mask), Setting("sdedit", s.ratio, reference),
@@ -90,8 +88,9 @@ def table(summary: dict) -> str:
     def cell(d, *keys, fmt="{:.2f}"):
         return " / ".join("-" if d.get(k) is None else fmt.format(d[k]) for k in keys)
 
-    lines = ["| kind (count) | DiffEdit IoU changed / footprint | ceiling IoU changed / footprint | "
-             + " | ".join(f"{LABELS[m]} success / bg PSNR" for m in METHODS) + " | VAE bg PSNR |",
+    lines = [f"| kind (count) | {METHOD_TABLE['diffedit'].label} IoU changed / footprint | "
+             "ceiling IoU changed / footprint | "
+             + " | ".join(f"{METHOD_TABLE[m].label} success / bg PSNR" for m in KEYS) + " | VAE bg PSNR |",
              "| --- | --- | --- |" + " --- |" * len(METHODS) + " --- |"]
     for kind in (*world.EDIT_KINDS, "all"):
         by = {m: summary[m] if kind == "all" else summary["by_kind"][m][kind] for m in METHODS}

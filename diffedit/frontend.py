@@ -74,13 +74,15 @@ def check_device(name: str):
         raise UsageError(f"--device: unsupported device {name!r} (use cpu, cuda, cuda:N or mps)")
 
 
-def load_pipeline(args, device=None, **options):
-    """The DiffEdit of --model / --device / --dtype / --prediction-type; a UsageError naming --model if it cannot
-    be loaded. ``device`` overrides --device (a rank's own GPU); ``options`` go to ``from_pretrained``."""
+def load_pipeline(choice, device=None, **options):
+    """The DiffEdit of --model / --device / --dtype / --prediction-type: ``choice`` is anything that holds them as
+    ``model``, ``device``, ``dtype``, ``prediction_type`` (the parsed flags, a front end's settings); a UsageError
+    naming --model if it cannot be loaded. ``device`` overrides ``choice.device`` (a rank's own GPU); ``options`` go
+    to ``from_pretrained``."""
     from .checkpoint import CheckpointError
     from .pipeline import DiffEdit
     try:
-        return DiffEdit.from_pretrained(args.model, device=device or args.device, dtype=args.dtype,
-                                        prediction_type=getattr(args, "prediction_type", None), **options)
+        return DiffEdit.from_pretrained(choice.model, device=device or choice.device, dtype=choice.dtype,
+                                        prediction_type=choice.prediction_type, **options)
     except CheckpointError as e:
-        raise UsageError(f"--model: {e}" if args.model in str(e) else f"--model {args.model}: {e}") from None
+        raise UsageError(f"--model: {e}" if choice.model in str(e) else f"--model {choice.model}: {e}") from None

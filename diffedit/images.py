@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .settings import UsageError
 
-class ImageError(ValueError):
+
+class ImageError(UsageError):
     """An image that cannot be read; the message names the file and the reason."""
 
 

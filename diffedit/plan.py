@@ -26,7 +26,7 @@ from .conditioning import Conditioning
 from .denoiser import encoding_steps
 from .inversion import Trajectory
 from .masking import Noises
-from .settings import METHOD_TABLE, EditSettings
+from .settings import METHOD_TABLE, EditSettings, resolve
 
 Text = Union[str, torch.Tensor, Conditioning]  # a text, or what ``encode_prompt`` returns for one text
 PHASES = ("mask", "inversion", "decoding")
@@ -55,6 +55,13 @@ class Request:
     source: Text = ""
     settings: EditSettings = field(default_factory=EditSettings)
     mask: torch.Tensor | None = None
+
+
+def resolved(r: Request, masked: bool = False) -> Request:
+    """The request with its settings as the recipe runs them (``settings.resolve``); ``masked``: take it as masked
+    whatever its method (a mask asked for alone)."""
+    estimates = (masked or METHOD_TABLE[r.settings.method].masked) and r.mask is None
+    return Request(r.image, r.target, r.source, resolve(r.settings, estimates), r.mask)
 
 
 def text_key(text: Text):
@@ -283,7 +290,7 @@ def _needs_x0(inputs, requests, masks, encodings, decodings) -> list[int]:
 def plan_edits(inputs: list[Input], requests: list[Request], latent_shape: Callable[[Input], tuple],
                held: Callable[[object], bool] = lambda key: False, n_draw: int | None = None,
                invert_to: float | None = None, phases=PHASES, decode_pixels: bool = True) -> Plan:
-    """The plan of ``requests`` (settings resolved) on ``inputs``: the jobs of ``phases``; a request's mask pass is
+    """The plan of ``requests`` (``resolved``) on ``inputs``: the jobs of ``phases``; a request's mask pass is
     planned when its method is masked (with phases ("mask",) alone every request is taken as masked).
     ``latent_shape(input)``: x_0's shape; ``held(key)``: whether the memo keeps that result; ``n_draw``: the noises
     drawn per mask pass (default: the largest n asked for); ``invert_to``: encode at least to this ratio."""

@@ -14,9 +14,7 @@ from .settings import KNOBS, METHOD_TABLE
 
 # The paper's defaults (Sec. 4): when a figure must fix a knob it takes the grid value closest to these.
 PAPER = {**{k: KNOBS[k].default for k in ("ratio", "threshold", "n", "strength", "dilate")}, "reference": "caption"}
-MASK_KNOBS = ("threshold", "n", "strength", "dilate")  # DiffEdit's own knobs: its mask (dilate: not in the paper)
-METHOD_LABELS = {"diffedit": "DiffEdit", "sdedit": "SDEdit", "encode-decode": "Encode-Decode",
-                 "masked-sdedit": "masked SDEdit"}
+MASK_KNOBS = ("threshold", "n", "strength", "dilate")  # the masked methods' own knobs (dilate: not in the paper)
 MISSING = "plots need matplotlib: pip install 'diffedit[plots]' (or pip install matplotlib)"
 
 
@@ -48,6 +46,13 @@ def representative(rows, method: str = "diffedit") -> dict:
     return {k: closest([r.get(k) for r in rows], k) for k in PAPER}
 
 
+def mask_method(rows) -> str:
+    """The method whose rows show the mask: the first masked one the rows hold (DiffEdit when present; every masked
+    method of a grid has the same mask knobs)."""
+    held = {r["method"] for r in rows}
+    return next((m for m, t in METHOD_TABLE.items() if t.masked and m in held), "diffedit")
+
+
 def _has(rows, key) -> bool:
     return any(r.get(key) is not None for r in rows)
 
@@ -64,7 +69,7 @@ def _save(fig, path):
 
 def tradeoff(rows, path, x: str | None = None, y: str | None = None):
     """Edit quality against distance to the input, one curve per method (and reference text), one point per
-    encoding ratio r (labelled). DiffEdit's other knobs are fixed at the grid values closest to the paper's.
+    encoding ratio r (labelled). The mask's knobs are fixed at the grid values closest to the paper's.
 
     x defaults to 1 - bg SSIM (outside the ground-truth mask, toy world), else LPIPS to the input (the paper's
     axis, when computed), else 1 - SSIM to the input; y to the edit success rate (toy judge), else the CLIP score
@@ -78,16 +83,17 @@ def tradeoff(rows, path, x: str | None = None, y: str | None = None):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     dist = (lambda v: 1 - v) if x.endswith("ssim") else (lambda v: v)
     refs = sorted({r["reference"] for r in rows})
-    rep = representative(rows)
-    for method in METHOD_LABELS:
+    shown = mask_method(rows)
+    rep = representative(rows, shown)
+    for method, kind in METHOD_TABLE.items():
         for ref in refs:
             pts = [r for r in rows if r["method"] == method and r["reference"] == ref]
-            if METHOD_TABLE[method].masked:
+            if kind.masked:
                 pts = [r for r in pts if all(r.get(k) == rep[k] for k in MASK_KNOBS)]
             pts = sorted((r for r in pts if r.get(x) is not None and r.get(y) is not None), key=lambda r: r["ratio"])
             if not pts:
                 continue
-            label = METHOD_LABELS[method] + (f" (R = {ref})" if len(refs) > 1 else "")
+            label = kind.label + (f" (R = {ref})" if len(refs) > 1 else "")
             xs, ys = [dist(r[x]) for r in pts], [r[y] for r in pts]
             line, = ax.plot(xs, ys, "o-", label=label)
             for r, px, py in zip(pts, xs, ys):
@@ -102,8 +108,8 @@ def tradeoff(rows, path, x: str | None = None, y: str | None = None):
     ax.set_ylabel(names.get(y, y))
     if rep["n"] is not None:
         grown = f", mask grown by {rep['dilate']} cells" if rep["dilate"] else ""
-        ax.set_title(f"DiffEdit at threshold {rep['threshold']:g}, n {rep['n']}, strength {rep['strength']:g}{grown}",
-                     fontsize=9)
+        ax.set_title(f"{METHOD_TABLE[shown].label} at threshold {rep['threshold']:g}, n {rep['n']}, "
+                     f"strength {rep['strength']:g}{grown}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
@@ -117,11 +123,12 @@ _AXIS = {"threshold": "threshold", "n": "n (noises averaged into D)", "strength"
 
 
 def _mask_curves(rows, path, x_knob: str, line_knob: str):
-    rows = [r for r in rows if r["method"] == "diffedit"]
+    method = mask_method(rows)
+    rows = [r for r in rows if r["method"] == method]
     if len({r[x_knob] for r in rows}) < 2:  # no curve to draw along a knob the grid did not vary
         return None
     metric = _mask_metric(rows)
-    rep = representative(rows)
+    rep = representative(rows, method)
     # Every other knob at the grid value closest to the paper's (the mask does not depend on r: one ratio's rows).
     fixed = [k for k in ("ratio", *MASK_KNOBS, "reference") if k not in (x_knob, line_knob)]
     rows = [r for r in rows if all(r.get(k) == rep[k] for k in fixed) and r.get(metric) is not None]
@@ -143,19 +150,19 @@ def _mask_curves(rows, path, x_knob: str, line_knob: str):
 
 
 def mask_vs_threshold(rows, path):
-    """DiffEdit's mask IoU with the ground truth (toy world; else the mask area) against the threshold,
+    """The mask's IoU with the ground truth (toy world; else the mask area) against the threshold,
     one line per n."""
     return _mask_curves(rows, path, "threshold", "n")
 
 
 def mask_vs_n(rows, path):
-    """DiffEdit's mask IoU with the ground truth (toy world; else the mask area) against n, one line per
+    """The mask's IoU with the ground truth (toy world; else the mask area) against n, one line per
     threshold."""
     return _mask_curves(rows, path, "n", "threshold")
 
 
 def mask_vs_strength(rows, path):
-    """DiffEdit's mask IoU with the ground truth (toy world; else the mask area) against the noise strength of the
+    """The mask's IoU with the ground truth (toy world; else the mask area) against the noise strength of the
     mask pass, one line per reference text R."""
     return _mask_curves(rows, path, "strength", "reference")
 

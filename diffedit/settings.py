@@ -132,12 +132,15 @@ class Recipe:
     blend_late: bool           # after the step to t', blend with the encoded latent at t (one step late)
     floor_grid: bool           # k = int(r * steps) grid steps (else round(r * steps))
     normalization: str         # the rule that removes D's extremes when none is asked for
+    posterior_sample: bool     # x_0 a VAE posterior sample drawn from the generator (else the posterior mean)
+    inversion_v_late: bool     # a v-prediction model's inversion turns v into eps at the level a step starts from
 
 
 RECIPES = {
-    "paper": Recipe("paper", inversion_guidance=False, blend_late=False, floor_grid=False, normalization="quantile"),
+    "paper": Recipe("paper", inversion_guidance=False, blend_late=False, floor_grid=False, normalization="quantile",
+                    posterior_sample=False, inversion_v_late=False),
     "diffusers": Recipe("diffusers", inversion_guidance=True, blend_late=True, floor_grid=True,
-                        normalization="clamp-mean"),
+                        normalization="clamp-mean", posterior_sample=True, inversion_v_late=True),
 }
 
 

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from diffedit import cli, viz
+from diffedit.engine import Engine
 from diffedit.pipeline import DiffEdit
+from diffedit.settings import UsageError
 
 FAST = ["--steps", "4", "--n", "2", "-q"]
 
@@ -176,17 +178,47 @@ class _Stub:
         raise self.error
 
 
-def test_value_errors_from_the_run_are_one_line_but_bugs_propagate(image, tmp_path, capsys, monkeypatch):
+def test_usage_errors_from_the_run_are_one_line_but_bugs_propagate(image, tmp_path, capsys, monkeypatch):
     argv = ["edit", image, "--target", "a dog", "--out", tmp_path / "o.png"]
-    monkeypatch.setattr(DiffEdit, "from_pretrained", classmethod(lambda cls, *a, **k: _Stub(ValueError("bad\nthing"))))
+    monkeypatch.setattr(DiffEdit, "from_pretrained", classmethod(lambda cls, *a, **k: _Stub(UsageError("bad\nthing"))))
     code, _, err = run(argv, capsys)
     assert code == 2 and err == "diffedit: error: bad thing\n"
     monkeypatch.setattr(DiffEdit, "from_pretrained", classmethod(lambda cls, *a, **k: _Stub(OSError(28, "No space"))))
     code, _, err = run(argv, capsys)
     assert code == 2 and "No space" in err and err.count("\n") == 1
-    monkeypatch.setattr(DiffEdit, "from_pretrained", classmethod(lambda cls, *a, **k: _Stub(ZeroDivisionError("bug"))))
-    with pytest.raises(ZeroDivisionError):
-        cli.main([str(a) for a in argv])
+    for bug in (ValueError("an internal check"), RuntimeError("shapes differ"), ZeroDivisionError("bug")):
+        monkeypatch.setattr(DiffEdit, "from_pretrained", classmethod(lambda cls, *a, bug=bug, **k: _Stub(bug)))
+        with pytest.raises(type(bug), match=str(bug)):
+            cli.main([str(a) for a in argv])
+
+
+def test_an_unreadable_image_or_checkpoint_is_bad_input():
+    from diffedit.checkpoint import CheckpointError
+    from diffedit.images import ImageError
+    assert issubclass(ImageError, UsageError) and issubclass(CheckpointError, UsageError)
+
+
+def test_demo_with_a_toy_model_of_an_unknown_world_is_one_line_exit_2(tmp_path, capsys, no_model_load):
+    import json
+
+    from safetensors.numpy import save_file
+    model = tmp_path / "v9.safetensors"
+    save_file({"x": np.zeros(1, np.float32)}, str(model), metadata={"recipe": json.dumps({"world": "v9"})})
+    code, _, err = run(["demo", "--model", model, "--out", tmp_path / "demo", "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--model" in err and "toy world 'v9'" in err
+
+
+@pytest.mark.parametrize("command, method", [("edit", "edits"), ("mask", "masks")])
+def test_a_value_error_inside_the_engine_is_a_bug_not_bad_input(command, method, tiny_checkpoint, image, tmp_path,
+                                                                 monkeypatch):
+    """Bad input is a UsageError; a plain ValueError from below the front end propagates with its traceback."""
+    def broken(self, *args, **kwargs):
+        raise ValueError("the engine's own check failed")
+    monkeypatch.setattr(Engine, method, broken)
+    with pytest.raises(ValueError, match="the engine's own check failed") as e:
+        cli.main([command, str(image), "--target", "a dog", "--model", str(tiny_checkpoint), "--out",
+                  str(tmp_path / "o.png"), *FAST])
+    assert not isinstance(e.value, UsageError)
 
 
 # --- it works ------------------------------------------------------------------------------------------------
@@ -237,8 +269,13 @@ def test_mask_writes_the_mask_and_the_heat_map(tiny_checkpoint, image, tmp_path,
 
 
 def test_cli_choices_are_the_library_ones():  # one definition, in the torch-free settings module
-    from diffedit import engine, masking
-    assert cli.NORMALIZATIONS == masking.NORMALIZATIONS and cli.METHODS == tuple(engine.METHOD_TABLE)
+    from diffedit import masking
+    from diffedit.settings import METHOD_TABLE
+    edit = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["edit"]._actions
+                if "--method" in a.option_strings)
+    mask = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["mask"]._actions
+                if "--normalization" in a.option_strings)
+    assert tuple(edit.choices) == tuple(METHOD_TABLE) and tuple(mask.choices) == masking.NORMALIZATIONS
 
 
 def test_mask_normalization_flag_reaches_the_pipeline(tiny_checkpoint, image, tmp_path, capsys, monkeypatch):

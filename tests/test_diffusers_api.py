@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ from safetensors.torch import save_file
 from conftest import randomize_, rel_err, report
 from oracles import SD_SCHEDULER, SOURCE, TARGET, astronaut, clip_tokenizer, diffedit_pipeline
 
-from diffedit import DiffEdit, DiffEditPipeline, StableDiffusionDiffEditPipeline
+from diffedit import DiffEdit, DiffEditPipeline, StableDiffusionDiffEditPipeline, settings
 from diffedit.models import StableDiffusion, preset
+from diffedit.settings import UsageError
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, EulerDiscreteScheduler,  # noqa: E402
@@ -292,6 +294,46 @@ def test_the_paper_recipe_keeps_the_input_outside_the_mask_and_the_diffusers_rec
     mask = out["paper"][0][0]
     ref = paper.de.edit(raw_image, TARGET, SOURCE, ratio=RATIO, steps=STEPS, mask=mask)
     assert rel_err(out["paper"][2][0], ref.latents) < 1e-5
+
+
+def test_each_recipe_choice_is_read_from_its_field_not_the_recipes_name(sd1, monkeypatch):
+    """A recipe that is diffusers' but for the late blend: invert then keeps x_0 (last), after diffusers' latents
+    for the same generator, and the decoding keeps the input outside the mask, as the paper's blend does."""
+    _, ours = sd1
+    monkeypatch.setitem(settings.RECIPES, "on-time", replace(settings.RECIPES["diffusers"], name="on-time",
+                                                             blend_late=False))
+    on_time = StableDiffusionDiffEditPipeline(ours.de, recipe="on-time")
+    on_time.set_progress_bar_config(disable=True)
+    raw_image = astronaut(SIDE)
+    inv = {name: p.invert(prompt=SOURCE, image=raw_image, num_inference_steps=STEPS,
+                          generator=torch.Generator().manual_seed(1)).latents for name, p in (("late", ours),
+                                                                                            ("on-time", on_time))}
+    k = round(RATIO * STEPS)
+    assert inv["late"].shape[1] == k and inv["on-time"].shape[1] == k + 1
+    assert torch.equal(inv["on-time"][:, :-1], inv["late"])  # the same posterior sample and guided inversion
+    mask = torch.zeros(1, SIDE // 2, SIDE // 2)
+    mask[:, 4:12, 4:12] = 1
+    latents = on_time(prompt=TARGET, mask_image=mask, image_latents=inv["on-time"], negative_prompt=SOURCE,
+                      num_inference_steps=STEPS, output_type="latent").images
+    keep = ~mask.bool().expand_as(latents[0])
+    assert torch.equal(latents[0][keep], inv["on-time"][0, -1][keep])  # x_0 outside the mask
+    with pytest.raises(UsageError, match=r"image_latents: .*\(recipe 'on-time': x_0 last\)"):
+        on_time(prompt=TARGET, mask_image=mask, image_latents=inv["late"], num_inference_steps=STEPS)
+
+
+def test_argument_errors_are_usage_errors_and_a_misspelt_recipe_fails_before_loading(sd1, tmp_path):
+    _, ours = sd1
+    raw_image = astronaut(SIDE)
+    with pytest.raises(UsageError, match="^recipe must be one of paper, diffusers"):
+        StableDiffusionDiffEditPipeline.from_pretrained(tmp_path / "never-read", recipe="papr")
+    with pytest.raises(UsageError, match="^num_maps_per_mask"):
+        ours.generate_mask(image=raw_image, source_prompt=SOURCE, target_prompt=TARGET, num_maps_per_mask=0)
+    with pytest.raises(UsageError, match="^mask_encode_strength"):
+        ours.generate_mask(image=raw_image, source_prompt=SOURCE, target_prompt=TARGET, mask_encode_strength=1.5)
+    with pytest.raises(UsageError, match="^inpaint_strength .* below one grid step"):
+        ours.invert(prompt=SOURCE, image=raw_image, num_inference_steps=5, inpaint_strength=0.1)
+    with pytest.raises(UsageError, match="^eta"):
+        ours(prompt=TARGET, mask_image=np.ones((1, 4, 4)), image_latents=torch.zeros(1, 8, 4, 4, 4), eta=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 The sweep must share work for real (the UNet-evaluation counter equals the shared-work formula and is below
 the cost of separate edits), give what ``DiffEdit.edit`` gives for the same settings and seed, resume without
 redoing rows, give the same rows split over two torchrun processes, read prompts files, and refuse bad input
-with a ValueError naming the flag."""
+with a UsageError naming the flag (any other exception is a bug and propagates)."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffedit import images, precision, sweep
+from diffedit import cli as diffedit_cli
+from diffedit import frontend, images, plots, precision, sweep
+from diffedit.engine import Engine
+from diffedit.frontend import load_pipeline
 from diffedit.pipeline import DiffEdit
-from diffedit.settings import MAX_N, MAX_STEPS, NORMALIZATIONS
+from diffedit.settings import MAX_N, MAX_STEPS, NORMALIZATIONS, UsageError
 from diffedit.sweep import Setting, cli
 
 STEPS = 4  # grid 1, 251, 501, 751: ratio 0.5 -> k = 2, ratio 1 -> k = 4
@@ -73,8 +76,11 @@ def base(tiny_checkpoint, tmp_path_factory):
 def test_the_reuse_is_real_the_counter_equals_the_shared_formula(base):
     cost = json.loads((base / "cost.json").read_text())
     settings = sweep.grid([0.5, 1.0], [0.25, 0.5], [1, 2], [0.5], ["caption"], THREE)
-    assert sweep.shared_cost(settings, STEPS, 7.5) == SHARED_PER_IMAGE
-    assert sweep.separate_cost(settings, STEPS, 7.5) == SEPARATE_PER_IMAGE
+    shared = sweep.shared_cost(settings, STEPS, 7.5, "Q", "R")  # the engine's plan of one image's requests
+    separate = sweep.separate_cost(settings, STEPS, 7.5, "Q", "R")  # one plan per setting
+    assert shared.rows == SHARED_PER_IMAGE and separate.rows == SEPARATE_PER_IMAGE
+    assert (shared.vae_encodes, separate.vae_encodes) == (1, len(settings))
+    assert cost["vae_encodes_per_image"] == {"shared": 1, "separate": len(settings)}
     assert cost["unet_evaluations_run"] == cost["shared_formula_this_run"] == 2 * SHARED_PER_IMAGE
     assert cost["separate_edits_this_run"] == 2 * SEPARATE_PER_IMAGE
     assert cost["unet_evaluations_run"] < cost["separate_edits_this_run"]
@@ -166,7 +172,7 @@ def test_an_interrupted_sweep_resumes_computing_only_the_missing_rows(base, tiny
                                                           r["n"], r["strength"]))
     assert sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out))) == 0
     cost = json.loads((out / "cost.json").read_text())
-    expected = sum(sweep.shared_cost(m, STEPS, 7.5) for m in missing.values())
+    expected = sum(sweep.shared_cost(m, STEPS, 7.5, "Q", "R").rows for m in missing.values())
     assert cost["rows_computed_this_run"] == len(lines) - keep
     assert cost["unet_evaluations_run"] == expected < 2 * SHARED_PER_IMAGE
     resumed, first = rows_of(out), rows_of(base)
@@ -185,7 +191,7 @@ def test_resuming_with_other_fixed_settings_is_refused(base, tiny_checkpoint, tm
     out = tmp_path / "other"
     shutil.copytree(base, out)
     args = parse(toy_argv(tiny_checkpoint, out, "--steps", 5))
-    with pytest.raises(ValueError, match="--out .*steps 4 -> 5"):
+    with pytest.raises(UsageError, match="--out .*steps 4 -> 5"):
         sweep.run_sweep(args)
     with pytest.raises(ValueError, match="--out .*normalization 'quantile' -> 'clamp'"):
         sweep.run_sweep(parse(toy_argv(tiny_checkpoint, out, "--normalization", "clamp")))
@@ -212,7 +218,7 @@ def test_a_sweep_row_at_dilate_d_is_the_single_edit_at_dilate_d_and_shares_d(tin
     de = DiffEdit.from_pretrained(str(tiny_checkpoint), dtype=torch.float64)
     settings = sweep.grid([0.5], [0.3], [2], [0.5], ["caption"], ["diffedit"], [0, 1, 2])
     assert [s.dilate for s in settings] == [0, 1, 2]
-    assert sweep.shared_cost(settings, STEPS, 7.5) == 2 + 2 * 2 + 3 * 2 * 2  # one inversion, one mask pass
+    assert sweep.shared_cost(settings, STEPS, 7.5, "Q", "R").rows == 2 + 2 * 2 + 3 * 2 * 2  # one encoding, one D
     outputs = sweep.edit_grid(de, image, item.source, item.target, settings, STEPS, 7.5, seed)
     assert outputs[0].map is outputs[1].map is outputs[2].map  # one D for every dilate
     for o in outputs:
@@ -233,6 +239,22 @@ def test_rows_written_before_dilate_existed_resume_as_dilate_0(base, tiny_checkp
     assert json.loads((out / "cost.json").read_text())["unet_evaluations_run"] == 0  # the same rows: none redone
     assert rows_of(out).keys() == rows_of(base).keys()
     assert all(r["dilate"] == (0 if r["method"] == "diffedit" else None) for r in rows_of(out).values())
+    assert sweep.plan.upgrade({"method": "masked-sdedit"})["dilate"] == 0  # masked: the paper's mask, as DiffEdit
+
+
+def test_masked_sdedit_alone_draws_its_noises_and_shows_the_mask_diffedit_would(tiny_checkpoint, tmp_path):
+    common = ["--images", "toy:1", "--toy-size", 16, "--steps", 2, "--ratio", "0.5", "--n", "2", "--model",
+              tiny_checkpoint, "--dtype", "float32", "-q"]
+    alone, both = tmp_path / "alone", tmp_path / "both"
+    assert sweep.run_sweep(parse([*common, "--method", "masked-sdedit", "--out", alone])) == 0
+    assert sweep.run_sweep(parse([*common, "--method", "masked-sdedit,diffedit", "--out", both])) == 0
+    assert json.loads((alone / "sweep.json").read_text())["n_max"] == 2
+    stem = f"examples/toy-{12345}-0"
+    for name in ("map.png", "mask.png", "map.npy", "mask.npy"):
+        assert (alone / f"{stem}_{name}").read_bytes() == (both / f"{stem}_{name}").read_bytes(), name
+    assert (alone / "plots" / "example.png").is_file()
+    assert f"{stem}_mask.png" in (alone / "index.html").read_text()
+    assert plots.mask_method(sweep.summarize(sweep.read_rows(alone / "results.jsonl"))) == "masked-sdedit"
 
 
 def test_torchrun_with_two_processes_merges_to_the_single_process_rows(base, tiny_checkpoint, tmp_path):
@@ -303,9 +325,9 @@ def test_prompts_files_csv_and_jsonl_give_the_same_rows(tiny_checkpoint, tmp_pat
     (["--n", f"2,{MAX_N + 1}"], f"--n must be >= 1 and at most {MAX_N} "),
     (["--steps", str(MAX_STEPS + 1)], f"--steps must be >= 1 and at most {MAX_STEPS} "),
 ])
-def test_bad_input_is_a_value_error_naming_the_flag(tmp_path, extra, flag):
+def test_bad_input_is_a_usage_error_naming_the_flag(tmp_path, extra, flag):
     argv = ["--images", "toy:2", "--out", tmp_path / "o", "--model", tmp_path / "never-loaded.safetensors", *extra]
-    with pytest.raises(ValueError, match=flag):
+    with pytest.raises(UsageError, match=flag):
         sweep.run_sweep(parse(argv))
 
 
@@ -358,17 +380,52 @@ def test_the_dtype_and_normalisation_choices_follow_precision_and_settings():
 
 def test_bad_prompts_files_name_the_file_and_line(tmp_path):
     (tmp_path / "bad.csv").write_text("image,text\nx.png,hello\n")
-    with pytest.raises(ValueError, match="--images .*image,source,target"):
+    with pytest.raises(UsageError, match="--images .*image,source,target"):
         sweep.load_items(str(tmp_path / "bad.csv"), 1, 64)
     (tmp_path / "gone.jsonl").write_text(json.dumps({"image": "gone.png", "source": "a", "target": "b"}) + "\n")
-    with pytest.raises(ValueError, match="line 1: image not found"):
+    with pytest.raises(UsageError, match="line 1: image not found"):
         sweep.load_items(str(tmp_path / "gone.jsonl"), 1, 64)
+    (tmp_path / "latin1.csv").write_bytes("image,source,target\nx.png,caf\xe9,b\n".encode("latin-1"))
+    with pytest.raises(UsageError, match="--images .*latin1.csv: not UTF-8"):
+        sweep.load_items(str(tmp_path / "latin1.csv"), 1, 64)
 
 
-def test_main_reports_bad_input_in_one_line(tmp_path, capsys):
+def test_main_reports_bad_input_in_one_line_and_lets_a_bug_propagate(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     assert sweep.main(["--images", "toy:2", "--ratio", "1.5", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--ratio" in err
+    assert sweep.main(["--images", "toy:1", "--model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model" in err and "none.safetensors" in err
+
+    def bug(self, *args, **kwargs):
+        raise ValueError("an engine bug, not the user's mistake")
+    monkeypatch.setattr(Engine, "edits", bug)
+    argv = ["--images", "toy:1", "--toy-size", "16", "--steps", "2", "--n", "1", "--model", str(tiny_checkpoint),
+            "--out", str(tmp_path / "bug"), "-q"]
+    with pytest.raises(ValueError, match="an engine bug"):
+        sweep.main(argv)
+    with pytest.raises(ValueError, match="an engine bug"):
+        diffedit_cli.main(["sweep", *argv])
+
+
+def test_the_sweep_loads_its_model_as_the_other_front_ends_from_its_config_alone(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    """The parsed arguments stop at the parser: the loader (frontend.load_pipeline, as the CLI and the app use it)
+    gets the sweep's Config."""
+    seen = []
+
+    def spy(choice, device=None, **options):
+        seen.append((choice, device, options))
+        return load_pipeline(choice, device, **options)
+    monkeypatch.setattr(frontend, "load_pipeline", spy)
+    argv = ["--images", "toy:1", "--toy-size", 16, "--steps", 2, "--n", 1, "--model", tiny_checkpoint, "--out",
+            tmp_path, "--max-batch", 3, "--prediction-type", "epsilon", "-q"]
+    assert sweep.run_sweep(parse(argv)) == 0
+    (choice, device, options), = seen
+    assert isinstance(choice, sweep.Config)
+    assert (choice.model, choice.prediction_type, device, options) == (str(tiny_checkpoint), "epsilon", "cpu",
+                                                                       {"max_batch": 3})
 
 
 def test_a_torn_last_line_is_cut_and_complete_rows_are_kept(tmp_path):
@@ -404,7 +461,7 @@ def test_local_lpips_and_clip_weights_add_both_metrics_to_every_row(tiny_checkpo
     page = (out / "index.html").read_text()
     assert "LPIPS to the input computed; CLIP score with the target computed" in page
     # resuming the same folder without the metrics would mix rows with and without them: refused
-    with pytest.raises(ValueError, match="lpips 'alexnet-v0.1' -> None; clip_model 'diffedit-test-clip' -> None"):
+    with pytest.raises(UsageError, match="lpips 'alexnet-v0.1' -> None; clip_model 'diffedit-test-clip' -> None"):
         sweep.run_sweep(parse(argv[:-6]))
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import EditSettings
-from .plan import METRICS, Setting
+from .plan import METRICS, Setting, requests
 
 
 @dataclass
@@ -22,13 +21,6 @@ class Output:
     mask: object = None    # torch (h, w) bool: M (masked methods)
 
 
-def edit_settings(s: Setting, steps: int, guidance: float, seed: int, normalization: str) -> EditSettings:
-    """The API's settings of a grid point (the knobs a method does not use at their defaults)."""
-    mask = {k: getattr(s, k) for k in ("threshold", "n", "strength", "dilate") if getattr(s, k) is not None}
-    return EditSettings(method=s.method, ratio=s.ratio, steps=steps, guidance=guidance, seed=seed,
-                        normalization=normalization, **mask)
-
-
 def edit_grid(de, image, source: str, target: str, settings, steps: int = 50, guidance: float = 7.5,
               seed: int = 0, n_draw: int | None = None, wrap=None, normalization: str = "quantile") -> list[Output]:
     """Edit one image (PIL) towards ``target`` at every setting, sharing the work (see the module docstring).
@@ -38,13 +30,12 @@ def edit_grid(de, image, source: str, target: str, settings, steps: int = 50, gu
     ``model_call.EvalCounter`` class or factory, to count); ``normalization`` the rule that removes D's extremes
     (``masking.normalize``). Returns one Output per setting, in order."""
     from .. import images
-    from ..engine import Input, Request
+    from ..engine import Input
 
     settings = list(settings)
     inputs = [Input(images.to_tensor(image, de.multiple, de.device, de.dtype))]
-    requests = [Request(0, target, "" if s.reference == "empty" else source,
-                        edit_settings(s, steps, guidance, seed, normalization)) for s in settings]
-    out = de.engine(wrap=wrap).edits(inputs, requests, n_draw=n_draw)
+    out = de.engine(wrap=wrap).edits(inputs, requests(settings, target, source, steps, guidance, seed, normalization),
+                                     n_draw=n_draw)
     return [Output(s, o.latents, images.to_pil(o.pixels, image.size), o.map, o.mask) for s, o in zip(settings, out)]
 
 

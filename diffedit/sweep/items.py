@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..settings import UsageError
+
 
 @dataclass
 class Item:
@@ -43,48 +45,51 @@ def load_items(spec: str, seed: int, toy_size: int, world=None) -> list[Item]:
     from ..toy import world as toy_world
     if spec.startswith("toy:"):
         if seed == toy_world.TRAIN_SEED:
-            raise ValueError(f"--seed {seed} is the toy world's training seed; sweep held-out edits "
+            raise UsageError(f"--seed {seed} is the toy world's training seed; sweep held-out edits "
                              f"(e.g. --seed {toy_world.EVAL_SEED}, the default)")
         try:
             n = int(spec[4:])
         except ValueError:
             n = 0
         if n < 1:
-            raise ValueError(f"--images {spec}: toy:N needs a positive integer N")
+            raise UsageError(f"--images {spec}: toy:N needs a positive integer N")
         try:
             return toy_items(n, seed, toy_size, world)
         except ValueError as e:  # a world whose objects do not fit at this size
-            raise ValueError(f"--images {spec} at --toy-size {toy_size}: {e}") from None
+            raise UsageError(f"--images {spec} at --toy-size {toy_size}: {e}") from None
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ValueError(f"--images {spec}: prompts file not found (expected toy:N, or a .csv / .jsonl file "
+        raise UsageError(f"--images {spec}: prompts file not found (expected toy:N, or a .csv / .jsonl file "
                          "with image, source, target)")
     records = _records(spec, path)
     items = []
     for index, (line, rec) in enumerate(records):
         image, source, target = (rec.get(k) for k in ("image", "source", "target"))
         if not isinstance(image, str) or not image.strip():
-            raise ValueError(f"--images {spec} line {line}: missing image path")
+            raise UsageError(f"--images {spec} line {line}: missing image path")
         if not isinstance(target, str) or not target.strip():
-            raise ValueError(f"--images {spec} line {line}: missing target text")
+            raise UsageError(f"--images {spec} line {line}: missing target text")
         if source is not None and not isinstance(source, str):
-            raise ValueError(f"--images {spec} line {line}: source must be a text")
+            raise UsageError(f"--images {spec} line {line}: source must be a text")
         img = (path.parent / image).expanduser()
         if not img.is_file():
-            raise ValueError(f"--images {spec} line {line}: image not found: {img}")
+            raise UsageError(f"--images {spec} line {line}: image not found: {img}")
         items.append(Item(f"{index}:{image}", index, source or "", target, path=img))
     return items
 
 
 def _records(spec: str, path: Path) -> list[tuple[int, dict]]:
     """(line number, record) of a CSV with the header image,source,target, or of JSON lines."""
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--images {spec}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     records = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         missing = {"image", "source", "target"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"--images {spec}: the CSV header must hold image,source,target "
+            raise UsageError(f"--images {spec}: the CSV header must hold image,source,target "
                              f"(missing {', '.join(sorted(missing))})")
         records = [(i + 2, r) for i, r in enumerate(reader)]
     else:
@@ -93,10 +98,10 @@ def _records(spec: str, path: Path) -> list[tuple[int, dict]]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"--images {spec} line {i + 1}: not JSON ({e.msg})") from None
+                    raise UsageError(f"--images {spec} line {i + 1}: not JSON ({e.msg})") from None
                 if not isinstance(rec, dict):
-                    raise ValueError(f"--images {spec} line {i + 1}: expected an object with image, source, target")
+                    raise UsageError(f"--images {spec} line {i + 1}: expected an object with image, source, target")
                 records.append((i + 1, rec))
     if not records:
-        raise ValueError(f"--images {spec}: no rows")
+        raise UsageError(f"--images {spec}: no rows")
     return records

@@ -1,13 +1,15 @@
-"""The grid: its points (``Setting``), their row keys, and the UNet cost of a grid shared or run as separate edits."""
+"""The grid: its points (``Setting``), their row keys, the engine's requests of one image's points and their cost
+(the engine's plan of them, together or one by one)."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-from ..settings import METHOD_TABLE
+from ..settings import METHOD_TABLE, EditSettings
 
 GRID_KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference", "dilate")  # a row's setting, in its key
-METRICS = ("iou", "iou_footprint", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips", "clip_score")
+METRICS = ("iou", "iou_footprint", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips",
+           "clip_score")
 
 
 def ordered(values) -> list:
@@ -55,47 +57,46 @@ def row_key(row: dict) -> str:
 
 
 def upgrade(row: dict) -> dict:
-    """A row of an older sweep, with the grid knobs added since (dilate: 0 for DiffEdit, else None)."""
+    """A row of an older sweep, with the grid knobs added since (dilate: 0 for a masked method, else None)."""
     if "dilate" in row:
         return row
-    return {**row, "dilate": 0 if row.get("method") == "diffedit" else None}
+    return {**row, "dilate": 0 if METHOD_TABLE[row["method"]].masked else None}
 
 
 def setting_key(image_id: str, s: Setting) -> str:
     return row_key({"image": image_id, **s.knobs()})
 
 
-def _k(ratio: float, steps: int) -> int:
-    from ..denoiser import encoding_steps
-    return encoding_steps(ratio, steps)
+def edit_settings(s: Setting, steps: int, guidance: float, seed: int, normalization: str) -> EditSettings:
+    """The API's settings of a grid point (the knobs a method does not use at their defaults)."""
+    mask = {k: getattr(s, k) for k in ("threshold", "n", "strength", "dilate") if getattr(s, k) is not None}
+    return EditSettings(method=s.method, ratio=s.ratio, steps=steps, guidance=guidance, seed=seed,
+                        normalization=normalization, **mask)
 
 
-def _cfg_rows(guidance: float) -> int:
-    return 1 if guidance == 1.0 else 2  # Denoiser.guided evaluates only the conditional half at scale 1
+def requests(settings, target: str, source: str, steps: int, guidance: float, seed: int = 0,
+             normalization: str = "quantile") -> list:
+    """The engine's requests (``diffedit.plan.Request``, all on image 0) of one image's grid points: reference
+    "caption" is ``source``, "empty" is ""."""
+    from ..plan import Request
+    return [Request(0, target, "" if s.reference == "empty" else source,
+                    edit_settings(s, steps, guidance, seed, normalization)) for s in settings]
 
 
-def separate_cost(settings, steps: int, guidance: float) -> int:
-    """UNet sample evaluations of one image's settings run as separate ``DiffEdit.edit`` calls: k for the
-    encoding (methods that start from it), 2n for the mask (masked methods), g k for the decoding,
-    with k = round(r * steps) and g = 2 (classifier-free guidance; 1 at guidance 1)."""
-    g, total = _cfg_rows(guidance), 0
-    for s in settings:
-        m, k = METHOD_TABLE[s.method], _k(s.ratio, steps)
-        total += (k if m.start == "encoding" else 0) + (2 * (s.n or 0) if m.masked else 0) + g * k
-    return total
+def shared_cost(settings, steps: int, guidance: float, target: str, source: str):
+    """The ``plan.Cost`` (model rows per phase, VAE encodes and decodes) of one image's settings run together, as
+    ``grid.edit_grid`` runs them: one plan over all of its requests."""
+    return _cost(requests(settings, target, source, steps, guidance))
 
 
-def shared_cost(settings, steps: int, guidance: float) -> int:
-    """UNet sample evaluations ``edit_grid`` runs for one image's settings: one encoding to the largest
-    ratio; per strength, n_max x (1 + number of references) mask rows; one decoding of g k rows per
-    setting. (Assumes the query differs from every reference text; where it equals one, its D is 0 and those
-    rows are skipped, as in ``masking.noise_difference_maps``.)"""
-    g, total = _cfg_rows(guidance), 0
-    traj = [s for s in settings if METHOD_TABLE[s.method].start == "encoding"]
-    if traj:
-        total += _k(max(s.ratio for s in traj), steps)
-    masked = [s for s in settings if METHOD_TABLE[s.method].masked]
-    for strength in {s.strength for s in masked}:
-        group = [s for s in masked if s.strength == strength]
-        total += max(s.n for s in group) * (1 + len({s.reference for s in group}))
-    return total + sum(g * _k(s.ratio, steps) for s in settings)
+def separate_cost(settings, steps: int, guidance: float, target: str, source: str):
+    """The ``plan.Cost`` of the same settings run as separate ``DiffEdit.edit`` calls: one plan per setting."""
+    from ..plan import Cost
+    return sum((_cost(requests([s], target, source, steps, guidance)) for s in settings), Cost())
+
+
+def _cost(reqs: list):
+    """The cost of the engine's plan of ``reqs`` on one image; planning runs no model, and the plan groups by latent
+    shape only, which one image's requests share."""
+    from ..plan import Input, plan_edits, resolved
+    return plan_edits([Input()], [resolved(r) for r in reqs], latent_shape=lambda inp: ()).cost

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from ..plots import MASK_KNOBS, METHOD_LABELS, PAPER, closest
+from ..plots import MASK_KNOBS, PAPER, closest
 from ..settings import METHOD_TABLE
 from .plan import GRID_KNOBS, METRICS, ordered, separate_cost, shared_cost
 from .results import merge, summarize
@@ -72,40 +72,44 @@ def save_examples(out: Path, item, image, outputs, rep: dict):
     if item.edit is not None:
         from PIL import Image
         Image.fromarray(item.edit.target.render()).save(ex / f"{stem}_target.png")
+    mask_saved = False
     for o in outputs:
         s = o.setting
         if s.reference != rep["reference"]:
             continue
-        if METHOD_TABLE[s.method].masked and any(getattr(s, k) != rep[k] for k in MASK_KNOBS):
+        masked = METHOD_TABLE[s.method].masked
+        if masked and any(getattr(s, k) != rep[k] for k in MASK_KNOBS):
             continue
-        if s.method == "diffedit":  # (masked SDEdit's D and M are DiffEdit's)
-            heatmap(o.map.cpu(), image.size).save(ex / f"{stem}_map.png")  # D and M do not depend on r
+        if masked and not mask_saved:  # D and M depend neither on r nor on where decoding starts: once
+            heatmap(o.map.cpu(), image.size).save(ex / f"{stem}_map.png")
             np.save(ex / f"{stem}_map.npy", o.map.cpu().numpy())
             overlay(image, imgs.mask_to_pil(o.mask, image.size)).save(ex / f"{stem}_mask.png")
             np.save(ex / f"{stem}_mask.npy", o.mask.cpu().numpy())
+            mask_saved = True
         o.image.save(ex / f"{stem}_{s.method}_r{s.ratio:g}.png")
 
 
 def finalize(out: Path, cfg, stats, quiet: bool = False):
-    """Merge the rows; write summary.csv, cost.json, the plots and index.html. ``stats``: UNet evaluations run,
-    planned by the formula, as separate edits, and rows computed, this run."""
+    """Merge the rows; write summary.csv, cost.json, the plots and index.html. ``stats``: model rows run, planned
+    (the engine's plan), as separate edits, and rows computed, this run."""
     rows = merge(out)
     summary = summarize(rows)
     write_summary_csv(summary, out / "summary.csv")
     run, planned, separate, computed = stats
-    n_img = len(cfg.items)
+    shared_grid = [shared_cost(cfg.settings, cfg.steps, cfg.guidance, i.target, i.source) for i in cfg.items]
+    separate_grid = [separate_cost(cfg.settings, cfg.steps, cfg.guidance, i.target, i.source) for i in cfg.items]
     cost = {"unet_evaluations_run": run, "shared_formula_this_run": planned, "separate_edits_this_run": separate,
             "rows_computed_this_run": computed, "rows_total": len(rows),
-            "full_grid_shared": n_img * shared_cost(cfg.settings, cfg.steps, cfg.guidance),
-            "full_grid_separate": n_img * separate_cost(cfg.settings, cfg.steps, cfg.guidance),
-            "vae_encodes_per_image": {"shared": 1, "separate": len(cfg.settings)}}
+            "full_grid_shared": sum(c.rows for c in shared_grid),
+            "full_grid_separate": sum(c.rows for c in separate_grid),
+            "vae_encodes_per_image": {"shared": shared_grid[0].vae_encodes, "separate": separate_grid[0].vae_encodes}}
     (out / "cost.json").write_text(json.dumps(cost, indent=1) + "\n")
     plots, plot_note = _plots(out, rows, summary, cfg.examples)
     write_html(out, cfg, rows, summary, cost, plots, plot_note)
     if not quiet:
         print(format_table(summary))
         saving = f" ({separate / run:.2f}x fewer)" if run else ""
-        print(f"UNet sample evaluations this run: {run} (formula {planned}); as separate edits: {separate}{saving}")
+        print(f"UNet sample evaluations this run: {run} (planned {planned}); as separate edits: {separate}{saving}")
         print(cfg.perceptual)
         if plot_note:
             print(f"plots: {plot_note}")
@@ -143,7 +147,7 @@ def _plots(out: Path, rows, summary, examples: int) -> tuple[dict, str | None]:
 def write_html(out: Path, cfg, rows, summary, cost, plots: dict, plot_note: str | None):
     esc = html.escape
     fp = cfg.fingerprint
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>diffedit sweep</title><style>"
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>diffedit sweep</title><style>"
              "body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} img.ex{width:128px;"
              "image-rendering:pixelated} figure{display:inline-block;margin:4px;text-align:center;font-size:11px}"
@@ -176,7 +180,7 @@ def write_html(out: Path, cfg, rows, summary, cost, plots: dict, plot_note: str 
         stem = _stem(item.id)
         tiles = [("input", f"{stem}_input.png"), ("target (ground truth)", f"{stem}_target.png"),
                  ("D", f"{stem}_map.png"), ("mask", f"{stem}_mask.png")]
-        tiles += [(f"{METHOD_LABELS[m]} r={r:g}", f"{stem}_{m}_r{r:g}.png") for m in methods for r in ratios]
+        tiles += [(f"{METHOD_TABLE[m].label} r={r:g}", f"{stem}_{m}_r{r:g}.png") for m in methods for r in ratios]
         tiles = [(label, name) for label, name in tiles if (ex / name).is_file()]
         if not tiles:
             continue

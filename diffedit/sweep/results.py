@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..settings import METHODS, REFERENCES
+from ..settings import METHODS, REFERENCES, UsageError
 from .plan import GRID_KNOBS, METRICS, row_key, upgrade
 
 
@@ -104,7 +104,7 @@ def mean_by(rows: list[dict], knob: str, metric: str, method: str = "diffedit") 
 
 def check_fingerprint(out: Path, fp: dict):
     """Write ``sweep.json``, what every row depends on beyond its own key; refuse to resume a sweep made with
-    other values (``n_max`` may be unknown on either side: a grid without DiffEdit draws no noises)."""
+    other values (``n_max`` may be unknown on either side: a grid without a masked method draws no noises)."""
     path = out / "sweep.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -112,9 +112,9 @@ def check_fingerprint(out: Path, fp: dict):
         if old.get("n_max") and fp["n_max"] and old["n_max"] != fp["n_max"]:
             diff.append(f"largest --n {old['n_max']} -> {fp['n_max']} (rows use the first n of n_max noises)")
         if diff:
-            raise ValueError(f"--out {out} holds a sweep made with other settings ({'; '.join(diff)}); resume it "
-                             "with the same --images/--seed/--steps/--guidance/--normalization/--model/--dtype/largest --n, "
-                             "or use another --out")
+            raise UsageError(f"--out {out} holds a sweep made with other settings ({'; '.join(diff)}); resume it "
+                             "with the same --images/--seed/--steps/--guidance/--normalization/--model/--dtype/"
+                             "largest --n, or use another --out")
         fp = {**fp, "n_max": old.get("n_max") or fp["n_max"]}
     tmp = out / f"sweep.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(fp, indent=1) + "\n")
