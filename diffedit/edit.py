@@ -34,3 +34,17 @@ def decode(denoiser: Denoiser, y: torch.Tensor, levels: torch.Tensor, cond: Cond
         if callback is not None:
             callback(len(levels) - 1 - i, y)
     return y
+
+
+def noised_start(denoiser: Denoiser, x0: torch.Tensor, levels: torch.Tensor, generator: torch.Generator,
+                 masked: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDEdit's start (Meng et al., 2022): y_r = x_0 noised to ``levels[-1]`` with fresh noise; for a masked
+    decoding also what is kept outside the mask, (k + 1, B, C, h, w): x_0 noised to each level with fresh noise
+    (Blended Latent Diffusion), x_0 itself at the end. Noise is drawn in float32 on the CPU from ``generator``."""
+    def draw(shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    y = denoiser.add_noise(x0, draw(x0.shape), levels[-1])
+    if not masked:
+        return y, None
+    fresh = draw((len(levels) - 1, *x0.shape))
+    return y, torch.stack([x0] + [denoiser.add_noise(x0, fresh[i - 1], levels[i]) for i in range(1, len(levels))])

@@ -27,7 +27,7 @@ import torch
 
 from . import masking
 from .conditioning import Cond
-from .edit import decode
+from .edit import decode, noised_start
 from .inversion import Trajectory, encode
 from .plan import (PHASES, Decoding, Encoded, Encoding, Input, MaskPass, Plan, Request, Text, plan_edits, resolved,
                    text_key)
@@ -274,15 +274,9 @@ class Engine:
         else:
             x0 = self.x0(inputs[r.image])
             levels = self.denoiser.levels(s.ratio, s.steps)
-            gen = torch.Generator().manual_seed(s.seed)
-            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device, x0.dtype)
-            y = self.denoiser.add_noise(x0, noise, levels[-1])
-            keep = x0[None].expand(len(levels), *x0.shape)
-            if mask is not None:  # Blended Latent Diffusion: x_0 noised to each level with fresh noise; x_0 at the end
-                fresh = torch.randn((len(levels) - 1, *x0.shape), generator=gen, dtype=torch.float32)
-                fresh = fresh.to(x0.device, x0.dtype)
-                keep = torch.cat([x0[None], torch.stack([self.denoiser.add_noise(x0, fresh[i - 1], levels[i])
-                                                         for i in range(1, len(levels))])])
+            y, keep = noised_start(self.denoiser, x0, levels, torch.Generator().manual_seed(s.seed), mask is not None)
+            if keep is None:  # unmasked among masked rows of one decoding: M = 1 there, what is kept is never read
+                keep = x0[None].expand(len(levels), *x0.shape)
         m = None if mask is None else mask[1][None, None].to(y.dtype)
         return y, keep, m, levels
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import masking
-from .edit import decode
+from .edit import decode, noised_start
 from .inversion import encode
 from .settings import METHOD_TABLE, EditSettings, resolve
 
@@ -46,12 +46,7 @@ def edit(denoiser, x_0: torch.Tensor, Q, R, empty, settings: EditSettings = Edit
         y_r = x[-1]
         keep = x[1:] if s.recipe.blend_late else x  # diffusers blends with x_t of the level before: one step late
     else:
-        generator = torch.Generator().manual_seed(s.seed)
-        y_r = denoiser.add_noise(x_0, _noise(x_0.shape, generator, x_0), levels[-1])
-        keep = None
-        if method.masked:  # what stays outside M: x_0 noised to each level with fresh noise, x_0 at the end
-            fresh = _noise((len(levels) - 1, *x_0.shape), generator, x_0)
-            keep = torch.stack([x_0] + [denoiser.add_noise(x_0, fresh[i - 1], levels[i]) for i in range(1, len(levels))])
+        y_r, keep = noised_start(denoiser, x_0, levels, torch.Generator().manual_seed(s.seed), method.masked)
 
     # Step 3 (Sec. 3.2): decode y_r with Q (CFG, negative prompt R); after each step to t, y_t = M y_t + (1 - M) x_t.
     if not method.masked:
@@ -59,7 +54,3 @@ def edit(denoiser, x_0: torch.Tensor, Q, R, empty, settings: EditSettings = Edit
     y_0 = decode(denoiser, y_r, levels, Q, R, s.guidance, keep, M[None, None].to(y_r.dtype))
     return y_0, D, M
 
-
-def _noise(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise drawn in float32 on the CPU (the same numbers on every device and dtype)."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
