@@ -124,7 +124,7 @@ _AXIS = {"threshold": "threshold", "n": "n (noises averaged into D)", "strength"
 
 def _mask_curves(rows, path, x_knob: str, line_knob: str):
     method = mask_method(rows)
-    rows = [r for r in rows if r["method"] == method]
+    rows = [r for r in rows if r["method"] == method and r.get("mask_source") != "annotated"]  # own masks only
     if len({r[x_knob] for r in rows}) < 2:  # no curve to draw along a knob the grid did not vary
         return None
     metric = _mask_metric(rows)

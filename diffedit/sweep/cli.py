@@ -2,6 +2,8 @@
 
     diffedit sweep --images toy:8 --ratio 0.5,0.7,0.9 --threshold 0.25,0.5,0.75 --n 1,2,5,10 \\
                    --method diffedit,sdedit,encode-decode --steps 25 --out sweep/
+    diffedit sweep --images piebench:PIE-Bench/ --categories 1,6 --subset 10 --mask-source estimated,annotated \\
+                   --method diffedit,masked-sdedit,sdedit --model sd15.safetensors --device cuda --out pie/
     torchrun --nproc_per_node 2 -m diffedit.sweep --images toy:8 --noises 1,2,5,10 ... --out sweep/
 
 Under torchrun write ``--noises`` for ``--n`` (torchrun takes ``--n`` for an abbreviation of its own options);
@@ -18,8 +20,8 @@ from pathlib import Path
 from .. import settings
 from ..frontend import HelpFormatter, add_model_args
 from ..settings import METHOD_TABLE, METHODS, REFERENCES, Knob, SettingsError, UsageError
-from .items import load_items
-from .plan import GRID_KNOBS, grid, ordered
+from .items import load_items, piebench_items
+from .plan import GRID_KNOBS, MASK_SOURCES, grid, ordered
 from .report import perceptual_note
 from .runner import Config, run
 
@@ -30,13 +32,17 @@ _KNOBS = {**settings.KNOBS,
           "reference": Knob("reference", str, "caption", "caption", "reference text R", choices=REFERENCES),
           "max_batch": Knob("max_batch", int, 64, None, "most rows per UNet call", 1),
           "toy_size": Knob("toy_size", int, 64, None, "toy scene size in px", 16),
-          "examples": Knob("examples", int, 4, None, "images shown in index.html", 0)}
+          "examples": Knob("examples", int, 4, None, "images shown in index.html", 0),
+          "mask_source": Knob("mask_source", str, "estimated", "estimated", "a masked method's mask",
+                              choices=MASK_SOURCES),
+          "subset": Knob("subset", int, None, None, "PIE-Bench images per category", 1)}
 DEFAULTS = {k: str(_KNOBS[k].default) for k in (*GRID_KNOBS, "steps", "guidance", "max_batch", "toy_size", "examples")}
 
 
 def _add_arguments(p):
-    p.add_argument("--images", required=True, metavar="toy:N|FILE",
-                   help="toy:N (N held-out toy edits, ground truth) or a prompts file: CSV with header "
+    p.add_argument("--images", required=True, metavar="toy:N|piebench:DIR|FILE",
+                   help="toy:N (N held-out toy edits, ground truth), piebench:DIR (a PIE-Bench folder: "
+                        "mapping_file.json and annotation_images/) or a prompts file: CSV with header "
                         "image,source,target or JSON lines with those keys (paths relative to the file)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (an existing sweep there resumes)")
     p.add_argument("--seed", default=None, metavar="S",
@@ -56,6 +62,9 @@ def _add_arguments(p):
     g.add_argument("--dilate", default=DEFAULTS["dilate"],
                    help=f"DiffEdit's mask grown by this many latent cells, 0 to {settings.KNOBS['dilate'].hi} "
                         "(not in the paper: 0)")
+    g.add_argument("--mask-source", default=DEFAULTS["mask_source"],
+                   help="masked methods' masks: estimated (step 1) and/or annotated (the image's annotation, at "
+                        "latent size: the oracle-mask row; piebench:DIR and toy:N)")
     g = p.add_argument_group("fixed settings")
     g.add_argument("--steps", default=DEFAULTS["steps"],
                    help=f"DDIM steps of the full grid, at most {settings.MAX_STEPS} (paper 50)")
@@ -68,12 +77,23 @@ def _add_arguments(p):
     g.add_argument("--examples", default=DEFAULTS["examples"],
                    help="images shown in index.html (input, D, mask, edits)")
     add_model_args(p, device_help="torch device (under torchrun, cuda means cuda:LOCAL_RANK)")
-    g = p.add_argument_group("perceptual metrics (local weights only; the paper's axes)")
+    g = p.add_argument_group("perceptual metrics (local weights only; the paper's axes; PIE-Bench's under piebench:DIR)")
     g.add_argument("--lpips-weights", default=None, metavar="PATH",
-                   help="torchvision AlexNet checkpoint (alexnet-owt-7be5be79.pth): adds lpips (to the input)")
+                   help="torchvision AlexNet checkpoint (alexnet-owt-7be5be79.pth): adds lpips (to the input); "
+                        "under piebench:DIR the LPIPS SqueezeNet weights of lpips_unedit_part (else env "
+                        "DIFFEDIT_LPIPS_WEIGHTS)")
     g.add_argument("--clip-weights", default=None, metavar="PATH",
-                   help="open_clip checkpoint of --clip-model: adds clip_score (edit vs the target text)")
+                   help="open_clip checkpoint of --clip-model: adds clip_score (edit vs the target text); under "
+                        "piebench:DIR CLIP ViT-L/14 in open_clip's layout, for the clip_similarity columns (else env "
+                        "DIFFEDIT_CLIP_WEIGHTS)")
+    g.add_argument("--dino-weights", default=None, metavar="PATH",
+                   help="piebench:DIR only: DINO ViT-B/8 weights for structure_distance (else env "
+                        "DIFFEDIT_DINO_WEIGHTS)")
     g.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name of --clip-weights")
+    g = p.add_argument_group("PIE-Bench (--images piebench:DIR; metric networks from local files only)")
+    g.add_argument("--categories", default=None, help="editing_type_id values to run, a comma list of 0..9 "
+                   "(default: all)")
+    g.add_argument("--subset", default=None, metavar="N", help="the first N images of each category (default: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
 
 
@@ -124,8 +144,8 @@ def parse_config(args) -> Config:
     sweep hands down; loads no model. The only reader of ``args``."""
     from ..frontend import check_device
     from ..toy import resolve_world, world
-    lists = {k: knob_values(f"--{k}", getattr(args, k), k) for k in ("ratio", "threshold", "n", "strength", "reference",
-                                                                 "method", "dilate")}  # grid's argument order
+    lists = {k: knob_values(f"--{k.replace('_', '-')}", getattr(args, k), k)
+             for k in ("ratio", "threshold", "n", "strength", "reference", "method", "dilate", "mask_source")}
     steps = _value("--steps", args.steps, "steps")
     guidance = _value("--guidance", args.guidance, "guidance")
     seed = world.EVAL_SEED if args.seed is None else _value("--seed", args.seed, "seed")
@@ -138,20 +158,80 @@ def parse_config(args) -> Config:
         spec = resolve_world(args.world, args.model) if toy else None
     except ValueError as e:  # an unknown --world, or a toy model whose recipe names one
         raise UsageError(str(e)) from None
-    items = load_items(args.images, seed, toy_size, spec)
+    items, images, pie = _items(args, seed, toy_size, spec, lists)
     n_draw = max(lists["n"]) if any(METHOD_TABLE[m].masked for m in lists["method"]) else 0
-    images = args.images if toy else str(Path(args.images).expanduser().resolve())
     fingerprint = {"images": images, "toy_size": toy_size if toy else None, "world": spec.name if toy else None,
                    "seed": seed, "steps": steps, "guidance": guidance, "model": args.model, "n_max": n_draw,
                    "normalization": args.normalization, "dtype": _network_dtype(args.dtype, args.device),
                    # rows with and without a perceptual metric must not mix (None: not computed)
-                   "lpips": "alexnet-v0.1" if args.lpips_weights else None,
-                   "clip_model": args.clip_model if args.clip_weights else None}
+                   "lpips": "alexnet-v0.1" if args.lpips_weights and not pie else None,
+                   "clip_model": args.clip_model if args.clip_weights and not pie else None,
+                   "piebench_networks": None if pie is None else sorted(k for k, v in _pie_paths(pie).items() if v)}
     return Config(items, grid(*lists.values()), steps, guidance, seed, n_draw, max_batch, examples, fingerprint,
                   out=Path(args.out).expanduser(), model=args.model, device=args.device, dtype=args.dtype,
                   prediction_type=args.prediction_type, normalization=args.normalization,
                   lpips_weights=args.lpips_weights, clip_weights=args.clip_weights, clip_model=args.clip_model,
-                  perceptual=perceptual_note(args.lpips_weights, args.clip_weights), quiet=args.quiet)
+                  perceptual=_pie_note(pie) if pie else perceptual_note(args.lpips_weights, args.clip_weights),
+                  quiet=args.quiet, pie_weights=pie)
+
+
+def _items(args, seed: int, toy_size: int, spec, lists) -> tuple[list, str, dict | None]:
+    """(the items, what the fingerprint names them by, the PIE-Bench metric networks' paths given by flag or None
+    for another image source); the PIE-Bench options and --mask-source annotated checked against the source."""
+    from ..piebench.data import NETWORKS
+    pie = args.images.startswith("piebench:")
+    given = [f for f, v in (("--categories", args.categories), ("--subset", args.subset),
+                            ("--dino-weights", args.dino_weights)) if v is not None]
+    if given and not pie:
+        raise UsageError(f"{', '.join(given)}: only with --images piebench:DIR")
+    if pie:
+        folder = args.images[len("piebench:"):]
+        if not folder.strip():
+            raise UsageError("--images piebench:DIR needs the folder DIR (it holds mapping_file.json)")
+        categories = None if args.categories is None else _categories(args.categories)
+        subset = None if args.subset is None else _value("--subset", args.subset, "subset")
+        items = piebench_items(folder, categories, subset)
+        images = "piebench:" + str(Path(folder).expanduser().resolve())
+    else:
+        items = load_items(args.images, seed, toy_size, spec)
+        images = args.images if spec else str(Path(args.images).expanduser().resolve())
+    if "annotated" in lists["mask_source"]:
+        if not items[0].annotated:
+            raise UsageError("--mask-source annotated needs images with annotated masks (piebench:DIR or toy:N)")
+        if not any(METHOD_TABLE[m].masked for m in lists["method"]):
+            masked = ", ".join(m for m, t in METHOD_TABLE.items() if t.masked)
+            raise UsageError(f"--mask-source annotated needs a masked method in --method ({masked})")
+    return items, images, ({k: getattr(args, _PIE_FLAGS[k]) for k in NETWORKS} if pie else None)
+
+
+_PIE_FLAGS = {"dino": "dino_weights", "clip": "clip_weights", "lpips": "lpips_weights"}  # under piebench:DIR
+
+
+def _pie_paths(given: dict) -> dict:
+    """The metric networks' weights: the flag, else the environment variable load_networks reads."""
+    import os
+
+    from ..piebench.data import NETWORKS
+    return {k: given.get(k) or os.environ.get(f"DIFFEDIT_{k.upper()}_WEIGHTS") for k in NETWORKS}
+
+
+def _pie_note(given: dict) -> str:
+    """What the report says about PIE-Bench's metric networks (each from a local file or absent)."""
+    flags = {k: "--" + v.replace("_", "-") for k, v in _PIE_FLAGS.items()}
+    paths = _pie_paths(given)
+    absent = [f"{k} (pass {flags[k]} or DIFFEDIT_{k.upper()}_WEIGHTS)" for k in flags if not paths[k]]
+    have = [k for k in flags if paths[k]]
+    return ("PIE-Bench metric networks: " + (f"{', '.join(have)} given" if have else "none given")
+            + (f"; not computed without: {', '.join(absent)}; none can be downloaded here" if absent else ""))
+
+
+def _categories(text: str) -> list[str]:
+    from ..piebench.data import CATEGORIES
+    parts = [t.strip() for t in str(text).split(",")]
+    bad = [t for t in parts if t not in CATEGORIES]
+    if bad:
+        raise UsageError(f"--categories: {', '.join(map(repr, bad))} not among the editing_type_id values 0..9")
+    return ordered(parts)
 
 
 def _network_dtype(dtype: str, device: str) -> str:

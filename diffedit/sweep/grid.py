@@ -22,21 +22,43 @@ class Output:
 
 
 def edit_grid(de, image, source: str, target: str, settings, steps: int = 50, guidance: float = 7.5,
-              seed: int = 0, n_draw: int | None = None, wrap=None, normalization: str = "quantile") -> list[Output]:
+              seed: int = 0, n_draw: int | None = None, wrap=None, normalization: str = "quantile",
+              annotation=None) -> list[Output]:
     """Edit one image (PIL) towards ``target`` at every setting, sharing the work (see the module docstring).
 
     ``source`` is the text of reference "caption" ("empty" is ""); ``n_draw`` the number of mask noises drawn
     (default: the largest n of ``settings``; rows use the first n); ``wrap`` wraps the model call (a
     ``model_call.EvalCounter`` class or factory, to count); ``normalization`` the rule that removes D's extremes
-    (``masking.normalize``). Returns one Output per setting, in order."""
+    (``masking.normalize``); ``annotation`` (bool (H, W), any size of the image's shape) the mask of the settings whose
+    mask_source is "annotated", brought to latent size by ``latent_mask``. Returns one Output per setting, in order."""
     from .. import images
     from ..engine import Input
 
     settings = list(settings)
     inputs = [Input(images.to_tensor(image, de.multiple, de.device, de.dtype))]
-    out = de.engine(wrap=wrap).edits(inputs, requests(settings, target, source, steps, guidance, seed, normalization),
-                                     n_draw=n_draw)
+    mask = None
+    if annotation is not None and any(s.mask_source == "annotated" for s in settings):
+        f = de.cfg.vae.downsampling
+        mask = latent_mask(annotation, tuple(s // f for s in inputs[0].pixels.shape[-2:])).to(de.device)
+    reqs = requests(settings, target, source, steps, guidance, seed, normalization, mask)
+    out = de.engine(wrap=wrap).edits(inputs, reqs, n_draw=n_draw)
     return [Output(s, o.latents, images.to_pil(o.pixels, image.size), o.map, o.mask) for s, o in zip(settings, out)]
+
+
+def latent_mask(annotation, latent_size: tuple[int, int]):
+    """A bool (H, W) annotated mask at latent size (h, w), torch: a cell is in when at least half of its pixels are
+    (``metrics.downsample_mask``'s majority rule where H / h = W / w is a whole number; the same rule on a box
+    resize otherwise)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .. import images, metrics
+    m = np.asarray(annotation, dtype=bool)
+    (H, W), (h, w) = m.shape, latent_size
+    if H % h == 0 and W % w == 0 and H // h == W // w:
+        return torch.from_numpy(metrics.downsample_mask(m, H // h))
+    return images.mask_from_pil(Image.fromarray(m.astype(np.uint8) * 255), (h, w))
 
 
 def rows_for(item, image, outputs: list[Output], seed: int, steps: int | None = None,

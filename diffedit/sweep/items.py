@@ -1,4 +1,5 @@
-"""The images a sweep edits: ``toy:N`` held-out toy-world edits (with ground truth) or a prompts file."""
+"""The images a sweep edits: ``toy:N`` held-out toy-world edits (with ground truth), a PIE-Bench folder
+``piebench:DIR`` (with annotated masks; ``diffedit.piebench.data``) or a prompts file."""
 from __future__ import annotations
 
 import csv
@@ -18,7 +19,8 @@ class Item:
     source: str
     target: str
     path: Path | None = None
-    edit: object | None = None  # toy.world.Edit: ground truth
+    edit: object | None = None   # toy.world.Edit: ground truth
+    entry: object | None = None  # piebench.data.Entry: the benchmark's record, its annotated mask
 
     def load(self):
         from PIL import Image
@@ -27,6 +29,28 @@ class Item:
         if self.edit is not None:
             return Image.fromarray(self.edit.source.render())
         return load_image(self.path)
+
+    @property
+    def annotated(self) -> bool:
+        return self.edit is not None or self.entry is not None
+
+    def annotation(self):
+        """Bool (H, W) at the image's size: the region to edit as annotated (PIE-Bench's mask; a toy edit's
+        footprint, what its PIE export annotates)."""
+        if self.entry is not None:
+            return self.entry.mask()
+        if self.edit is not None:
+            return self.edit.footprint()
+        raise ValueError(f"image {self.id} has no annotated mask")
+
+
+def piebench_items(folder, categories=None, subset: int | None = None) -> list[Item]:
+    """The entries of a PIE-Bench folder (``piebench.data.load_entries``) as items: R the source prompt, Q the
+    editing prompt (brackets removed), index the position in the mapping file, id the mapping key."""
+    from ..piebench.data import IMAGES, load_entries
+    folder = Path(folder).expanduser().resolve()
+    return [Item(e.key, e.index, e.source, e.target, path=folder / IMAGES / e.image_path, entry=e)
+            for e in load_entries(folder, categories, subset)]
 
 
 def toy_items(n: int, seed: int, size: int, world=None) -> list[Item]:

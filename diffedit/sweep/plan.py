@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..settings import METHOD_TABLE, EditSettings
 
-GRID_KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference", "dilate")  # a row's setting, in its key
+GRID_KNOBS = ("method", "ratio", "threshold", "n", "strength", "reference", "dilate", "mask_source")  # in a row's key
+MASK_SOURCES = ("estimated", "annotated")  # a masked method's mask: its own step 1, or the image's annotation
 METRICS = ("iou", "iou_footprint", "mask_area", "bg_psnr", "bg_ssim", "target_psnr", "success", "psnr", "ssim", "lpips",
            "clip_score")
 
@@ -19,8 +20,9 @@ def ordered(values) -> list:
 
 @dataclass(frozen=True)
 class Setting:
-    """One grid point. Knobs a method does not use are None (SDEdit / Encode-Decode: no mask); a masked method's
-    ``dilate`` None means 0 (the paper's mask)."""
+    """One grid point. Knobs a method does not use are None (SDEdit / Encode-Decode: no mask; a masked method with
+    the annotated mask: no threshold, n, strength or dilate); a masked method's ``dilate`` None means 0 (the paper's
+    mask) and its ``mask_source`` None means "estimated"."""
     method: str
     ratio: float
     reference: str
@@ -28,23 +30,30 @@ class Setting:
     n: int | None = None
     strength: float | None = None
     dilate: int | None = None
+    mask_source: str | None = None
 
     def __post_init__(self):
-        if METHOD_TABLE[self.method].masked and self.dilate is None:
+        if METHOD_TABLE[self.method].masked and self.mask_source is None:
+            object.__setattr__(self, "mask_source", "estimated")
+        if self.mask_source == "estimated" and self.dilate is None:
             object.__setattr__(self, "dilate", 0)
 
     def knobs(self) -> dict:
         return {k: getattr(self, k) for k in GRID_KNOBS}
 
 
-def grid(ratios, thresholds, ns, strengths, references, methods, dilates=(0,)) -> list[Setting]:
+def grid(ratios, thresholds, ns, strengths, references, methods, dilates=(0,),
+         mask_sources=("estimated",)) -> list[Setting]:
     out = []
     for method in methods:
         for ratio in ratios:
             for ref in references:
                 if METHOD_TABLE[method].masked:
-                    out += [Setting(method, ratio, ref, t, n, s, c)
-                            for s in strengths for n in ns for t in thresholds for c in dilates]
+                    if "estimated" in mask_sources:
+                        out += [Setting(method, ratio, ref, t, n, s, c)
+                                for s in strengths for n in ns for t in thresholds for c in dilates]
+                    if "annotated" in mask_sources:
+                        out.append(Setting(method, ratio, ref, mask_source="annotated"))
                 else:
                     out.append(Setting(method, ratio, ref))
     return out
@@ -57,10 +66,12 @@ def row_key(row: dict) -> str:
 
 
 def upgrade(row: dict) -> dict:
-    """A row of an older sweep, with the grid knobs added since (dilate: 0 for a masked method, else None)."""
-    if "dilate" in row:
+    """A row of an older sweep, with the grid knobs added since (a masked method's: dilate 0, its own mask; None
+    for the others)."""
+    if "dilate" in row and "mask_source" in row:
         return row
-    return {**row, "dilate": 0 if METHOD_TABLE[row["method"]].masked else None}
+    masked = METHOD_TABLE[row["method"]].masked
+    return {"dilate": 0 if masked else None, "mask_source": "estimated" if masked else None, **row}
 
 
 def setting_key(image_id: str, s: Setting) -> str:
@@ -75,24 +86,34 @@ def edit_settings(s: Setting, steps: int, guidance: float, seed: int, normalizat
 
 
 def requests(settings, target: str, source: str, steps: int, guidance: float, seed: int = 0,
-             normalization: str = "quantile") -> list:
+             normalization: str = "quantile", mask=None) -> list:
     """The engine's requests (``diffedit.plan.Request``, all on image 0) of one image's grid points: reference
-    "caption" is ``source``, "empty" is ""."""
+    "caption" is ``source``, "empty" is ""; ``mask`` (bool (h, w) at latent size) is the annotated mask of the
+    points whose mask_source is "annotated"."""
     from ..plan import Request
+    if mask is None and any(s.mask_source == "annotated" for s in settings):
+        raise ValueError("settings with the annotated mask need the image's mask")
     return [Request(0, target, "" if s.reference == "empty" else source,
-                    edit_settings(s, steps, guidance, seed, normalization)) for s in settings]
+                    edit_settings(s, steps, guidance, seed, normalization),
+                    mask if s.mask_source == "annotated" else None) for s in settings]
 
 
 def shared_cost(settings, steps: int, guidance: float, target: str, source: str):
     """The ``plan.Cost`` (model rows per phase, VAE encodes and decodes) of one image's settings run together, as
     ``grid.edit_grid`` runs them: one plan over all of its requests."""
-    return _cost(requests(settings, target, source, steps, guidance))
+    return _cost(requests(settings, target, source, steps, guidance, mask=_given_mask()))
 
 
 def separate_cost(settings, steps: int, guidance: float, target: str, source: str):
     """The ``plan.Cost`` of the same settings run as separate ``DiffEdit.edit`` calls: one plan per setting."""
     from ..plan import Cost
-    return sum((_cost(requests([s], target, source, steps, guidance)) for s in settings), Cost())
+    return sum((_cost(requests([s], target, source, steps, guidance, mask=_given_mask())) for s in settings), Cost())
+
+
+def _given_mask():
+    """A stand-in for an annotated mask: planning reads only whether a mask is given."""
+    import torch
+    return torch.zeros(0, dtype=torch.bool)
 
 
 def _cost(reqs: list):

@@ -23,7 +23,9 @@ def perceptual_note(lpips_weights, clip_weights) -> str:
 
 
 def _columns(rows: list[dict]) -> list[str]:
-    return [*GRID_KNOBS, "count", *(m for m in METRICS if any(m in r for r in rows))]
+    # mask_source shows once a row used the annotated mask: a grid without one reads as before it existed
+    knobs = [k for k in GRID_KNOBS if k != "mask_source" or any(r.get(k) == "annotated" for r in rows)]
+    return [*knobs, "count", *(m for m in METRICS if any(m in r for r in rows))]
 
 
 def _fmt(v, escape=str) -> str:
@@ -80,7 +82,7 @@ def save_examples(out: Path, item, image, outputs, rep: dict):
         masked = METHOD_TABLE[s.method].masked
         if masked and any(getattr(s, k) != rep[k] for k in MASK_KNOBS):
             continue
-        if masked and not mask_saved:  # D and M depend neither on r nor on where decoding starts: once
+        if masked and not mask_saved and o.map is not None:  # D and M depend on neither r nor the start: once
             heatmap(o.map.cpu(), image.size).save(ex / f"{stem}_map.png")
             np.save(ex / f"{stem}_map.npy", o.map.cpu().numpy())
             overlay(image, imgs.mask_to_pil(o.mask, image.size)).save(ex / f"{stem}_mask.png")
@@ -105,6 +107,8 @@ def finalize(out: Path, cfg, stats, quiet: bool = False):
             "vae_encodes_per_image": {"shared": shared_grid[0].vae_encodes, "separate": separate_grid[0].vae_encodes}}
     (out / "cost.json").write_text(json.dumps(cost, indent=1) + "\n")
     plots, plot_note = _plots(out, rows, summary, cfg.examples)
+    pie = _piebench(out, cfg, rows)
+    plots.update({k: v for k, v in pie.items() if k.startswith("piebench_") and Path(v).suffix == ".png"})
     write_html(out, cfg, rows, summary, cost, plots, plot_note)
     if not quiet:
         print(format_table(summary))
@@ -114,6 +118,19 @@ def finalize(out: Path, cfg, stats, quiet: bool = False):
         if plot_note:
             print(f"plots: {plot_note}")
         print(f"wrote {out / 'results.jsonl'}, {out / 'summary.csv'}, {out / 'index.html'}")
+        if pie:
+            print(f"PIE-Bench: wrote {', '.join(k for k in pie if '.' in k)} and the edits under "
+                  f"{out}/<setting>/annotation_images/")
+
+
+def _piebench(out: Path, cfg, rows) -> dict:
+    """A PIE-Bench run's own tables and figures (``piebench.report``); {} for another image source."""
+    if getattr(cfg, "pie_weights", None) is None:
+        return {}
+    from ..piebench.data import NETWORKS
+    from ..piebench.report import finalize as piebench_finalize
+    present = cfg.fingerprint.get("piebench_networks") or []
+    return piebench_finalize(out, rows, [k for k in NETWORKS if k not in present])
 
 
 def _plots(out: Path, rows, summary, examples: int) -> tuple[dict, str | None]:

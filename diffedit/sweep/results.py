@@ -50,7 +50,8 @@ def append(f, row: dict):
 
 def _sort_key(row):
     return (row["index"], METHODS.index(row["method"]), row["ratio"], REFERENCES.index(row["reference"]),
-            row["strength"] or 0, row["n"] or 0, row["threshold"] or 0, row.get("dilate") or 0)
+            row.get("mask_source") == "annotated", row["strength"] or 0, row["n"] or 0, row["threshold"] or 0,
+            row.get("dilate") or 0)
 
 
 def merge(out: Path) -> list[dict]:

@@ -40,6 +40,7 @@ class Config:
     clip_model: str | None = None
     perceptual: str = ""      # what the report says about the perceptual metrics
     quiet: bool = False
+    pie_weights: dict | None = None  # a PIE-Bench run: the metric networks' weights given by flag (None: the env's)
 
 
 def _dist_env() -> tuple[int, int]:
@@ -50,8 +51,11 @@ def _dist_env() -> tuple[int, int]:
 
 
 def _scorers(cfg: Config, device) -> dict:
-    """The perceptual metrics asked for; a bad weights file stops the sweep before any work or file."""
+    """The perceptual metrics asked for (a PIE-Bench run: its metric networks, "piebench"); a bad weights file stops
+    the sweep before any work or file."""
     from ..perceptual import PerceptualError
+    if cfg.pie_weights is not None:
+        return {"piebench": _pie_networks(cfg, device)}
     scorers = {}
     try:
         if cfg.lpips_weights:
@@ -63,6 +67,22 @@ def _scorers(cfg: Config, device) -> dict:
     except PerceptualError as e:  # a missing file, package or model name: the user's to fix
         raise UsageError(str(e)) from None
     return scorers
+
+
+def _pie_networks(cfg: Config, device):
+    """PIE-Bench's metric networks from local files; one line names those absent (their columns stay empty)."""
+    import sys
+
+    from ..piebench.metrics import load_networks
+    try:
+        nets = load_networks(**cfg.pie_weights, device=device)
+    except UsageError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # a weights file that cannot be read as one
+        raise UsageError(f"PIE-Bench metric networks: {e}") from None
+    for line in nets.missing:  # each names the metrics, the file and the flag
+        print(f"diffedit sweep: PIE-Bench: {line}", file=sys.stderr)
+    return nets
 
 
 def run(cfg: Config) -> int:
@@ -117,7 +137,6 @@ def _run(cfg: Config, todo, own: Path, device, scorers, rank: int, world: int) -
 
     from ..frontend import load_pipeline
     from ..model_call import EvalCounter
-    from .grid import edit_grid, rows_for
 
     planned = sum(shared_cost(m, cfg.steps, cfg.guidance, item.target, item.source).rows for item, m in todo)
     separate = sum(separate_cost(m, cfg.steps, cfg.guidance, item.target, item.source).rows for item, m in todo)
@@ -130,14 +149,31 @@ def _run(cfg: Config, todo, own: Path, device, scorers, rank: int, world: int) -
         counter.on_rows = bar.update
         with open(own, "a", encoding="utf-8") as f:
             for i, (item, missing) in enumerate(todo):
-                image = item.load()
                 seed = cfg.seed * 1000 + item.index
-                outputs = edit_grid(de, image, item.source, item.target, missing, cfg.steps, cfg.guidance,
-                                    seed, cfg.n_draw or None, counter.around, cfg.normalization)
-                for row in rows_for(item, image, outputs, seed, cfg.steps, cfg.guidance, scorers):
+                image, outputs, rows = _edit(cfg, de, item, missing, seed, counter, scorers)
+                for row in rows:
                     append(f, row)
                 if item.index < cfg.examples:
                     save_examples(cfg.out, item, image, outputs, rep)
                 bar.set_postfix(images=f"{i + 1}/{len(todo)}")
         bar.close()
     return [counter.count, planned, separate, sum(len(m) for _, m in todo)]
+
+
+def _edit(cfg: Config, de, item, settings, seed: int, counter, scorers) -> tuple:
+    """One image at its missing ``settings``: (the image edited, the outputs, their rows). A PIE-Bench image is edited
+    at the model's resolution and scored, and saved, at 512 px (``piebench.score``)."""
+    from .grid import edit_grid, rows_for
+    image = item.load()
+    if item.entry is not None:
+        from ..piebench import score
+        image = score.work_image(image, de.cfg.resolution)
+    annotated = any(s.mask_source == "annotated" for s in settings)
+    outputs = edit_grid(de, image, item.source, item.target, settings, cfg.steps, cfg.guidance, seed,
+                        cfg.n_draw or None, counter.around, cfg.normalization,
+                        annotation=item.annotation() if annotated else None)
+    if item.entry is not None:
+        rows = score.rows(item, outputs, scorers["piebench"], seed, cfg.steps, cfg.guidance, cfg.out)
+    else:
+        rows = rows_for(item, image, outputs, seed, cfg.steps, cfg.guidance, scorers)
+    return image, outputs, rows
