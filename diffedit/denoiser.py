@@ -86,3 +86,7 @@ class Denoiser:
                     torch.cat([uncond.expand(k, *uncond.shape[1:]), cond.expand(k, *cond.shape[1:])]))
         out_u, out_c = both[:k], both[k:]
         return out_u + scale * (out_c - out_u)
+
+    def guided_rows(self, scale: float) -> int:
+        """Model rows per sample of ``guided`` at ``scale`` (the plan counts with it)."""
+        return 1 if scale == 1.0 else 2

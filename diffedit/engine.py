@@ -73,7 +73,8 @@ class Engine:
         what the memo holds; ``.cost`` is what they will run. A UsageError if a request cannot run."""
         masked = phases == ("mask",)
         checked = [self._checked(r, len(inputs), masked) for r in requests]
-        return plan_edits(inputs, checked, self.latent_shape, self._held, n_draw, invert_to, phases, decode_pixels)
+        return plan_edits(inputs, checked, self.latent_shape, self._held, n_draw, invert_to, phases, decode_pixels,
+                          self.denoiser.guided_rows)
 
     def latent_shape(self, inp: Input) -> tuple:
         """x_0's shape, without encoding the image."""

@@ -109,6 +109,7 @@ class FlowDenoiser:
         return Denoiser.__call__(self, x, t, cond)
 
     guided = Denoiser.guided  # classifier-free guidance on the velocity: v_u + g (v_c - v_u), as on eps
+    guided_rows = Denoiser.guided_rows
 
 
 def _at(level, like: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from . import ddim, images, precision
 from .denoiser import Denoiser
 from .engine import Engine
 from .flow import FlowDenoiser
+from .flux_flow import FluxDenoiser, Timing
 from .conditioning import Conditioning
 from .model_call import EvalCounter, eps_model
 from .images import load_image
@@ -74,11 +75,15 @@ class DiffEdit:
         self.prediction_type = prediction_type or self.cfg.prediction_type
         self.max_batch = max_batch
         self.alpha_bar = ddim.alphas_cumprod(dtype=torch.float64).to(self.device)
-        self.flow = self.cfg.family == "sd3"  # SD3 / SD3.5: a flow-matching MMDiT in place of the UNet
+        self.flow = self.cfg.family in ("sd3", "flux")  # a flow-matching transformer in place of the UNet
+        self.flux = self.cfg.family == "flux"
+        # FLUX.1: the true-CFG scale (R as the negative prompt; 1: off) and the embedded g of unguided estimates
+        self.true_cfg_scale, self.unguided_guidance = 1.0, 1.0
         self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar, dtype)
         self.vae_batch = 8  # images per VAE decoder call
         self.multiple = self.cfg.size_multiple  # image sides must be multiples of this
-        self.latent_channels = self.cfg.mmdit.in_channels if self.flow else self.cfg.unet.in_channels
+        self.latent_channels = (self.cfg.flux.in_channels // 4 if self.flux else self.cfg.mmdit.in_channels
+                                if self.flow else self.cfg.unet.in_channels)
         if attention_dtype == "auto":
             fp16_overflows = dtype == torch.float16 and (self.cfg.family == "sd2" or self.prediction_type == "v_prediction")
             attention_dtype = torch.float32 if fp16_overflows else None
@@ -116,7 +121,9 @@ class DiffEdit:
 
     @property
     def network(self) -> torch.nn.Module:
-        """The denoising network: the UNet, or SD3's MMDiT."""
+        """The denoising network: the UNet, SD3's MMDiT or the FLUX.1 transformer."""
+        if self.flux:
+            return self.model.transformer
         return self.model.mmdit if self.flow else self.model.unet
 
     @torch.no_grad()
@@ -125,7 +132,8 @@ class DiffEdit:
         towers' (B, 77, 2048) and y = the pooled text with the micro-conditioning of an image of ``size`` (H, W)
         (None: the model's resolution, square): original size (H, W), crop (0, 0), target size (H, W).
         For SD3 a ``Conditioning`` of the text tokens (B, 77 + t5_tokens, 4096) and y = the pooled CLIP-L and CLIP-G
-        text (B, 2048); ``size`` is unused."""
+        text (B, 2048); for FLUX.1 one of T5's states (B, t5_tokens, 4096) and y = CLIP-L's pooled text (B, 768);
+        ``size`` is unused."""
         if isinstance(texts, str):
             texts = [texts]
         context, pooled = self.model.encode_text(list(texts), self.device)
@@ -187,6 +195,8 @@ class DiffEdit:
     def unet(self, latents: torch.Tensor, timesteps, context: torch.Tensor | Conditioning) -> torch.Tensor:
         """The model output: epsilon or v, as ``self.prediction_type`` says (SD3: the flow's velocity, at
         timesteps t = 1000 s)."""
+        if isinstance(timesteps, Timing):  # FLUX.1: t and the embedded guidance
+            return self.network(latents, timesteps.t, context.context, context.y, timesteps.guidance)
         if isinstance(context, Conditioning):
             return self.network(latents, timesteps, context.context, context.y)
         return self.network(latents, timesteps, context)
@@ -196,7 +206,12 @@ class DiffEdit:
     @property
     def denoiser(self) -> Denoiser | FlowDenoiser:
         """The model call (``eps``) with the DDIM schedule and ``max_batch`` (see ``denoiser.Denoiser``); for SD3 the
-        flow schedule with the model's shift (``flow.FlowDenoiser``)."""
+        flow schedule with the model's shift (``flow.FlowDenoiser``); for FLUX.1 its resolution-dependent shift and
+        guidance (``flux_flow.FluxDenoiser``: ``guidance`` is the embedded scale on dev, ``true_cfg_scale`` > 1 adds
+        true CFG with R as the negative prompt)."""
+        if self.flux:
+            return FluxDenoiser(self.eps, self.cfg.flux_schedule, self.cfg.flux.guidance_embed, self.unguided_guidance,
+                                self.true_cfg_scale, self.max_batch, self.device)
         if self.flow:
             return FlowDenoiser(self.eps, self.cfg.flow_shift, self.max_batch, self.device)
         return Denoiser(self.eps, self.alpha_bar, self.max_batch)

@@ -97,6 +97,9 @@ def _cfg_rows(guidance: float) -> int:
     return 1 if guidance == 1.0 else 2  # Denoiser.guided runs only the conditional half at scale 1
 
 
+GuidedRows = Callable[[float], int]  # model rows per guided sample at a scale (the denoiser's ``guided_rows``)
+
+
 # --- step 1 ---------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -200,10 +203,11 @@ class Encoding:
     inversion_guidance: float  # 1: no guidance (the paper's unconditional encoding)
     guided: bool               # conditioned on R, with "" as the unconditional half (diffusers' recipe)
     rows: list[Encoded]
+    guided_rows: GuidedRows = _cfg_rows
 
     @property
     def cost(self) -> Cost:
-        return Cost(inversion=self.k * len(self.rows) * _cfg_rows(self.inversion_guidance))
+        return Cost(inversion=self.k * len(self.rows) * self.guided_rows(self.inversion_guidance))
 
 
 def plan_encodings(inputs: list[Input], requests: list[Request], latent_shape: Callable, held: Callable,
@@ -242,10 +246,11 @@ class Decoding:
     blend_late: bool
     start: str
     requests: list[int]
+    guided_rows: GuidedRows = _cfg_rows
 
     @property
     def cost(self) -> Cost:
-        return Cost(decoding=self.k * len(self.requests) * _cfg_rows(self.guidance))
+        return Cost(decoding=self.k * len(self.requests) * self.guided_rows(self.guidance))
 
 
 def plan_decodings(inputs: list[Input], requests: list[Request], latent_shape: Callable) -> list[Decoding]:
@@ -289,11 +294,13 @@ def _needs_x0(inputs, requests, masks, encodings, decodings) -> list[int]:
 
 def plan_edits(inputs: list[Input], requests: list[Request], latent_shape: Callable[[Input], tuple],
                held: Callable[[object], bool] = lambda key: False, n_draw: int | None = None,
-               invert_to: float | None = None, phases=PHASES, decode_pixels: bool = True) -> Plan:
+               invert_to: float | None = None, phases=PHASES, decode_pixels: bool = True,
+               guided_rows: GuidedRows = _cfg_rows) -> Plan:
     """The plan of ``requests`` (``resolved``) on ``inputs``: the jobs of ``phases``; a request's mask pass is
     planned when its method is masked (with phases ("mask",) alone every request is taken as masked).
     ``latent_shape(input)``: x_0's shape; ``held(key)``: whether the memo keeps that result; ``n_draw``: the noises
-    drawn per mask pass (default: the largest n asked for); ``invert_to``: encode at least to this ratio."""
+    drawn per mask pass (default: the largest n asked for); ``invert_to``: encode at least to this ratio;
+    ``guided_rows(scale)``: model rows per guided sample (the denoiser's: 2 with CFG, 1 where guidance is embedded)."""
     masked = [j for j, r in enumerate(requests)
               if "mask" in phases and (phases == ("mask",) or METHOD_TABLE[r.settings.method].masked)]
     masks = plan_masks(inputs, [requests[j] for j in masked], held, n_draw)
@@ -306,4 +313,6 @@ def plan_edits(inputs: list[Input], requests: list[Request], latent_shape: Calla
     encodes = [i for i in _needs_x0(inputs, requests, masks, encodings, decodings)
                if inputs[i].x0 is None and not (inputs[i].key and held(("x0", inputs[i].key)))]
     decodes = len(requests) if "decoding" in phases and decode_pixels else 0
+    for job in (*encodings, *decodings):
+        job.guided_rows = guided_rows
     return Plan(requests, encodes, masks, trajectories, encodings, decodings, decodes)

@@ -122,3 +122,28 @@ def test_the_plan_shares_one_draw_one_map_and_one_encoding_as_documented(de):
 def test_a_target_equal_to_its_source_costs_no_mask_rows(de):
     plan = de.engine().plan([Input(picture(random.Random(0)))], [Request(0, "a photo", "a photo", EditSettings(steps=4))])
     assert plan.cost.mask == 0 and plan.masks[0].maps[0].empty
+
+
+@pytest.fixture(scope="module")
+def flux_de(tmp_path_factory):
+    """A tiny FLUX.1-dev-style model: guidance embedded, so a guided sample is one row unless true CFG is on."""
+    from diffedit.models import FluxModel, T5Tokenizer
+    from test_sd3_text import t5_tokenizer
+    folder = tmp_path_factory.mktemp("flux_t5")
+    t5_tokenizer(folder)
+    torch.manual_seed(0)
+    model = FluxModel(preset("tiny-flux"))
+    model.t5_tokenizer = T5Tokenizer(folder / "tokenizer.json")
+    return DiffEdit(model, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 2.5], ids=["embedded", "true-cfg"])
+@pytest.mark.parametrize("seed", range(2))
+def test_counted_flux_rows_equal_the_plans_cost(flux_de, monkeypatch, seed, true_cfg):
+    monkeypatch.setattr(flux_de, "true_cfg_scale", true_cfg)
+    inputs, requests = random_mix(flux_de, random.Random(seed))
+    counted = Counted(flux_de, monkeypatch)
+    engine = flux_de.engine(wrap=counted.wrap, on_phase=counted.on_phase)
+    planned = engine.plan(inputs, requests).cost
+    engine.edits(inputs, requests)
+    assert counted.cost() == planned and planned.rows > 0

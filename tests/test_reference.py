@@ -1,6 +1,6 @@
 """The one-screen DiffEdit (reference.py) and the engine that every front end runs are the same algorithm: for one
 image and one query, the engine's edit, map D and mask M equal the reference's bit for bit (fp32, same seeds), for
-each of the four methods and both recipes, on SD1-, SDXL- and SD3-style models (random weights). A wrong variant of
+each of the four methods and both recipes, on SD1-, SDXL-, SD3- and FLUX.1-style (dev and schnell) models (random weights). A wrong variant of
 the reference (blending one step late under the paper's recipe) is shown to differ, so the comparison can fail."""
 import dataclasses
 
@@ -11,19 +11,26 @@ from conftest import randomize_
 
 from diffedit import reference
 from diffedit.engine import Input, Request
-from diffedit.models import StableDiffusion, StableDiffusion3, preset
+from diffedit.models import FluxModel, StableDiffusion, StableDiffusion3, T5Tokenizer, preset
 from diffedit.pipeline import DiffEdit
 from diffedit.settings import METHODS, RECIPES, EditSettings
 
 Q, R = "a red circle", "a photo"
-SIZES = {"tiny": (1, 4, 8, 8), "tiny-sdxl": (1, 4, 4, 8), "tiny-sd3": (1, 16, 6, 8)}  # x_0 of each family
+SIZES = {"tiny": (1, 4, 8, 8), "tiny-sdxl": (1, 4, 4, 8), "tiny-sd3": (1, 16, 6, 8), "tiny-flux": (1, 16, 6, 8),
+         "tiny-flux-schnell": (1, 16, 6, 8)}  # x_0 of each family
 
 
 @pytest.fixture(scope="module", params=list(SIZES))
-def de(request):
+def de(request, tmp_path_factory):
     torch.manual_seed(0)
     cfg = preset(request.param)
-    if cfg.family == "sd3":  # without the optional T5 tower (it needs a tokenizer file): SD3 then pads with zeros
+    if cfg.family == "flux":  # T5 needs a tokenizer file: the test-made one
+        from test_sd3_text import t5_tokenizer
+        folder = tmp_path_factory.mktemp("t5")
+        t5_tokenizer(folder)
+        model = FluxModel(cfg)
+        model.t5_tokenizer = T5Tokenizer(folder / "tokenizer.json")
+    elif cfg.family == "sd3":  # without the optional T5 tower (it needs a tokenizer file): SD3 then pads with zeros
         model = StableDiffusion3(dataclasses.replace(cfg, text_3=None))
     else:
         model = StableDiffusion(cfg)
@@ -39,11 +46,12 @@ def conditionings(de: DiffEdit, x0: torch.Tensor):
     return [de.encode_prompt([text], size) for text in (Q, R, "")]
 
 
-def settings(method: str, compat: str | None) -> EditSettings:
+def settings(method: str, compat: str | None, name: str = "tiny") -> EditSettings:
     # a ratio and a strength that diffusers' recipe floors to other grid steps than the paper rounds to; thresholds
-    # that cut each recipe's rescaled D of these random models inside its range
+    # that cut each recipe's rescaled D of these random models inside its range (FLUX.1's lies higher)
+    paper, diffusers = (0.8, 0.32) if "flux" in name else (0.7, 0.25)
     return EditSettings(method=method, ratio=0.55, steps=5, n=3, strength=0.5, guidance=4.0, seed=7,
-                        threshold=0.25 if compat else 0.7, compat=compat)
+                        threshold=diffusers if compat else paper, compat=compat)
 
 
 @pytest.mark.parametrize("compat", [None, "diffusers"])
@@ -51,7 +59,7 @@ def settings(method: str, compat: str | None) -> EditSettings:
 def test_the_engine_equals_the_one_screen_reference_bit_for_bit(de, method, compat):
     de, name = de
     x0 = x_0(name)
-    s = settings(method, compat)
+    s = settings(method, compat, name)
     y_0, D, M = reference.edit(de.denoiser, x0, *conditionings(de, x0), s)
     (out,) = de.engine().edits([Input(x0=x0)], [Request(0, Q, R, s)], decode_pixels=False)
     assert torch.equal(out.latents, y_0[0])

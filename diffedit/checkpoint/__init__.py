@@ -16,7 +16,8 @@ in one line.
 Modules: ``sources`` (where the files are), ``single_file`` (LDM files, architecture from shapes),
 ``diffusers_folder`` (config.json files) and ``diffusers_names`` (the key map), ``layout`` (the prefixes),
 ``build`` (the strict load), ``load`` (``load_model``, the SD2 prediction type), ``sd3`` (SD3 files, Turbo) and
-``sd3_folder`` (SD3 folders and the transformer's key map).
+``sd3_folder`` (SD3 folders and the transformer's key map), ``flux`` (FLUX.1: Black Forest Labs' transformer files
+with the parts beside them, diffusers folders, the transformer's key map).
 """
 from .errors import CheckpointError
 from .load import detect_prediction_type, load_model

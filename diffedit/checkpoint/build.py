@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from safetensors import SafetensorError
 
-from ..models import ModelConfig, StableDiffusion, StableDiffusion3
+from ..models import FluxModel, ModelConfig, StableDiffusion, StableDiffusion3
 from .errors import CheckpointError
 from .layout import VAE_PREFIX, ZERO_FILL, Tensors
 
@@ -14,10 +14,10 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 
 def build(cfg: ModelConfig, tensors: Tensors, where: str, device: torch.device, dtype: torch.dtype
-          ) -> StableDiffusion | StableDiffusion3:
+          ) -> StableDiffusion | StableDiffusion3 | FluxModel:
     """The eval-mode, frozen model of ``cfg`` holding ``tensors``; every key and shape must match."""
     with torch.device("meta"):  # no memory: every parameter is assigned from the checkpoint below
-        model = StableDiffusion3(cfg) if cfg.family == "sd3" else StableDiffusion(cfg)
+        model = {"sd3": StableDiffusion3, "flux": FluxModel}.get(cfg.family, StableDiffusion)(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for k in ZERO_FILL:
         if k in expected and k not in tensors:

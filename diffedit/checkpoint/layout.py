@@ -17,6 +17,9 @@ SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."  # the refiner's onl
 SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."  # HF CLIPTextModelWithProjection names
 SD3_CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
 SD3_T5_PREFIX = "text_encoders.t5xxl.transformer."      # HF T5EncoderModel names
+FLUX_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."  # FLUX.1: HF CLIPTextModel names
+FLUX_T5_PREFIX = SD3_T5_PREFIX
+FLUX_KEY = "double_blocks.0.img_attn.qkv.weight"        # a BFL transformer's key (bare or under UNET_PREFIX)
 SD3_KEY = UNET_PREFIX + "joint_blocks.0.context_block.adaLN_modulation.1.bias"  # diffusers' test for SD3 files
 
 Tensors = dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]  # name -> (shape, reader)

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
 import logging
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..models import ModelConfig, StableDiffusion, StableDiffusion3, T5Tokenizer
+from ..models import FluxModel, ModelConfig, StableDiffusion, StableDiffusion3, T5Tokenizer
 from .build import build
 from .diffusers_folder import read_folder
 from .errors import CheckpointError
+from .flux import flux_file_tensors, read_flux_file, read_flux_folder, t5_tokenizer
 from .sd3 import t5_tokenizer_file
 from .sd3_folder import read_sd3_folder
 from .single_file import read_file
@@ -21,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.float32, prediction_type: str | None = None
-               ) -> tuple[StableDiffusion | StableDiffusion3, ModelConfig]:
+               ) -> tuple[StableDiffusion | StableDiffusion3 | FluxModel, ModelConfig]:
     """Load ``source`` (see ``diffedit.checkpoint``) as an eval-mode, frozen model; ``prediction_type``
     ("epsilon" or "v_prediction") overrides what the checkpoint says or what is detected (not for SD3, a
     flow-matching model)."""
@@ -29,15 +33,20 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
         raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     path = resolve(str(source))
     if path.is_dir():
-        cfg, tensors, guessed = (read_sd3_folder if (path / "transformer").is_dir() else read_folder)(path)
+        cfg, tensors, guessed = _folder_reader(path)(path)
+    elif (bfl := flux_file_tensors(path)) is not None:
+        cfg, tensors, guessed = read_flux_file(path, bfl)
     else:
         cfg, tensors, guessed = read_file(path)
-    if cfg.family == "sd3" and prediction_type is not None:
-        raise CheckpointError(f"{path}: an SD3 model predicts the flow's velocity; prediction_type does not apply")
+    if cfg.family in ("sd3", "flux") and prediction_type is not None:
+        raise CheckpointError(f"{path}: an {cfg.family.upper()} model predicts the flow's velocity; prediction_type does not apply")
     cfg = dataclasses.replace(cfg, prediction_type=prediction_type or cfg.prediction_type)
+    log.info("%s", memory_line(cfg, tensors, torch.device(device), dtype))
     model = build(cfg, tensors, str(path), torch.device(device), dtype)
     if cfg.family == "sd3" and cfg.text_3 is not None:
         model.t5_tokenizer = T5Tokenizer(t5_tokenizer_file(path))
+    if cfg.family == "flux":
+        model.t5_tokenizer = T5Tokenizer(t5_tokenizer(path))
     if guessed and cfg.family == "sd2":  # 512 px epsilon and 768 px v models have identical shapes
         if prediction_type is None:
             prediction_type, stat = detect_prediction_type(model.unet, cfg.unet.context_dim, cfg.unet.in_channels)
@@ -48,6 +57,28 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
                                   resolution=768 if prediction_type == "v_prediction" else 512)
         model.cfg = cfg
     return model, cfg
+
+
+def memory_line(cfg: ModelConfig, tensors, device: torch.device, dtype: torch.dtype) -> str:
+    """One line, before loading: what the weights need in ``dtype`` and what the machine has (RAM, or the GPU's)."""
+    need = sum(math.prod(shape) for shape, _ in tensors.values()) * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(device)
+        where = f"{device} has {total / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        where = f"this machine has {total / 1e9:.1f} GB of RAM, {free / 1e9:.1f} GB free"
+    return (f"{cfg.family}: the weights need {need / 1e9:.2f} GB in {str(dtype).removeprefix('torch.')} (plus "
+            f"activations); {where}")
+
+
+def _folder_reader(path: Path):
+    """A diffusers folder's reader: FLUX.1's (a FluxTransformer2DModel), SD3's (another transformer/) or SD's."""
+    config = path / "transformer" / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel":
+        return read_flux_folder
+    return read_sd3_folder if (path / "transformer").is_dir() else read_folder
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conditioner import GeneralConditioner, SD3TextEncoders, size_conditioning
-from .configs import PRESETS, MMDiTConfig, ModelConfig, T5Config, TextConfig, UNetConfig, VAEConfig, preset
+from .conditioner import FluxTextEncoders, GeneralConditioner, SD3TextEncoders, size_conditioning
+from .configs import PRESETS, FluxConfig, FluxSchedule, MMDiTConfig, ModelConfig, T5Config, TextConfig, UNetConfig, VAEConfig, preset
 from .t5 import T5Tokenizer
 from .text import text_encoder, tokenize
 from .unet import UNetModel
@@ -85,6 +85,37 @@ class StableDiffusion3(nn.Module):
         return enc(tokenize(texts, self.cfg.text).to(device), tokenize(texts, self.cfg.text_2).to(device), ids_t5)
 
 
-__all__ = ["StableDiffusion", "StableDiffusion3", "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "T5Config",
+class FluxModel(nn.Module):
+    """``model.diffusion_model`` (the FLUX.1 transformer), ``first_stage_model`` (the 16-channel VAE) and
+    ``text_encoders`` (``clip_l``, ``t5xxl``); ``t5_tokenizer`` is set by the loader."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from .flux import Flux
+        if cfg.family != "flux" or cfg.text_3 is None:
+            raise ValueError(f"FluxModel needs a FLUX.1 config (flux and text_3 set), got family {cfg.family!r}")
+        self.cfg = cfg
+        self.model = DiffusionWrapper(Flux(cfg.flux))
+        self.first_stage_model = AutoencoderKL(cfg.vae)
+        self.text_encoders = FluxTextEncoders(cfg.text, cfg.text_3)
+        self.t5_tokenizer: T5Tokenizer | None = None
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    def encode_text(self, texts: list[str], device: torch.device | str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (T5 context (B, t5_tokens, 4096), CLIP-L pooled (B, 768)), T5 padded to the schedule's length."""
+        enc = self.text_encoders
+        device = device or next(enc.parameters()).device
+        if self.t5_tokenizer is None:
+            raise ValueError("this FLUX.1 model has no T5 tokenizer: set model.t5_tokenizer = "
+                             "T5Tokenizer('<a diffusers FLUX.1 folder>/tokenizer_2/tokenizer.json')")
+        ids_t5 = self.t5_tokenizer(texts, self.cfg.flux_schedule.t5_tokens).to(device)
+        return enc(tokenize(texts, self.cfg.text).to(device), ids_t5)
+
+
+__all__ = ["FluxModel", "FluxConfig", "FluxSchedule", "FluxTextEncoders", "StableDiffusion", "StableDiffusion3", "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "T5Config",
            "MMDiTConfig", "PRESETS", "preset", "UNetModel", "AutoencoderKL", "GeneralConditioner", "SD3TextEncoders",
            "T5Tokenizer", "text_encoder", "tokenize", "size_conditioning"]

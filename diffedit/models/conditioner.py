@@ -77,6 +77,24 @@ class SD3TextEncoders(nn.Module):
         return torch.cat([clip, t5], dim=1), torch.cat([pooled_l, pooled_g], dim=-1)
 
 
+class FluxTextEncoders(nn.Module):
+    """FLUX.1's ``text_encoders``: ``clip_l`` (only its pooled output: the final layer norm at the end of text, no
+    projection, as transformers' CLIPTextModel's pooler_output) and ``t5xxl`` (its last hidden state, the context)."""
+
+    def __init__(self, clip_l: TextConfig, t5: T5Config):
+        super().__init__()
+        if clip_l.kind != "openai" or clip_l.pooled or clip_l.skip_last_layer:
+            raise ValueError("FLUX.1's CLIP-L: kind 'openai', all layers, pooled=False (its pooler output is read)")
+        self.clip_l, self.t5xxl = FrozenCLIPEmbedder(clip_l), T5Embedder(t5)
+
+    def forward(self, ids_l: torch.Tensor, ids_t5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's ids (B, 77), T5's (B, t5_tokens) -> (context (B, t5_tokens, d_model), pooled (B, CLIP width))."""
+        last = self.clip_l(ids_l)  # final_layer_norm(last layer) for every token
+        # the first end of text: the largest id (49407), and argmax returns the first maximum
+        pooled = last[torch.arange(ids_l.shape[0], device=ids_l.device), ids_l.argmax(dim=-1)]
+        return self.t5xxl(ids_t5).to(pooled.dtype), pooled
+
+
 def _pair(name: str, value) -> tuple[float, float]:
     """A (height, width)-like pair of numbers, or a one-line error naming the argument."""
     try:

@@ -3,7 +3,8 @@
 Presets: ``sd15`` (CompVis v1-inference.yaml), ``sd21-base`` (v2-inference.yaml, 512 px, epsilon),
 ``sd21`` (v2-inference-v.yaml, 768 px, v-prediction), ``sdxl`` (sgm sd_xl_base.yaml, 1024 px), ``toy`` (the
 embedded toy model), ``tiny`` and ``tiny-sdxl`` (random-weight models for tests); ``sd3-medium``,
-``sd35-medium``, ``sd35-large`` (Stability's SD3 / SD3.5 releases) and ``tiny-sd3``, after ``MMDiTConfig``.
+``sd35-medium``, ``sd35-large`` (Stability's SD3 / SD3.5 releases) and ``tiny-sd3``, after ``MMDiTConfig``;
+``flux-dev``, ``flux-schnell``, ``tiny-flux`` and ``tiny-flux-schnell`` (FLUX.1), after ``FluxConfig``.
 """
 from __future__ import annotations
 
@@ -124,9 +125,13 @@ class ModelConfig:
     text_3: T5Config | None = None    # SD3's T5-XXL, optional: zeros take its place when absent
     t5_tokens: int = 256              # SD3: T5's tokens after CLIP's 77 (diffusers' max_sequence_length)
     flow_shift: float = 0.0           # SD3: s' = k s / (1 + (k - 1) s) with k = flow_shift (scheduler's shift)
+    flux: FluxConfig | None = None    # FLUX.1: the transformer; CLIP-L (pooled only) in ``text``, T5 in ``text_3``
+    flux_schedule: FluxSchedule | None = None  # FLUX.1: the resolution-dependent shift (scheduler config)
 
     @property
     def family(self) -> str:
+        if self.flux is not None:
+            return "flux"
         if self.mmdit is not None:
             return "sd3"
         if self.text_2 is not None:
@@ -136,8 +141,8 @@ class ModelConfig:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's downsampling times the UNet's (SD3: the patch size)."""
-        if self.mmdit is not None:
-            return self.vae.downsampling * self.mmdit.patch_size
+        if self.mmdit is not None or self.flux is not None:
+            return self.vae.downsampling * 2
         return self.vae.downsampling * 2 ** (len(self.unet.channel_mult) - 1)
 
     @property
@@ -162,7 +167,9 @@ class ModelConfig:
                    prediction_type=d["prediction_type"], resolution=d["resolution"],
                    mmdit=MMDiTConfig(**tup(d["mmdit"])) if d.get("mmdit") else None,
                    text_3=T5Config(**d["text_3"]) if d.get("text_3") else None,
-                   t5_tokens=d.get("t5_tokens", 256), flow_shift=d.get("flow_shift", 0.0))
+                   t5_tokens=d.get("t5_tokens", 256), flow_shift=d.get("flow_shift", 0.0),
+                   flux=FluxConfig(**tup(d["flux"])) if d.get("flux") else None,
+                   flux_schedule=FluxSchedule(**d["flux_schedule"]) if d.get("flux_schedule") else None)
 
 
 _SD2_UNET = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
@@ -276,3 +283,77 @@ PRESETS["tiny-sd3"] = _sd3(
                       skip_last_layer=True, final_norm=False, pooled=True),
     text_3=T5Config(vocab_size=320, d_model=40, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
                     relative_attention_num_buckets=8))
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """FLUX.1 transformer hyper-parameters (BFL's ``FluxParams``): each one can be read off a single file's shapes."""
+    in_channels: int = 64                  # img_in.weight.shape[1]: 16 latent channels x 2 x 2
+    hidden_size: int = 3072                # img_in.weight.shape[0]
+    mlp_width: int = 12288                 # double_blocks.0.img_mlp.0.weight.shape[0] (mlp_ratio 4)
+    num_heads: int = 24                    # hidden_size / head_dim; head_dim = query_norm.scale width = sum(axes_dim)
+    depth: int = 19                        # double_blocks.N
+    depth_single_blocks: int = 38          # single_blocks.N
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE channels per id axis; they sum to the head width
+    theta: float = 10000.0
+    context_in_dim: int = 4096             # txt_in.weight.shape[1] (T5-XXL)
+    vec_in_dim: int = 768                  # vector_in.in_layer.weight.shape[1] (CLIP-L pooled)
+    guidance_embed: bool = True            # guidance_in present: FLUX.1-dev (guidance-distilled); schnell: none
+    qkv_bias: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def heads(self) -> int:
+        return self.num_heads
+
+
+@dataclass(frozen=True)
+class FluxSchedule:
+    """The resolution-dependent shift (diffusers' FlowMatchEulerDiscreteScheduler config of FLUX.1-dev): mu linear in
+    the image's token count between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift). Schnell
+    does not shift (use_dynamic_shifting false, shift 1)."""
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    dynamic: bool = True
+    shift: float = 1.0                     # the static shift when not dynamic
+    guidance: float = 3.5                  # the default embedded guidance (dev); unused without guidance_in
+    t5_tokens: int = 512                   # T5's padded length: 512 dev, 256 schnell (FluxPipeline's max_sequence_length)
+
+
+FLUX_PRESETS: dict[str, FluxConfig] = {
+    "flux-dev": FluxConfig(),
+    "flux-schnell": FluxConfig(guidance_embed=False),
+    # Random-weight models for tests: every code path (two double, two single blocks, 3-axis RoPE over 32-wide heads
+    # split as FLUX.1's 128: an eighth, then half the rest each).
+    "tiny-flux": FluxConfig(hidden_size=64, mlp_width=256, num_heads=2, depth=2, depth_single_blocks=2,
+                            axes_dim=(4, 14, 14), context_in_dim=40, vec_in_dim=16),
+    "tiny-flux-schnell": FluxConfig(hidden_size=64, mlp_width=256, num_heads=2, depth=2, depth_single_blocks=2,
+                                    axes_dim=(4, 14, 14), context_in_dim=40, vec_in_dim=16, guidance_embed=False),
+}
+
+# FLUX.1: CLIP-L (only its pooled output is used) and T5-XXL, the 16-channel VAE with its own scale and shift.
+_FLUX_VAE = VAEConfig(z_channels=16, embed_dim=16, use_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+_FLUX_CLIP_L = TextConfig()  # all layers and the final norm: the pooler output is read there
+_SCHNELL = FluxSchedule(dynamic=False, t5_tokens=256)
+
+
+def _flux(flux: FluxConfig, schedule: FluxSchedule, **small) -> ModelConfig:
+    return ModelConfig(**{**dict(flux=flux, flux_schedule=schedule, vae=_FLUX_VAE, text=_FLUX_CLIP_L,
+                                 text_3=T5Config(), prediction_type="flow_prediction", resolution=1024), **small})
+
+
+PRESETS["flux-dev"] = _flux(FLUX_PRESETS["flux-dev"], FluxSchedule())
+PRESETS["flux-schnell"] = _flux(FLUX_PRESETS["flux-schnell"], _SCHNELL)
+_TINY_FLUX = dict(resolution=32, vae=dataclasses.replace(_FLUX_VAE, ch=32, ch_mult=(1, 2), num_res_blocks=1),
+                  text=TextConfig(width=16, heads=2, layers=2, mlp_width=37, projection_dim=16),
+                  text_3=T5Config(vocab_size=320, d_model=40, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+                                  relative_attention_num_buckets=8))
+PRESETS["tiny-flux"] = _flux(FLUX_PRESETS["tiny-flux"], dataclasses.replace(FluxSchedule(), t5_tokens=16),
+                             **_TINY_FLUX)
+PRESETS["tiny-flux-schnell"] = _flux(FLUX_PRESETS["tiny-flux-schnell"], dataclasses.replace(_SCHNELL, t5_tokens=16),
+                                     **_TINY_FLUX)

@@ -93,8 +93,9 @@ def group_means(rows: list[dict], keys, metrics=METRICS) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """The mean of every metric per setting, with the row count, in the grid's order."""
-    return sorted(group_means(rows, GRID_KNOBS), key=lambda r: _sort_key({**r, "index": 0}))
+    """The mean of every metric per setting, with the row count, in the grid's order (rows of older sweeps
+    upgraded to today's knobs)."""
+    return sorted(group_means([upgrade(r) for r in rows], GRID_KNOBS), key=lambda r: _sort_key({**r, "index": 0}))
 
 
 def mean_by(rows: list[dict], knob: str, metric: str, method: str = "diffedit") -> dict:
