@@ -27,12 +27,19 @@ from .frontend import (PROG, HelpFormatter, Parser, UsageError, add_model_args, 
 
 # --- shared arguments and checks -----------------------------------------------------------------------
 
+# Knobs whose default is the model's (ModelConfig.edit_defaults): the flag's default is None, filled in once loaded.
+MODEL_DEFAULTS = {"steps": "unless given, FLUX.1 takes its own: dev 28, schnell 4",
+                  "guidance": "unless given, FLUX.1 takes its own: dev 3.5 (embedded), schnell none"}
+
+
 def _add_knob(group, name: str, help: str | None = None):
     """A flag ``--name`` for a knob of ``settings.KNOBS``: its type, default, choices and range in the help."""
     k = KNOBS[name]
     text = f"{help or k.help}, {k.range_text()}" if k.choices is None else (help or k.help)
     if k.choices is not None:
         group.add_argument(f"--{name}", default=k.default, choices=k.choices, help=text)
+    elif name in MODEL_DEFAULTS:
+        group.add_argument(f"--{name}", type=k.kind, default=None, help=f"{text}; {MODEL_DEFAULTS[name]} (default: {k.default})")
     else:
         group.add_argument(f"--{name}", type=k.kind, default=k.default, help=text)
 
@@ -60,6 +67,7 @@ def _add_mask_args(p):
 def _settings(args) -> EditSettings:
     """The edit's settings from the flags (those a subcommand has); errors name the flag."""
     given = {k: getattr(args, k) for k in KNOBS if hasattr(args, k)}
+    given = {k: v for k, v in given.items() if not (k in MODEL_DEFAULTS and v is None)}  # checked once loaded
     try:
         return EditSettings(**given)
     except SettingsError as e:
@@ -95,6 +103,11 @@ def _texts(args, de, image):
             w, h = model_size(image.size, de.multiple)
             out.append(mean_embedding(de.encode_prompt(_captions(f"--{name}-file", path), (h, w))))
     return out
+
+
+def _model_knobs(args, s: EditSettings) -> dict:
+    """The knobs given on the command line whose default is the model's: their checked value, or None."""
+    return {k: getattr(s, k) if getattr(args, k, None) is not None else None for k in MODEL_DEFAULTS}
 
 
 def _check_common(args) -> EditSettings:
@@ -223,8 +236,8 @@ def run_edit(args) -> int:
     de = load_pipeline(args)
     target, source = _texts(args, de, image)
     result = de.edit(image, target, source=source, ratio=s.ratio, threshold=s.threshold, n=s.n,
-                     strength=s.strength, steps=s.steps, guidance=s.guidance, seed=s.seed, method=s.method,
-                     mask=mask, normalization=s.normalization, dilate=s.dilate, progress=not args.quiet)
+                     strength=s.strength, seed=s.seed, method=s.method, mask=mask, normalization=s.normalization,
+                     dilate=s.dilate, progress=not args.quiet, **_model_knobs(args, s))
     _save(result.image, outs["--out"], args.quiet)
     if "--mask-out" in outs:
         _save(result.mask, outs["--mask-out"], args.quiet)
@@ -263,7 +276,8 @@ def run_mask(args) -> int:
     de = load_pipeline(args)
     target, source = _texts(args, de, image)
     result = de.mask(image, target, source=source, n=s.n, strength=s.strength, threshold=s.threshold,
-                     seed=s.seed, steps=s.steps, normalization=s.normalization, dilate=s.dilate)
+                     seed=s.seed, steps=_model_knobs(args, s)["steps"], normalization=s.normalization,
+                     dilate=s.dilate)
     _save(result.image, outs["--out"], args.quiet)
     if "--map-out" in outs:
         from .viz import heatmap
@@ -307,7 +321,8 @@ def run_demo(args) -> int:
     from PIL import Image
     image = Image.fromarray(ed.source.render())
     de = load_pipeline(args)
-    result = de.edit(image, ed.target_caption, source=ed.source_caption, steps=s.steps, seed=s.seed,
+    result = de.edit(image, ed.target_caption, source=ed.source_caption, steps=_model_knobs(args, s)["steps"],
+                     seed=s.seed,
                      progress=not args.quiet)
     from .viz import panel
     if not args.quiet:

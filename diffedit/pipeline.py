@@ -25,9 +25,10 @@ from .images import load_image
 from .inversion import Trajectory
 from .models import ModelConfig, StableDiffusion
 from .models.conditioner import size_conditioning
+from .models.flux import STORED_DTYPES
 from .models.unet import CrossAttention
 from .plan import Input, Request
-from .settings import EditSettings, UsageError
+from .settings import KNOBS, EditSettings, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ class DiffEdit:
         if dtype == "auto":
             log.info("networks in %s (dtype auto: %s; dtype float32 forces fp32)",
                      *(str(v).removeprefix("torch.") for v in precision.auto_dtype(device)))
-        dtype = next(model.parameters()).dtype if dtype is None else precision.resolve_dtype(dtype, device)
+        # None: the model's own, its first parameter not kept in float8 (models.flux.StoredLinear)
+        dtype = (next(p.dtype for p in model.parameters() if p.dtype not in STORED_DTYPES) if dtype is None
+                 else precision.resolve_dtype(dtype, device))
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.cfg: ModelConfig = model.cfg
         self.device, self.dtype = torch.device(device), dtype
@@ -77,8 +80,11 @@ class DiffEdit:
         self.alpha_bar = ddim.alphas_cumprod(dtype=torch.float64).to(self.device)
         self.flow = self.cfg.family in ("sd3", "flux")  # a flow-matching transformer in place of the UNet
         self.flux = self.cfg.family == "flux"
-        # FLUX.1: the true-CFG scale (R as the negative prompt; 1: off) and the embedded g of unguided estimates
-        self.true_cfg_scale, self.unguided_guidance = 1.0, 1.0
+        # FLUX.1: the true-CFG scale (R as the negative prompt; 1: off) and the embedded g of the unguided estimates
+        # (mask, encoding): the default decoding's, whose velocity field the Euler encoding then retraces (a round
+        # trip encoded at g = 1 and decoded at 3.5 keeps an error that more steps do: docs/results/flux_roundtrip.json)
+        self.true_cfg_scale = 1.0
+        self.unguided_guidance = self.cfg.flux_schedule.guidance if self.flux else 1.0
         self.eps = eps_model(self.unet, self.prediction_type, self.alpha_bar, dtype)
         self.vae_batch = 8  # images per VAE decoder call
         self.multiple = self.cfg.size_multiple  # image sides must be multiples of this
@@ -252,12 +258,20 @@ class DiffEdit:
         f = self.cfg.vae.downsampling
         return [tuple(s // f for s in inp.pixels.shape[-2:]) for inp in inputs]
 
-    def invert(self, image, ratio: float = 0.7, steps: int = 50, source="", guidance: float = 7.5,
+    def defaults(self, **given) -> dict:
+        """``given`` knobs with each None replaced by this model's default (``ModelConfig.edit_defaults``: FLUX.1's
+        steps and guidance), else the knob's (``settings.KNOBS``)."""
+        own = self.cfg.edit_defaults()
+        return {k: own.get(k, KNOBS[k].default) if v is None else v for k, v in given.items()}
+
+    def invert(self, image, ratio: float = 0.7, steps: int | None = None, source="", guidance: float | None = None,
                compat: str | None = None) -> Trajectory | list[Trajectory]:
         """Step 2 alone (Sec. 3.2): the encoding of an image (or a list) to ratio r, every latent on the grid, for
         ``edit(..., trajectory=...)``. The paper's recipe inverts with the unconditional model (``source`` and
-        ``guidance`` unused); ``compat="diffusers"`` with CFG under ``source``."""
-        s = EditSettings(method="encode-decode", ratio=ratio, steps=steps, guidance=guidance, compat=compat)
+        ``guidance`` unused); ``compat="diffusers"`` with CFG under ``source``. ``steps`` / ``guidance`` None: the
+        model's defaults (``defaults``)."""
+        s = EditSettings(method="encode-decode", ratio=ratio, compat=compat,
+                         **self.defaults(steps=steps, guidance=guidance))
         _, inputs, many = self._inputs(image)
         sources, many_sources = _texts("source", source, empty_ok=True)
         if many_sources and len(sources) != len(inputs):
@@ -268,13 +282,13 @@ class DiffEdit:
         return out if many else out[0]
 
     def mask(self, image, target, source="", n: int = 10, strength: float = 0.5, threshold: float = 0.5,
-             seed: int = 0, steps: int = 50, normalization: str | None = None, dilate: int = 0,
+             seed: int = 0, steps: int | None = None, normalization: str | None = None, dilate: int = 0,
              compat: str | None = None):
         """Step 1 alone (Sec. 3.1): the mask of ``target`` against ``source``, with the defaults of ``edit``.
         ``image``, ``target`` and ``source`` as in ``edit``; a list in gives a list out.
         ``dilate``: grow the binary mask by this many latent cells (not in the paper); the map D is unchanged."""
-        s = EditSettings(n=n, strength=strength, threshold=threshold, seed=seed, steps=steps,
-                         normalization=normalization, dilate=dilate, compat=compat)
+        s = EditSettings(n=n, strength=strength, threshold=threshold, seed=seed, normalization=normalization,
+                         dilate=dilate, compat=compat, **self.defaults(steps=steps))
         pils, inputs, many = self._inputs(image)
         reqs, listed = self._requests(len(inputs), many, target, source, s)
         out = [MaskResult(d.cpu(), m.cpu(), images.mask_to_pil(m, pils[r.image].size))
@@ -282,7 +296,8 @@ class DiffEdit:
         return out if listed else out[0]
 
     def edit(self, image, target, source="", ratio: float = 0.7, threshold: float = 0.5, n: int = 10,
-             strength: float = 0.5, steps: int = 50, guidance: float = 7.5, seed: int = 0, method: str = "diffedit",
+             strength: float = 0.5, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+             method: str = "diffedit",
              mask=None, normalization: str | None = None, compat: str | None = None, progress: bool = False,
              dilate: int = 0, trajectory=None):
         """Edit ``image`` (one image, or a list of images) towards ``target``.
@@ -294,9 +309,12 @@ class DiffEdit:
         ``mask``: a PIL mask at image size or a (h, w) tensor at latent size (one, or one per image): replaces
         step 1. ``dilate``: grow the estimated mask by this many latent cells (not in the paper).
         ``trajectory``: what ``invert`` returned for these images (one, or one per image): no second encoding.
-        ``compat``: a recipe name of ``settings.RECIPES`` (None: the paper's)."""
-        s = EditSettings(method=method, ratio=ratio, steps=steps, guidance=guidance, threshold=threshold, n=n,
-                         strength=strength, normalization=normalization, dilate=dilate, seed=seed, compat=compat)
+        ``compat``: a recipe name of ``settings.RECIPES`` (None: the paper's).
+        ``steps`` / ``guidance`` None: the model's defaults (``defaults``): 50 and 7.5, but FLUX.1-dev 28 steps at
+        embedded guidance 3.5 and schnell 4 steps without guidance."""
+        s = EditSettings(method=method, ratio=ratio, threshold=threshold, n=n, strength=strength,
+                         normalization=normalization, dilate=dilate, seed=seed, compat=compat,
+                         **self.defaults(steps=steps, guidance=guidance))
         pils, inputs, many = self._inputs(image)
         if trajectory is not None:
             given = list(trajectory) if isinstance(trajectory, (list, tuple)) else [trajectory]
@@ -326,9 +344,11 @@ class DiffEdit:
         return (mask > 0.5).to(self.device)
 
     @torch.no_grad()
-    def generate(self, prompt: str, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+    def generate(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                  size: int | None = None) -> Image.Image:
-        """Plain text-to-image with classifier-free guidance (sampling from pure noise over the whole grid)."""
+        """Plain text-to-image with classifier-free guidance (sampling from pure noise over the whole grid);
+        ``steps`` / ``guidance`` None: the model's defaults."""
+        steps, guidance = self.defaults(steps=steps, guidance=guidance).values()
         side = (size or self.cfg.resolution) // self.cfg.vae.downsampling
         shape = (1, self.latent_channels, side, side)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(self.device, self.latent_dtype)

@@ -132,6 +132,45 @@ def test_sd3_roundtrip_dry_run_measures_both_schedules_drift(tmp_path):
     assert values and all(math.isfinite(v) for v in values)
 
 
+def test_flux_memory_tiny_stores_float8_and_estimates_both_modes(tmp_path):
+    r = run_script(tmp_path, "flux_memory", "--preset", "tiny-flux", "--text-tokens", "8", "--dtype", "float32")
+    f8, wide = r["measured"]["float8"], r["measured"]["float32"]
+    assert f8["float8_parameters"] > 0 and wide["float8_parameters"] == 0  # Linear weights kept float8 only there
+    assert wide["resident_parameter_mib"] <= f8["resident_parameter_mib"] + 1  # its blocks are made one at a time
+    assert r["tokens"] == {"measured": 8 * 8 + 8, "1024": 64 * 64 + 512}
+    est = r["estimate_1024px_mib"]
+    assert est["float8"]["transformer_weights_mib"] < est["float32"]["transformer_weights_mib"]
+    assert all(e["peak_rss_without_t5_mib"] < e["peak_rss_mib"] for e in est.values())
+    values = numbers(r)
+    assert values and all(math.isfinite(v) for v in values)
+
+
+def test_bench_flux_dry_run_races_both_transformers_and_reads_the_default_edits_rows(tmp_path):
+    r = run_script(tmp_path, "bench_flux", "--preset", "tiny-flux")
+    rows = r["edit_rows"]  # n 10, ratio 0.7: mask 2n, then round(0.7 x steps) encoding and decoding rows
+    assert (rows["flux-dev"]["settings"]["steps"], rows["flux-dev"]["settings"]["guidance"]) == (28, 3.5)
+    assert rows["flux-dev"]["rows"] == 20 + 20 + 20 and rows["flux-dev, true CFG 2"]["decoding"] == 40
+    assert rows["flux-schnell"]["rows"] == 20 + 3 + 3
+    assert r["row_flops_full_depth"]["flux-dev (512 text tokens)"]["128x128"] > 7e13  # 57 blocks at 4096 + 512 tokens
+    assert sorted(r["dtypes"]) == sorted(precision.native_dtypes("cpu"))
+    for d, res in r["dtypes"].items():
+        side = res["sides"]["8"]
+        assert side["ours"]["flops_counted_on_cpu"] == side["diffusers"]["flops_counted_on_cpu"] > 0
+        assert side["flops"] >= side["ours"]["flops_counted_on_cpu"] and side["full_over_raced_flops"] == 1
+        if d == "float32":
+            assert side["relative_difference"] < 1e-4
+    assert all(math.isfinite(x) for x in numbers(r))
+
+
+def test_flux_roundtrip_dry_run_measures_each_flow_models_drift_and_the_encoding_guidance(tmp_path):
+    r = run_script(tmp_path, "flux_roundtrip", "--dry-run")
+    assert len(r["unguided"]) == 3  # FLUX.1-dev, schnell and SD3 side by side
+    assert all(set(m["errors"]["r=1"]) == {"2", "4"} for m in r["unguided"].values())
+    assert set(r["encoding_guidance"]["errors"]) == {"encode g=1", "encode g=3.5"}
+    values = numbers(r)
+    assert values and all(math.isfinite(v) for v in values)
+
+
 def test_bench_diffusers_api_dry_run_counts_rows_and_encodes_of_the_three_calls(tmp_path):
     r = run_script(tmp_path, "bench_diffusers_api", "--dry-run")
     fp32 = r["dtypes"]["float32"]

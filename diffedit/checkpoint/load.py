@@ -15,6 +15,7 @@ from ..models import FluxModel, ModelConfig, StableDiffusion, StableDiffusion3, 
 from .build import build
 from .diffusers_folder import read_folder
 from .errors import CheckpointError
+from .layout import FLUX_T5_PREFIX
 from .flux import flux_file_tensors, read_flux_file, read_flux_folder, t5_tokenizer
 from .sd3 import t5_tokenizer_file
 from .sd3_folder import read_sd3_folder
@@ -41,7 +42,8 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     if cfg.family in ("sd3", "flux") and prediction_type is not None:
         raise CheckpointError(f"{path}: an {cfg.family.upper()} model predicts the flow's velocity; prediction_type does not apply")
     cfg = dataclasses.replace(cfg, prediction_type=prediction_type or cfg.prediction_type)
-    log.info("%s", memory_line(cfg, tensors, torch.device(device), dtype))
+    line, short = memory_line(cfg, tensors, torch.device(device), dtype)
+    log.log(logging.WARNING if short else logging.INFO, "%s", line)
     model = build(cfg, tensors, str(path), torch.device(device), dtype)
     if cfg.family == "sd3" and cfg.text_3 is not None:
         model.t5_tokenizer = T5Tokenizer(t5_tokenizer_file(path))
@@ -59,18 +61,42 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     return model, cfg
 
 
-def memory_line(cfg: ModelConfig, tensors, device: torch.device, dtype: torch.dtype) -> str:
-    """One line, before loading: what the weights need in ``dtype`` and what the machine has (RAM, or the GPU's)."""
-    need = sum(math.prod(shape) for shape, _ in tensors.values()) * torch.empty((), dtype=dtype).element_size()
+def memory_line(cfg: ModelConfig, tensors, device: torch.device, dtype: torch.dtype) -> tuple[str, bool]:
+    """One line, before loading: what the weights need in ``dtype`` (float8 tensors at one byte: they stay float8)
+    and what the machine has (RAM, or the GPU's); and whether that is short. For FLUX.1, T5's share: the text
+    encoders stay loaded beside the transformer, so a machine with less than the total runs short."""
+    need, t5 = _bytes(tensors, dtype), _bytes({k: v for k, v in tensors.items() if k.startswith(FLUX_T5_PREFIX)}, dtype)
     if device.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(device)
         where = f"{device} has {total / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
     else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        where = f"this machine has {total / 1e9:.1f} GB of RAM, {free / 1e9:.1f} GB free"
-    return (f"{cfg.family}: the weights need {need / 1e9:.2f} GB in {str(dtype).removeprefix('torch.')} (plus "
+        total, free = (os.sysconf("SC_PAGE_SIZE") * os.sysconf(n) for n in ("SC_PHYS_PAGES", "SC_AVPHYS_PAGES"))
+        free = max(free, available_ram())
+        where = f"this machine has {total / 1e9:.1f} GB of RAM, {free / 1e9:.1f} GB available"
+    line = (f"{cfg.family}: the weights need {need / 1e9:.2f} GB in {str(dtype).removeprefix('torch.')} (plus "
             f"activations); {where}")
+    if cfg.family == "flux":
+        line += f"; T5 takes {t5 / 1e9:.2f} GB of them and stays loaded beside the transformer"
+    short = need > free
+    if short:
+        line += (f": short by {(need - free) / 1e9:.1f} GB (expect swapping or the process to be killed; a float8 "
+                 "transformer file takes half of bf16)")
+    return line, short
+
+
+def _bytes(tensors, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(shape) * (1 if getattr(read, "dtype", "").startswith("F8") else size)
+               for shape, read in tensors.values())
+
+
+def available_ram() -> int:
+    """Bytes of RAM the kernel can give without swapping (``MemAvailable``: free plus reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def _folder_reader(path: Path):

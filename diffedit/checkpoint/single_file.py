@@ -27,11 +27,16 @@ log = logging.getLogger(__name__)
 
 
 def open_safetensors(path: Path) -> tuple[dict, Tensors]:
-    """(metadata, tensors) of a safetensors file; each tensor is read only when its reader is called."""
+    """(metadata, tensors) of a safetensors file; each tensor is read only when its reader is called. A reader's
+    ``dtype`` attribute is the stored dtype's safetensors name ("BF16", "F8_E4M3", ...)."""
     try:
         f = safe_open(str(path), framework="pt")
-        return f.metadata() or {}, {k: (tuple(f.get_slice(k).get_shape()), lambda k=k: f.get_tensor(k))
-                                    for k in f.keys()}
+        tensors = {}
+        for k in f.keys():
+            read, part = (lambda k=k: f.get_tensor(k)), f.get_slice(k)
+            read.dtype = part.get_dtype()
+            tensors[k] = (tuple(part.get_shape()), read)
+        return f.metadata() or {}, tensors
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or another format?): {e}") from None
 

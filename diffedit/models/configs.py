@@ -145,6 +145,13 @@ class ModelConfig:
             return self.vae.downsampling * 2
         return self.vae.downsampling * 2 ** (len(self.unet.channel_mult) - 1)
 
+    def edit_defaults(self) -> dict:
+        """The knobs whose default is the model's own, where it differs from ``settings.KNOBS``': FLUX.1's grid steps
+        and guidance (``flux_schedule``: dev 28 steps at embedded guidance 3.5, schnell 4 steps without guidance).
+        Empty for SD1/2/XL/SD3, whose defaults are the knobs'."""
+        s = self.flux_schedule
+        return {} if self.flux is None else {"steps": s.steps, "guidance": s.guidance}
+
     @property
     def size_embed_dim(self) -> int:
         """SDXL: the width of each of the six size/crop embeddings in y (after the pooled text)."""
@@ -321,7 +328,8 @@ class FluxSchedule:
     max_image_seq_len: int = 4096
     dynamic: bool = True
     shift: float = 1.0                     # the static shift when not dynamic
-    guidance: float = 3.5                  # the default embedded guidance (dev); unused without guidance_in
+    guidance: float = 3.5                  # the default guidance: embedded (dev, FluxPipeline's); schnell 1 (none)
+    steps: int = 28                        # the default grid steps: FluxPipeline's 28 (dev); schnell 4
     t5_tokens: int = 512                   # T5's padded length: 512 dev, 256 schnell (FluxPipeline's max_sequence_length)
 
 
@@ -339,7 +347,7 @@ FLUX_PRESETS: dict[str, FluxConfig] = {
 # FLUX.1: CLIP-L (only its pooled output is used) and T5-XXL, the 16-channel VAE with its own scale and shift.
 _FLUX_VAE = VAEConfig(z_channels=16, embed_dim=16, use_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
 _FLUX_CLIP_L = TextConfig()  # all layers and the final norm: the pooler output is read there
-_SCHNELL = FluxSchedule(dynamic=False, t5_tokens=256)
+_SCHNELL = FluxSchedule(dynamic=False, t5_tokens=256, guidance=1.0, steps=4)  # timestep-distilled: 1-4 steps
 
 
 def _flux(flux: FluxConfig, schedule: FluxSchedule, **small) -> ModelConfig:

@@ -66,6 +66,43 @@ def attention(q, k, v, pe) -> torch.Tensor:
 
 # --- layers ---------------------------------------------------------------------------------------------------
 
+STORED_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # kept as stored: each call upcasts to the input's dtype
+
+
+class StoredLinear(nn.Linear):
+    """A Linear whose weight (and bias) stay in the dtype they were stored in (float8: one byte a weight) and are
+    cast to the input's dtype for each call only, so the math is ``F.linear`` on the weights upcast once. Moving the
+    module (``.to``, ``.float()``, ``.cuda()``) moves those tensors but keeps their dtype."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: p for n, p in self._parameters.items() if p is not None and p.dtype in STORED_DTYPES}
+        for n in kept:
+            del self._parameters[n]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, p in kept.items():
+                device = fn(torch.empty(0, dtype=p.dtype, device=p.device)).device  # where fn sends a tensor
+                self._parameters[n] = p if device == p.device else nn.Parameter(p.to(device), p.requires_grad)
+        return self
+
+
+def keep_stored(module: nn.Module) -> list[str]:
+    """Turn each Linear of ``module`` holding a float8 weight into a ``StoredLinear``; returns their names."""
+    names = []
+    for name, m in module.named_modules():
+        if type(m) is nn.Linear and m.weight.dtype in STORED_DTYPES:
+            m.__class__ = StoredLinear
+            names.append(name)
+        elif type(m) is nn.Linear and m.bias is not None and m.bias.dtype in STORED_DTYPES:
+            m.bias = nn.Parameter(m.bias.to(m.weight.dtype), m.bias.requires_grad)  # a float8 bias alone
+    return names
+
+
 class RMSNorm(nn.Module):
     """RMS-norm over the last axis with a learnt ``scale`` (BFL's name for the weight), in float32."""
 

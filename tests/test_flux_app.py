@@ -1,0 +1,54 @@
+"""FLUX.1 behind the front ends: the app's work (one session's cached engine) edits a tiny FLUX.1 model and gives the
+API's image, and a hub repo id resolves to a FLUX.1 folder in the offline hub cache and loads as the folder does."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffedit.app_state import AppModel, Session
+from diffedit.checkpoint import load_model
+from diffedit.pipeline import DiffEdit
+from diffedit.settings import EditSettings
+
+pytest.importorskip("diffusers")
+from test_flux_defaults import tiny_flux  # noqa: E402
+from test_flux_pipeline import flux_pipeline  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["diffedit", "sdedit"])
+def test_the_apps_work_on_flux_equals_the_api(method, tmp_path):
+    de = tiny_flux("tiny-flux", tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    s = EditSettings(method=method, steps=4, guidance=3.5, n=2, ratio=0.5)
+    work = AppModel(de).work(Session())
+    app = work.edit(work.picture(image).at(None, de.multiple), "a cat", "a dog", s)
+    api = de.edit(image, "a dog", source="a cat", method=method, steps=4, guidance=3.5, n=2, ratio=0.5).image
+    assert app.size == api.size == image.size
+    assert np.array_equal(np.asarray(app), np.asarray(api))
+    assert sum(work.finish().rows.values()) > 0
+
+
+def test_repo_id_of_a_flux_folder_loads_from_the_offline_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    folder = tmp_path / "pipeline"
+    flux_pipeline(tmp_path / "tokenizers", "tiny-flux").save_pretrained(folder)
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef76543210"
+    repo = cache / "models--org--tiny-flux"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, value in (("HF_HOME", str(tmp_path)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded, cfg = load_model("org/tiny-flux")
+    local, local_cfg = load_model(str(folder))
+    assert cfg.family == "flux" and cfg == local_cfg
+    assert loaded.state_dict().keys() == local.state_dict().keys()
+    assert all(torch.equal(v, local.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert DiffEdit.from_pretrained("org/tiny-flux").defaults(steps=None, guidance=None) == {"steps": 28,
+                                                                                             "guidance": 3.5}
