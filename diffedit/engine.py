@@ -131,6 +131,7 @@ class Engine:
         drawn per (image, strength, seed) (default: the largest n asked for); ``invert_to``: encode at least to this
         ratio (the app keeps one encoding for every ratio)."""
         plan = self.plan(inputs, requests, n_draw, invert_to, decode_pixels=decode_pixels)
+        self._encode_texts(inputs, plan)
         masks = self._run_masks(inputs, plan)
         trajectories = self._run_encodings(inputs, plan)
         latents = self._run_decodings(inputs, plan, masks, trajectories)
@@ -141,7 +142,9 @@ class Engine:
     def masks(self, inputs: list[Input], requests: list[Request], n_draw: int | None = None) -> list[tuple]:
         """(D rescaled to [0, 1], M) of each request, (h, w) each (Sec. 3.1); a given mask is used as it is.
         ``n_draw``: the number of noises drawn per (image, strength, seed) (default: the largest n asked for)."""
-        found = self._run_masks(inputs, self.plan(inputs, requests, n_draw, phases=("mask",)))
+        plan = self.plan(inputs, requests, n_draw, phases=("mask",))
+        self._encode_texts(inputs, plan)
+        found = self._run_masks(inputs, plan)
         return [found[j] for j in range(len(requests))]
 
     def has_map(self, inp: Input, r: Request, n_draw: int | None = None) -> bool:
@@ -151,8 +154,28 @@ class Engine:
     def trajectories(self, inputs: list[Input], requests: list[Request], invert_to: float | None = None) -> list:
         """The encoding (Sec. 3.2) each request's decoding starts from, truncated to its ratio (None for a request
         that starts from fresh noise)."""
-        found = self._run_encodings(inputs, self.plan(inputs, requests, invert_to=invert_to, phases=("inversion",)))
+        plan = self.plan(inputs, requests, invert_to=invert_to, phases=("inversion",))
+        self._encode_texts(inputs, plan)
+        found = self._run_encodings(inputs, plan)
         return [found.get(j) for j in range(len(requests))]
+
+    def _encode_texts(self, inputs: list[Input], plan: Plan) -> None:
+        """Every text the plan's model calls use, encoded before the first of them. Texts are encoded one at a time
+        and kept, so this changes no result; a model whose text encoder and denoiser take turns in memory (FLUX.1's
+        low-memory mode) then swaps once per run instead of once per phase."""
+        for job in plan.masks:
+            size = self._size(self.latent_shape(inputs[job.image]))
+            for m in job.maps:
+                for text in (m.target, m.source) if m.run and not m.empty else ():
+                    self.cond(text, size)
+        for job in plan.encodings:
+            size = self._size(job.shape)
+            for text in ["", *(t.source for t in job.rows if job.guided)]:
+                self.cond(text, size)
+        for job in plan.decodings:
+            size = self._size(job.shape)
+            for text in (t for j in job.requests for t in (plan.requests[j].target, plan.requests[j].source)):
+                self.cond(text, size)
 
     def _run_masks(self, inputs: list[Input], plan: Plan) -> dict[int, tuple]:
         """Step 1: {request: (D rescaled, M)} for the masked requests; a given mask is used as it is (no D)."""

@@ -69,6 +69,10 @@ class DiffEdit:
         dtype = (next(p.dtype for p in model.parameters() if p.dtype not in STORED_DTYPES) if dtype is None
                  else precision.resolve_dtype(dtype, device))
         self.model = model.to(dtype).eval().requires_grad_(False)
+        # FLUX.1's low-memory mode (checkpoint.build.Swap): T5 and the transformer take turns, read in this dtype
+        self.swap = getattr(model, "swap", None)
+        if self.swap is not None:
+            self.swap.dtype = dtype
         self.cfg: ModelConfig = model.cfg
         self.device, self.dtype = torch.device(device), dtype
         # SDXL's VAE gives NaN in float16, in encoding too: it runs in float32 there from the start.
@@ -108,11 +112,13 @@ class DiffEdit:
     @classmethod
     def from_pretrained(cls, source: str = "toy", device="cpu", dtype="auto", prediction_type=None,
                         max_batch: int = 64, compile: bool = False, attention_dtype="auto",
-                        channels_last="auto") -> "DiffEdit":
-        """Load a single file (.safetensors / .ckpt), a diffusers folder, a hub repo id, or "toy"."""
+                        channels_last="auto", low_memory="auto") -> "DiffEdit":
+        """Load a single file (.safetensors / .ckpt), a diffusers folder, a hub repo id, or "toy". ``low_memory``
+        (FLUX.1): free T5 before the transformer is read, and swap them when a new text needs T5 (True, False, or
+        "auto": when the machine has less memory than the weights; see ``checkpoint.load_model``)."""
         from .checkpoint import load_model
         model, cfg = load_model(source, device=device, dtype=precision.resolve_dtype(dtype, device),
-                                prediction_type=prediction_type)
+                                prediction_type=prediction_type, low_memory=low_memory)
         return cls(model, device, dtype, cfg.prediction_type, max_batch, compile, attention_dtype, channels_last)
 
     def compile(self, **options) -> "DiffEdit":
@@ -142,6 +148,8 @@ class DiffEdit:
         ``size`` is unused."""
         if isinstance(texts, str):
             texts = [texts]
+        if self.swap is not None:
+            self.swap.hold("text")
         context, pooled = self.model.encode_text(list(texts), self.device)
         if pooled is None:
             return context.to(self.dtype)
@@ -201,6 +209,8 @@ class DiffEdit:
     def unet(self, latents: torch.Tensor, timesteps, context: torch.Tensor | Conditioning) -> torch.Tensor:
         """The model output: epsilon or v, as ``self.prediction_type`` says (SD3: the flow's velocity, at
         timesteps t = 1000 s)."""
+        if self.swap is not None:
+            self.swap.hold("transformer")
         if isinstance(timesteps, Timing):  # FLUX.1: t and the embedded guidance
             return self.network(latents, timesteps.t, context.context, context.y, timesteps.guidance)
         if isinstance(context, Conditioning):

@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 
 from ..models import FluxModel, ModelConfig, StableDiffusion, StableDiffusion3, T5Tokenizer
-from .build import build
+from .build import Swap, build
 from .diffusers_folder import read_folder
 from .errors import CheckpointError
-from .layout import FLUX_T5_PREFIX
+from .layout import FLUX_T5_PREFIX, UNET_PREFIX
 from .flux import flux_file_tensors, read_flux_file, read_flux_folder, t5_tokenizer
 from .sd3 import t5_tokenizer_file
 from .sd3_folder import read_sd3_folder
@@ -25,13 +25,16 @@ from .sources import resolve
 log = logging.getLogger(__name__)
 
 
-def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.float32, prediction_type: str | None = None
-               ) -> tuple[StableDiffusion | StableDiffusion3 | FluxModel, ModelConfig]:
+def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
+               low_memory: bool | str = "auto") -> tuple[StableDiffusion | StableDiffusion3 | FluxModel, ModelConfig]:
     """Load ``source`` (see ``diffedit.checkpoint``) as an eval-mode, frozen model; ``prediction_type``
     ("epsilon" or "v_prediction") overrides what the checkpoint says or what is detected (not for SD3, a
-    flow-matching model)."""
+    flow-matching model). ``low_memory`` (FLUX.1 only; "auto": when the memory line says the machine is short):
+    the transformer is left unread and ``model.swap`` (``build.Swap``) lets T5 and it take turns in memory."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if low_memory not in (True, False, "auto"):
+        raise CheckpointError(f"low_memory must be True, False or 'auto', got {low_memory!r}")
     path = resolve(str(source))
     if path.is_dir():
         cfg, tensors, guessed = _folder_reader(path)(path)
@@ -42,9 +45,14 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     if cfg.family in ("sd3", "flux") and prediction_type is not None:
         raise CheckpointError(f"{path}: an {cfg.family.upper()} model predicts the flow's velocity; prediction_type does not apply")
     cfg = dataclasses.replace(cfg, prediction_type=prediction_type or cfg.prediction_type)
-    line, short = memory_line(cfg, tensors, torch.device(device), dtype)
+    if low_memory is True and cfg.family != "flux":
+        raise CheckpointError(f"{path}: low_memory applies to FLUX.1 models, this is {cfg.family.upper()}")
+    line, short, low = memory_line(cfg, tensors, torch.device(device), dtype, low_memory)
     log.log(logging.WARNING if short else logging.INFO, "%s", line)
-    model = build(cfg, tensors, str(path), torch.device(device), dtype)
+    lazy = Swap.PARTS["transformer"] + "." if low else None  # read on the transformer's first call
+    model = build(cfg, tensors, str(path), torch.device(device), dtype, lazy=lazy)
+    if low:
+        model.swap = Swap(model, tensors, str(path), torch.device(device), dtype)
     if cfg.family == "sd3" and cfg.text_3 is not None:
         model.t5_tokenizer = T5Tokenizer(t5_tokenizer_file(path))
     if cfg.family == "flux":
@@ -61,27 +69,35 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     return model, cfg
 
 
-def memory_line(cfg: ModelConfig, tensors, device: torch.device, dtype: torch.dtype) -> tuple[str, bool]:
+def memory_line(cfg: ModelConfig, tensors, device: torch.device, dtype: torch.dtype, low_memory: bool | str = False
+                ) -> tuple[str, bool, bool]:
     """One line, before loading: what the weights need in ``dtype`` (float8 tensors at one byte: they stay float8)
-    and what the machine has (RAM, or the GPU's); and whether that is short. For FLUX.1, T5's share: the text
-    encoders stay loaded beside the transformer, so a machine with less than the total runs short."""
+    and what the machine has (RAM, or the GPU's); whether that is short; and whether FLUX.1 runs in low-memory mode
+    (``low_memory`` True, or "auto" and short): T5 and the transformer take turns, so the larger of them counts."""
     need, t5 = _bytes(tensors, dtype), _bytes({k: v for k, v in tensors.items() if k.startswith(FLUX_T5_PREFIX)}, dtype)
     if device.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(device)
         where = f"{device} has {total / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
     else:
         total, free = (os.sysconf("SC_PAGE_SIZE") * os.sysconf(n) for n in ("SC_PHYS_PAGES", "SC_AVPHYS_PAGES"))
-        free = max(free, available_ram())
+        free = available_ram() or free  # MemAvailable counts reclaimable page cache; MemFree does not
         where = f"this machine has {total / 1e9:.1f} GB of RAM, {free / 1e9:.1f} GB available"
     line = (f"{cfg.family}: the weights need {need / 1e9:.2f} GB in {str(dtype).removeprefix('torch.')} (plus "
             f"activations); {where}")
-    if cfg.family == "flux":
-        line += f"; T5 takes {t5 / 1e9:.2f} GB of them and stays loaded beside the transformer"
+    low = cfg.family == "flux" and (low_memory is True or (low_memory == "auto" and need > free))
+    if low:
+        transformer = _bytes({k: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}, dtype)
+        need -= min(t5, transformer)
+        line += (f"; T5 takes {t5 / 1e9:.2f} GB of them: low-memory mode, T5 is freed before the transformer is "
+                 f"loaded (and read again for a new text), so {need / 1e9:.2f} GB are held at once")
+    elif cfg.family == "flux":
+        line += (f"; T5 takes {t5 / 1e9:.2f} GB of them and stays loaded beside the transformer "
+                 "(low_memory=True frees it first)")
     short = need > free
     if short:
         line += (f": short by {(need - free) / 1e9:.1f} GB (expect swapping or the process to be killed; a float8 "
                  "transformer file takes half of bf16)")
-    return line, short
+    return line, short, low
 
 
 def _bytes(tensors, dtype: torch.dtype) -> int:
