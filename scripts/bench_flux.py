@@ -47,7 +47,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
-from measure import count_flops, interleaved, matmul_rate, race_summary, tune_malloc  # noqa: E402
+from measure import (count_flops, interleaved, matmul_rate, race_line, race_summary, shared_fraction,  # noqa: E402
+                     tune_malloc)
 from oracles.flux import diffusers_velocity, flux_transformer  # noqa: E402
 from diffedit import images
 from diffedit.models import FluxModel, preset
@@ -123,18 +124,12 @@ def run_dtype(cfg: FluxConfig, dtype, args, deadline: float) -> dict:
     t0 = time.perf_counter()
     ours = random_flux(cfg, dtype)
     theirs = flux_transformer(ours)
-    mine = {p.untyped_storage().data_ptr() for p in ours.parameters()}
-    tensors = list(theirs.parameters())
-    shared = sum(p.nbytes for p in tensors if p.untyped_storage().data_ptr() in mine)
     res = {"setup_s": time.perf_counter() - t0, "params": sum(p.numel() for p in ours.parameters()),
-           "diffusers_bytes_shared": shared / sum(p.nbytes for p in tensors), "sides": {}}
+           "diffusers_bytes_shared": shared_fraction(list(ours.parameters()), list(theirs.parameters())), "sides": {}}
     for side in args.sides:
         r = race(ours, theirs, side, dtype, args, deadline)
         res["sides"][str(side)] = r
-        print(f"{str(dtype)[6:]} {side}x{side}: ours {r['ours']['ms_per_row']:.0f} ms/row, diffusers "
-              f"{r['diffusers']['ms_per_row']:.0f} ms/row, speedup {r['speedup']:.3f}, ours "
-              f"{r['ours']['fraction_of_matmul']:.2f} of matmul {r['matmul_tflop_per_s']:.3f} TFLOP/s, "
-              f"rel diff {r['relative_difference']:.1e}", flush=True)
+        print(race_line(dtype, side, r), flush=True)
     return res
 
 

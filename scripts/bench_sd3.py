@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from measure import count_flops, interleaved, matmul_rate, race_summary, tune_malloc  # noqa: E402
+from measure import (count_flops, interleaved, matmul_rate, race_line, race_summary, shared_fraction,  # noqa: E402
+                     tune_malloc)
 from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
 from diffedit.precision import cpu_has_native_bf16
@@ -101,19 +102,13 @@ def run_dtype(cfg: MMDiTConfig, dtype, args, deadline: float) -> dict:
     t0 = time.perf_counter()
     ours = random_mmdit(cfg, dtype)
     theirs = oracles.sd3_transformer(ours)
-    mine = {p.untyped_storage().data_ptr() for p in [*ours.parameters(), *ours.buffers()]}
-    tensors = [*theirs.parameters(), *theirs.buffers()]
-    shared = sum(p.nbytes for p in tensors if p.untyped_storage().data_ptr() in mine)
+    shared = shared_fraction([*ours.parameters(), *ours.buffers()], [*theirs.parameters(), *theirs.buffers()])
     res = {"setup_s": time.perf_counter() - t0, "params": sum(p.numel() for p in ours.parameters()),
-           "pos_embed_numel": ours.pos_embed.numel(),
-           "diffusers_bytes_shared": shared / sum(p.nbytes for p in tensors), "sides": {}}
+           "pos_embed_numel": ours.pos_embed.numel(), "diffusers_bytes_shared": shared, "sides": {}}
     for side in args.sides:
         r = race(ours, theirs, side, dtype, args, deadline)
         res["sides"][str(side)] = r
-        print(f"{str(dtype)[6:]} {side}x{side}: ours {r['ours']['ms_per_row']:.0f} ms/row, diffusers "
-              f"{r['diffusers']['ms_per_row']:.0f} ms/row, speedup {r['speedup']:.3f}, ours "
-              f"{r['ours']['fraction_of_matmul']:.2f} of matmul {r['matmul_tflop_per_s']:.3f} TFLOP/s, "
-              f"rel diff {r['relative_difference']:.1e}", flush=True)
+        print(race_line(dtype, side, r), flush=True)
     return res
 
 

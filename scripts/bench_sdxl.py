@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 import oracles  # noqa: E402
 from diffedit.conditioning import Conditioning
 from measure import ModuleCounter, count_flops, interleaved, matmul_rate, race_summary, random_model
-from measure import tune_malloc
+from measure import race_line, tune_malloc
 from diffedit import images  # noqa: E402
 from diffedit.models import StableDiffusion, preset, size_conditioning
 from diffedit.pipeline import DiffEdit
@@ -121,10 +121,7 @@ def run_dtype(dtype, args, deadline: float) -> dict:
     for side in args.sides:
         r = race(de, unet, side, args, deadline)
         res["sides"][str(side)] = r
-        print(f"{str(dtype)[6:]} {side}x{side}: ours {r['ours']['ms_per_row']:.0f} ms/row, diffusers "
-              f"{r['diffusers']['ms_per_row']:.0f} ms/row, speedup {r['speedup']:.3f}, ours "
-              f"{r['ours']['fraction_of_matmul']:.2f} of matmul {r['matmul_tflop_per_s']:.3f} TFLOP/s, "
-              f"rel diff {r['relative_difference']:.1e}", flush=True)
+        print(race_line(dtype, side, r), flush=True)
     return res
 
 

@@ -110,3 +110,21 @@ def tiny_clip(tmp_path_factory):
         files.append(folder / f"weights{seed}.pt")
         torch.save(model.state_dict(), files[-1])
     return files
+
+
+def offline_hub_repo(folder, repo_id: str, tmp_path, monkeypatch, commit: str = "0123456789abcdef" * 2 + "76543210"):
+    """``folder`` served as hub repo ``repo_id`` from a fake offline cache under ``tmp_path`` (the layout
+    huggingface_hub writes: snapshots/<commit>, refs/main), for the loaders' hub-id path; nothing is fetched."""
+    import shutil
+
+    from huggingface_hub import constants
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, value in (("HF_HOME", str(tmp_path)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+

@@ -179,6 +179,20 @@ def median_time(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(interleaved({"fn": fn}, device, repeats, warmup)["fn"])
 
 
+def shared_fraction(ours, theirs) -> float:
+    """The fraction of the bytes of the tensors ``theirs`` (a diffusers twin's) stored in the storages of ``ours``."""
+    mine = {t.untyped_storage().data_ptr() for t in ours}
+    return sum(t.nbytes for t in theirs if t.untyped_storage().data_ptr() in mine) / sum(t.nbytes for t in theirs)
+
+
+def race_line(dtype, side: int, r: dict) -> str:
+    """One printed line of a race at a latent side (``race_summary``'s fields)."""
+    return (f"{str(dtype)[6:]} {side}x{side}: ours {r['ours']['ms_per_row']:.0f} ms/row, diffusers "
+            f"{r['diffusers']['ms_per_row']:.0f} ms/row, speedup {r['speedup']:.3f}, ours "
+            f"{r['ours']['fraction_of_matmul']:.2f} of matmul {r['matmul_tflop_per_s']:.3f} TFLOP/s, "
+            f"rel diff {r['relative_difference']:.1e}")
+
+
 def race_summary(times: dict, flops: int, counted: dict, peak: float, rows: int) -> dict:
     """Per contender of an ``interleaved`` race of ``rows``-row forwards: its times, the median, ms per row, the
     FLOP rate and its fraction of the matmul ``peak`` (TFLOP/s); then diffusers' median and fastest over ours."""

@@ -2,13 +2,12 @@
 API's image, and a hub repo id resolves to a FLUX.1 folder in the offline hub cache and loads as the folder does."""
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import offline_hub_repo
 from diffedit.app_state import AppModel, Session
 from diffedit.checkpoint import load_model
 from diffedit.pipeline import DiffEdit
@@ -33,18 +32,9 @@ def test_the_apps_work_on_flux_equals_the_api(method, tmp_path):
 
 
 def test_repo_id_of_a_flux_folder_loads_from_the_offline_cache(tmp_path, monkeypatch):
-    from huggingface_hub import constants
     folder = tmp_path / "pipeline"
     flux_pipeline(tmp_path / "tokenizers", "tiny-flux").save_pretrained(folder)
-    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef76543210"
-    repo = cache / "models--org--tiny-flux"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for name, value in (("HF_HOME", str(tmp_path)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline_hub_repo(folder, "org/tiny-flux", tmp_path, monkeypatch)
     loaded, cfg = load_model("org/tiny-flux")
     local, local_cfg = load_model(str(folder))
     assert cfg.family == "flux" and cfg == local_cfg

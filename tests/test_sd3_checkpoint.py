@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import rel_err, report
+from conftest import offline_hub_repo, rel_err, report
 from diffedit.checkpoint import CheckpointError, load_model
 from diffedit.models import tokenize
 from test_sd3_text import CFG, TEXTS, TOL, WRONG, sd3_pipeline
@@ -149,17 +149,8 @@ def test_turbo_models_are_refused_by_name(sd3, tmp_path):
 
 
 def test_repo_id_of_an_sd3_folder_loads_from_the_offline_cache(sd3, tmp_path, monkeypatch):
-    from huggingface_hub import constants
     folder, _, _, model = sd3
-    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef76543210"
-    repo = cache / "models--org--tiny-sd3"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for name, value in (("HF_HOME", str(tmp_path)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline_hub_repo(folder, "org/tiny-sd3", tmp_path, monkeypatch)
     loaded, cfg = load_model("org/tiny-sd3")
     assert cfg == model.cfg
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import oracles
-from conftest import randomize_, rel_err, report
+from conftest import offline_hub_repo, randomize_, rel_err, report
 from diffedit.checkpoint import CheckpointError, load_model
 from diffedit.checkpoint.layout import ZERO_FILL
 from diffedit.checkpoint.single_file import infer_config
@@ -217,17 +217,8 @@ def test_transposed_text_projection_in_a_folder_changes_pooled_output(orig, tmp_
 
 
 def test_repo_id_of_an_sdxl_folder_loads_from_the_offline_cache(orig, tmp_path, monkeypatch):
-    from huggingface_hub import constants
     _, state, _, folder, _ = orig
-    cache, commit = tmp_path / "hub", "89abcdef0123456789abcdef0123456789abcdef"
-    repo = cache / "models--org--tiny-sdxl"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for name, value in (("HF_HOME", str(tmp_path)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline_hub_repo(folder, "org/tiny-sdxl", tmp_path, monkeypatch)
     model, cfg = load_model("org/tiny-sdxl")
     assert cfg == ORIG
     assert_same_state(model, state, ZERO_FILL)
