@@ -116,9 +116,11 @@ def _wire(p: Page, h: Handlers):
     model = dict(concurrency_id="model", concurrency_limit=1, api_visibility="undocumented")
     free = dict(concurrency_limit=None, show_progress="hidden", api_visibility="undocumented")
     refresh = dict(fn=cheap(h.painter), inputs=inputs, outputs=p.editor, **free)
-    turns = {p.run.click: p.run.click(turn(h.edit), inputs, shown, **model)}
+    # a click while an older turn is still ending (Stop, a cancelled action) is kept, not dropped as "once" would
+    turns = {p.run.click: p.run.click(turn(h.edit), inputs, shown, trigger_mode="always_last", **model)}
     turns[p.run.click].then(**refresh)
-    turns[p.compare.click] = p.compare.click(turn(h.compare), inputs, [*p.tiles, p.status], **model)
+    turns[p.compare.click] = p.compare.click(turn(h.compare), inputs, [*p.tiles, p.status], trigger_mode="always_last",
+                                             **model)
     p.knobs["threshold"].input(cheap(h.threshold_moved), inputs, [p.mask, p.status], trigger_mode="always_last",
                                **free)
     # knobs that need no new mask pass nor inversion redo the edit at once; those that move the mask also refresh

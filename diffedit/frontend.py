@@ -85,4 +85,9 @@ def load_pipeline(choice, device=None, **options):
         return DiffEdit.from_pretrained(choice.model, device=device or choice.device, dtype=choice.dtype,
                                         prediction_type=choice.prediction_type, **options)
     except CheckpointError as e:
-        raise UsageError(f"--model: {e}" if choice.model in str(e) else f"--model {choice.model}: {e}") from None
+        raise model_error(choice.model, e) from None
+
+
+def model_error(model: str, e: Exception) -> UsageError:
+    """A checkpoint's error as the usage error of --model (naming the source once)."""
+    return UsageError(f"--model: {e}" if model in str(e) else f"--model {model}: {e}")

@@ -375,7 +375,11 @@ def test_page_in_a_browser(server, tmp_path):
                 page.locator("#knob-seed input").fill(seed)
                 before = len(gate.calls)
                 page.locator("#run").click()
-                wait_for(lambda: len(gate.calls) >= before + 2, timeout=90.0)  # a busy CI machine: slow, not stuck
+                try:
+                    wait_for(lambda: len(gate.calls) >= before + 2)
+                except AssertionError:  # say where it stuck: which run, what the page shows
+                    status = page.locator("#status").inner_text()
+                    raise AssertionError(f"seed {seed}: no model call after Run; status {status!r}") from None
                 asked = time.perf_counter()
                 stop()
                 time.sleep(2.0)

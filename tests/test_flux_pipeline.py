@@ -7,7 +7,7 @@ all-ones mask Encode-Decode, a list of targets each target alone, a batch each i
 command line edits and sweeps with a FLUX.1 file. fp32."""
 from __future__ import annotations
 
-import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -250,3 +250,5 @@ def test_the_command_line_edits_and_sweeps_with_a_flux_file(flux_file, tmp_path)
     assert cli.main([str(a) for a in argv]) == 0
     rows = sweep.read_rows(out / "results.jsonl")
     assert len(rows) == 2 * 2 + 2 and all(np.isfinite(r["psnr"]) for r in rows)
+    cost = json.loads((out / "cost.json").read_text())  # the plan counts one row per guided sample, as Flux runs
+    assert cost["unet_evaluations_run"] == cost["shared_formula_this_run"] == cost["full_grid_shared"]

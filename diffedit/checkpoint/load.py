@@ -19,7 +19,7 @@ from .layout import FLUX_T5_PREFIX, UNET_PREFIX
 from .flux import flux_file_tensors, read_flux_file, read_flux_folder, t5_tokenizer
 from .sd3 import t5_tokenizer_file
 from .sd3_folder import read_sd3_folder
-from .single_file import read_file
+from .single_file import open_safetensors, read_file
 from .sources import resolve
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,16 @@ def available_ram() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         return 0
+
+
+def is_flux(source: str | Path) -> bool:
+    """Whether ``source`` holds a FLUX.1 model, from its transformer's config or its keys (no weight is read)."""
+    path = resolve(str(source))
+    if path.is_dir():
+        return _folder_reader(path) is read_flux_folder
+    if path.suffix == ".safetensors" and "diffedit_config" in (meta := open_safetensors(path)[0]):
+        return ModelConfig.from_dict(json.loads(meta["diffedit_config"])).family == "flux"  # our exports
+    return flux_file_tensors(path) is not None
 
 
 def _folder_reader(path: Path):

@@ -98,16 +98,18 @@ def requests(settings, target: str, source: str, steps: int, guidance: float, se
                     mask if s.mask_source == "annotated" else None) for s in settings]
 
 
-def shared_cost(settings, steps: int, guidance: float, target: str, source: str):
+def shared_cost(settings, steps: int, guidance: float, target: str, source: str, guided_rows=None):
     """The ``plan.Cost`` (model rows per phase, VAE encodes and decodes) of one image's settings run together, as
-    ``grid.edit_grid`` runs them: one plan over all of its requests."""
-    return _cost(requests(settings, target, source, steps, guidance, mask=_given_mask()))
+    ``grid.edit_grid`` runs them: one plan over all of its requests. ``guided_rows(scale)``: the model's rows per
+    guided sample (None: classifier-free guidance's two)."""
+    return _cost(requests(settings, target, source, steps, guidance, mask=_given_mask()), guided_rows)
 
 
-def separate_cost(settings, steps: int, guidance: float, target: str, source: str):
+def separate_cost(settings, steps: int, guidance: float, target: str, source: str, guided_rows=None):
     """The ``plan.Cost`` of the same settings run as separate ``DiffEdit.edit`` calls: one plan per setting."""
     from ..plan import Cost
-    return sum((_cost(requests([s], target, source, steps, guidance, mask=_given_mask())) for s in settings), Cost())
+    return sum((_cost(requests([s], target, source, steps, guidance, mask=_given_mask()), guided_rows)
+                for s in settings), Cost())
 
 
 def _given_mask():
@@ -116,8 +118,9 @@ def _given_mask():
     return torch.zeros(0, dtype=torch.bool)
 
 
-def _cost(reqs: list):
+def _cost(reqs: list, guided_rows=None):
     """The cost of the engine's plan of ``reqs`` on one image; planning runs no model, and the plan groups by latent
     shape only, which one image's requests share."""
     from ..plan import Input, plan_edits, resolved
-    return plan_edits([Input()], [resolved(r) for r in reqs], latent_shape=lambda inp: ()).cost
+    rule = {} if guided_rows is None else {"guided_rows": guided_rows}
+    return plan_edits([Input()], [resolved(r) for r in reqs], latent_shape=lambda inp: (), **rule).cost

@@ -91,15 +91,18 @@ def save_examples(out: Path, item, image, outputs, rep: dict):
         o.image.save(ex / f"{stem}_{s.method}_r{s.ratio:g}.png")
 
 
-def finalize(out: Path, cfg, stats, quiet: bool = False):
+def finalize(out: Path, cfg, stats, guided_rows=None, quiet: bool = False):
     """Merge the rows; write summary.csv, cost.json, the plots and index.html. ``stats``: model rows run, planned
-    (the engine's plan), as separate edits, and rows computed, this run."""
+    (the engine's plan), as separate edits, and rows computed, this run; ``guided_rows``: the model's rows per guided
+    sample (``plan.shared_cost``)."""
     rows = merge(out)
     summary = summarize(rows)
     write_summary_csv(summary, out / "summary.csv")
     run, planned, separate, computed = stats
-    shared_grid = [shared_cost(cfg.settings, cfg.steps, cfg.guidance, i.target, i.source) for i in cfg.items]
-    separate_grid = [separate_cost(cfg.settings, cfg.steps, cfg.guidance, i.target, i.source) for i in cfg.items]
+    shared_grid = [shared_cost(cfg.settings, cfg.steps, cfg.guidance, i.target, i.source, guided_rows)
+                   for i in cfg.items]
+    separate_grid = [separate_cost(cfg.settings, cfg.steps, cfg.guidance, i.target, i.source, guided_rows)
+                     for i in cfg.items]
     cost = {"unet_evaluations_run": run, "shared_formula_this_run": planned, "separate_edits_this_run": separate,
             "rows_computed_this_run": computed, "rows_total": len(rows),
             "full_grid_shared": sum(c.rows for c in shared_grid),

@@ -85,6 +85,21 @@ def _pie_networks(cfg: Config, device):
     return nets
 
 
+def _guided_rows(cfg: Config):
+    """The model's rows per guided sample, for the plan's costs, known without reading its weights: FLUX.1 embeds its
+    guidance (one row); None: classifier-free guidance's two."""
+    from ..checkpoint import CheckpointError, is_flux
+    from ..frontend import model_error
+    try:
+        flux = is_flux(cfg.model)
+    except CheckpointError as e:
+        raise model_error(cfg.model, e) from None
+    if not flux:
+        return None
+    from ..flux_flow import FluxDenoiser
+    return FluxDenoiser(None).guided_rows  # the sweep runs no true CFG
+
+
 def run(cfg: Config) -> int:
     """Edit the rows of ``cfg`` that --out does not hold yet, then merge and report (rank 0). Returns 0."""
     rank, world = _dist_env()
@@ -114,7 +129,8 @@ def run(cfg: Config) -> int:
             missing = [s for s in cfg.settings if setting_key(item.id, s) not in done]
             if missing:
                 todo.append((item, missing))
-        stats = _run(cfg, todo, own, device, scorers, rank, world)
+        guided_rows = _guided_rows(cfg)
+        stats = _run(cfg, todo, own, device, scorers, rank, world, guided_rows)
         if world > 1:
             import torch.distributed as dist
             t = torch.tensor(stats, dtype=torch.float64)
@@ -122,7 +138,7 @@ def run(cfg: Config) -> int:
             stats = [int(v) for v in t.tolist()]
             dist.barrier()
         if rank == 0:
-            finalize(out, cfg, stats, quiet=cfg.quiet)
+            finalize(out, cfg, stats, guided_rows, quiet=cfg.quiet)
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -130,7 +146,7 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def _run(cfg: Config, todo, own: Path, device, scorers, rank: int, world: int) -> list[int]:
+def _run(cfg: Config, todo, own: Path, device, scorers, rank: int, world: int, guided_rows=None) -> list[int]:
     """Edit this rank's missing rows, appending each image's rows; returns [model rows run, planned (the engine's
     plan of each image's rows), as separate edits, rows computed]."""
     from tqdm import tqdm
@@ -138,8 +154,10 @@ def _run(cfg: Config, todo, own: Path, device, scorers, rank: int, world: int) -
     from ..frontend import load_pipeline
     from ..model_call import EvalCounter
 
-    planned = sum(shared_cost(m, cfg.steps, cfg.guidance, item.target, item.source).rows for item, m in todo)
-    separate = sum(separate_cost(m, cfg.steps, cfg.guidance, item.target, item.source).rows for item, m in todo)
+    planned = sum(shared_cost(m, cfg.steps, cfg.guidance, item.target, item.source, guided_rows).rows
+                  for item, m in todo)
+    separate = sum(separate_cost(m, cfg.steps, cfg.guidance, item.target, item.source, guided_rows).rows
+                   for item, m in todo)
     counter = EvalCounter(None)
     if todo:
         de = load_pipeline(cfg, device=device, max_batch=cfg.max_batch)
