@@ -36,7 +36,7 @@ from diffedit.app import build_app, launch  # noqa: E402
 from diffedit.app_state import FULL_SIZE_BUDGET, AppModel  # noqa: E402
 from diffedit.cli import APP_MISSING, add_app_parser, run_app  # noqa: E402
 from diffedit.frontend import UsageError  # noqa: E402
-from diffedit.settings import EditSettings  # noqa: E402
+from diffedit.settings import METHODS, EditSettings  # noqa: E402
 from diffedit.toy import world  # noqa: E402
 
 STEPS, N = 10, 4
@@ -364,7 +364,10 @@ def test_page_in_a_browser(server, tmp_path):
         k = round(float(page.locator("#knob-ratio input[type=number]").input_value()) * STEPS)
         assert model.evals.count - before == 2 * k  # decoding only: no inversion step
         page.locator("#compare").click()
-        page.wait_for_selector("#method-encode-decode img", timeout=60_000)
+        for method in METHODS:  # Compare done before the next action, which would otherwise cancel it
+            page.wait_for_selector(f"#method-{method} img", timeout=60_000)
+        wait_for(lambda: "Last action" in page.locator("#status").inner_text()
+                 and not page.locator("#status .progress-text, #status .eta-bar").count())
         page.wait_for_timeout(500)
         page.screenshot(path=os.environ.get("DIFFEDIT_APP_SCREENSHOT", str(tmp_path / "app.png")), full_page=True)
 
