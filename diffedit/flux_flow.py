@@ -17,13 +17,13 @@ point). True classifier-free guidance, v_R + c (v_Q - v_R) with R as the negativ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from .conditioning import Cond
-from .denoiser import encoding_steps
+from .denoiser import Denoiser, encoding_steps
 from .flow import NUM_TRAIN_TIMESTEPS, add_noise, euler_step
 from .model_call import EpsFn
 from .models.configs import FluxSchedule
@@ -77,12 +77,9 @@ class FluxDenoiser:
     max_batch: int = 64
     device: torch.device = torch.device("cpu")
 
-    def __post_init__(self):
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-
-    def with_model(self, model: EpsFn) -> "FluxDenoiser":
-        return replace(self, model=model)
+    # the checks and helpers that do not depend on the schedule: Denoiser's own
+    __post_init__ = Denoiser.__post_init__
+    with_model = Denoiser.with_model
 
     # --- the schedule -------------------------------------------------------------------------------------------
 
@@ -91,10 +88,7 @@ class FluxDenoiser:
         g = grid(steps).flip(0)[:encoding_steps(ratio, steps)]
         return torch.cat([g.new_zeros(1), g]).to(self.device)
 
-    def strength_level(self, strength: float, steps: int) -> torch.Tensor:
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        return self.levels(strength, steps)[-1]
+    strength_level = Denoiser.strength_level
 
     def s(self, level, like: torch.Tensor) -> torch.Tensor:
         """The noise fraction s of ``level`` for latents shaped as ``like``, a scalar of its device and dtype."""
