@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,4 +128,30 @@ def offline_hub_repo(folder, repo_id: str, tmp_path, monkeypatch, commit: str = 
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def cli_edit_and_sweep(model_file, tmp_path, image, *edit_flags) -> Path:
+    """``diffedit edit`` (with ``edit_flags``) and a small ``diffedit sweep`` (2 ratios x 2 n, DiffEdit and SDEdit) of
+    ``image`` (a PIL image) on ``model_file``, checked: the outputs at the input size, six finite rows. Returns the
+    sweep's folder."""
+    import numpy as np
+    from PIL import Image
+
+    from diffedit import cli, sweep
+    path = tmp_path / "in.png"
+    image.save(path)
+    argv = ["edit", path, "--model", model_file, "--target", "a green circle", "--source", "a red circle",
+            "--steps", 4, "--n", 2, *edit_flags, "--dtype", "float32", "--out", tmp_path / "out.png",
+            "--mask-out", tmp_path / "m.png"]
+    assert cli.main([str(a) for a in argv]) == 0
+    assert Image.open(tmp_path / "out.png").size == image.size and Image.open(tmp_path / "m.png").size == image.size
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("image,source,target\nin.png,a red circle,a green circle\n")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--images", prompts, "--model", model_file, "--steps", 4, "--ratio", "0.5,1", "--n", "1,2",
+            "--method", "diffedit,sdedit", "--dtype", "float32", "--out", out, "-q"]
+    assert cli.main([str(a) for a in argv]) == 0
+    rows = sweep.read_rows(out / "results.jsonl")
+    assert len(rows) == 2 * 2 + 2 and all(np.isfinite(r["psnr"]) for r in rows)
+    return out
 

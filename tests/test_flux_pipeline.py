@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize_, rel_err, report
+from conftest import cli_edit_and_sweep, randomize_, rel_err, report
 from diffedit import images
 from diffedit.engine import Input, Request
 from diffedit.model_call import EvalCounter
@@ -234,21 +234,6 @@ def flux_file(tmp_path_factory):
 
 
 def test_the_command_line_edits_and_sweeps_with_a_flux_file(flux_file, tmp_path):
-    from diffedit import cli, sweep
-    image = tmp_path / "in.png"
-    picture((40, 24)).save(image)
-    argv = ["edit", image, "--model", flux_file, "--target", "a green circle", "--source", "a red circle",
-            "--steps", 4, "--n", 2, "--guidance", 3.5, "--dtype", "float32", "--out", tmp_path / "out.png",
-            "--mask-out", tmp_path / "m.png"]
-    assert cli.main([str(a) for a in argv]) == 0
-    assert Image.open(tmp_path / "out.png").size == (40, 24) and Image.open(tmp_path / "m.png").size == (40, 24)
-    prompts = tmp_path / "prompts.csv"
-    prompts.write_text("image,source,target\nin.png,a red circle,a green circle\n")
-    out = tmp_path / "sweep"
-    argv = ["sweep", "--images", prompts, "--model", flux_file, "--steps", 4, "--ratio", "0.5,1", "--n", "1,2",
-            "--method", "diffedit,sdedit", "--dtype", "float32", "--out", out, "-q"]
-    assert cli.main([str(a) for a in argv]) == 0
-    rows = sweep.read_rows(out / "results.jsonl")
-    assert len(rows) == 2 * 2 + 2 and all(np.isfinite(r["psnr"]) for r in rows)
+    out = cli_edit_and_sweep(flux_file, tmp_path, picture((40, 24)), "--guidance", 3.5)
     cost = json.loads((out / "cost.json").read_text())  # the plan counts one row per guided sample, as Flux runs
     assert cost["unet_evaluations_run"] == cost["shared_formula_this_run"] == cost["full_grid_shared"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize_, rel_err, report
+from conftest import cli_edit_and_sweep, randomize_, rel_err, report
 from diffedit import images
 from diffedit.conditioning import Conditioning
 from diffedit.pipeline import DiffEdit
@@ -148,22 +148,7 @@ def sd3_file(de, tmp_path_factory):
 
 
 def test_the_command_line_edits_and_sweeps_with_an_sd3_file(sd3_file, tmp_path):
-    from diffedit import cli, sweep
-    image = tmp_path / "in.png"
-    picture((40, 24)).save(image)
-    argv = ["edit", image, "--model", sd3_file, "--target", "a green circle", "--source", "a red circle",
-            "--steps", 4, "--n", 2, "--dtype", "float32", "--out", tmp_path / "out.png",
-            "--mask-out", tmp_path / "m.png"]
-    assert cli.main([str(a) for a in argv]) == 0
-    assert Image.open(tmp_path / "out.png").size == (40, 24) and Image.open(tmp_path / "m.png").size == (40, 24)
-    prompts = tmp_path / "prompts.csv"
-    prompts.write_text("image,source,target\nin.png,a red circle,a green circle\n")
-    out = tmp_path / "sweep"
-    argv = ["sweep", "--images", prompts, "--model", sd3_file, "--steps", 4, "--ratio", "0.5,1", "--n", "1,2",
-            "--method", "diffedit,sdedit", "--dtype", "float32", "--out", out, "-q"]
-    assert cli.main([str(a) for a in argv]) == 0
-    rows = sweep.read_rows(out / "results.jsonl")
-    assert len(rows) == 2 * 2 + 2 and all(np.isfinite(r["psnr"]) for r in rows)
+    cli_edit_and_sweep(sd3_file, tmp_path, picture((40, 24)))
 
 
 @torch.no_grad()
