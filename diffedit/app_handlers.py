@@ -92,11 +92,12 @@ def split_strokes(layer):
 
 class Handlers:
     """The events of the page and the API on ``model`` (``app_state.AppModel``); ``defaults``: the knobs a form does
-    not give (the paper's by default); ``toy``: offer to draw scenes of ``toy_world`` (a ``world.WorldSpec``;
+    not give (the paper's by default, with the model's own steps and guidance: ``DiffEdit.defaults``); ``toy``: offer to draw scenes of ``toy_world`` (a ``world.WorldSpec``;
     None: v1)."""
 
     def __init__(self, model: AppModel, defaults: EditSettings | None = None, toy: bool = False, toy_world=None):
-        self.model, self.defaults = model, defaults or EditSettings()
+        self.model = model
+        self.defaults = defaults or EditSettings(**model.de.defaults(steps=None, guidance=None))
         self.toy, self.toy_world = toy, toy_world
         self.native = model.de.cfg.resolution
         self.budget = FULL_SIZE_BUDGET * self.native ** 2  # full size: at most this many pixels

@@ -21,16 +21,11 @@ from pathlib import Path
 
 from .settings import KNOBS, METHOD_TABLE, EditSettings, SettingsError
 
-from .frontend import (PROG, HelpFormatter, Parser, UsageError, add_model_args, check_device, fail,
+from .frontend import (MODEL_DEFAULTS, PROG, HelpFormatter, Parser, UsageError, add_model_args, check_device, fail,
                        load_pipeline)
 
 
 # --- shared arguments and checks -----------------------------------------------------------------------
-
-# Knobs whose default is the model's (ModelConfig.edit_defaults): the flag's default is None, filled in once loaded.
-MODEL_DEFAULTS = {"steps": "unless given, FLUX.1 takes its own: dev 28, schnell 4",
-                  "guidance": "unless given, FLUX.1 takes its own: dev 3.5 (embedded), schnell none"}
-
 
 def _add_knob(group, name: str, help: str | None = None):
     """A flag ``--name`` for a knob of ``settings.KNOBS``: its type, default, choices and range in the help."""

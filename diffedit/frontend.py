@@ -11,6 +11,9 @@ import sys
 
 PROG = "diffedit"
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # precision.DTYPES but float64, and "auto"; without torch
+# Knobs whose default is the model's (ModelConfig.edit_defaults): the flag's default is None, filled in from the model.
+MODEL_DEFAULTS = {"steps": "unless given, FLUX.1 takes its own: dev 28, schnell 4",
+                  "guidance": "unless given, FLUX.1 takes its own: dev 3.5 (embedded), schnell none"}
 
 
 from .settings import UsageError  # noqa: F401  (front ends raise it; cli.main reports it in one line, exit 2)

@@ -1,5 +1,6 @@
 """FLUX.1 behind the front ends: the app's work (one session's cached engine) edits a tiny FLUX.1 model and gives the
-API's image, and a hub repo id resolves to a FLUX.1 folder in the offline hub cache and loads as the folder does."""
+API's image; a hub repo id resolves to a FLUX.1 folder in the offline hub cache and loads as the folder does; the
+sweep and the app start from the model's own steps and guidance, as an edit does."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import offline_hub_repo
+from diffedit import checkpoint, sweep
+from diffedit.app_handlers import Handlers
 from diffedit.app_state import AppModel, Session
-from diffedit.checkpoint import load_model
+from diffedit.checkpoint import edit_defaults, load_model
 from diffedit.pipeline import DiffEdit
 from diffedit.settings import EditSettings
 
@@ -42,3 +45,31 @@ def test_repo_id_of_a_flux_folder_loads_from_the_offline_cache(tmp_path, monkeyp
     assert all(torch.equal(v, local.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert DiffEdit.from_pretrained("org/tiny-flux").defaults(steps=None, guidance=None) == {"steps": 28,
                                                                                              "guidance": 3.5}
+
+
+@pytest.mark.parametrize("name, steps, guidance", [("tiny-flux", 28, 3.5), ("tiny-flux-schnell", 4, 1.0)])
+def test_the_sweep_and_the_app_start_from_the_flux_models_own_steps_and_guidance(name, steps, guidance, tmp_path,
+                                                                                   monkeypatch):
+    folder = tmp_path / "pipeline"
+    flux_pipeline(tmp_path / "tokenizers", name).save_pretrained(folder)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("image,source,target\nin.png,a red circle,a green circle\n")
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    argv = ["--images", str(prompts), "--model", str(folder), "--out", str(tmp_path / "out")]
+    with monkeypatch.context() as m:  # read from the configs: no weight file is opened
+        m.setattr(checkpoint.flux, "open_weights", lambda *a: pytest.fail("a weight file was read"))
+        assert edit_defaults(folder) == {"steps": steps, "guidance": guidance}
+        cfg = sweep.parse_config(sweep.build_parser().parse_args(argv))
+        given = sweep.parse_config(sweep.build_parser().parse_args(argv + ["--steps", "3", "--guidance", "2"]))
+    assert (cfg.steps, cfg.guidance) == (steps, guidance) and (given.steps, given.guidance) == (3, 2.0)
+    assert (cfg.fingerprint["steps"], cfg.fingerprint["guidance"]) == (steps, guidance)
+    de = DiffEdit.from_pretrained(str(folder))
+    assert de.defaults(steps=None, guidance=None) == edit_defaults(folder)
+    h = Handlers(AppModel(de))
+    assert (h.defaults.steps, h.defaults.guidance) == (steps, guidance)
+
+
+def test_stable_diffusion_and_the_toy_keep_the_knobs_steps_and_guidance_in_the_sweep(tmp_path):
+    assert edit_defaults("toy") == {}
+    cfg = sweep.parse_config(sweep.build_parser().parse_args(["--images", "toy:1", "--out", str(tmp_path)]))
+    assert (cfg.steps, cfg.guidance) == (50, 7.5)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import cli_edit_and_sweep, randomize_, rel_err, report
 from diffedit import images
+from diffedit.checkpoint import edit_defaults
 from diffedit.engine import Input, Request
 from diffedit.model_call import EvalCounter
 from diffedit.models import preset
@@ -234,6 +235,7 @@ def flux_file(tmp_path_factory):
 
 
 def test_the_command_line_edits_and_sweeps_with_a_flux_file(flux_file, tmp_path):
+    assert edit_defaults(flux_file) == {"steps": 28, "guidance": 3.5}  # the sweep's, from the file's keys
     out = cli_edit_and_sweep(flux_file, tmp_path, picture((40, 24)), "--guidance", 3.5)
     cost = json.loads((out / "cost.json").read_text())  # the plan counts one row per guided sample, as Flux runs
     assert cost["unet_evaluations_run"] == cost["shared_formula_this_run"] == cost["full_grid_shared"]

@@ -351,7 +351,7 @@ def test_a_toy_models_world_is_its_recipes_and_v1_without_one(tmp_path):
 def test_the_world_option_reaches_the_items_a_v2_sweep_draws_v2_scenes(tmp_path):
     from diffedit.toy import world
     v2_model = str(_model_file(tmp_path / "v2.safetensors", {"world": "v2"}))
-    argv = ["--images", "toy:6", "--out", tmp_path / "o", "--toy-size", 64]
+    argv = ["--images", "toy:6", "--out", tmp_path / "o", "--toy-size", 64, "--steps", 50, "--guidance", 7.5]
     chosen = cli.parse_config(parse([*argv, "--world", "v2", "--model", tmp_path / "never-loaded.safetensors"]))
     by_recipe = cli.parse_config(parse([*argv, "--model", v2_model]))
     plain = cli.parse_config(parse([*argv, "--model", tmp_path / "never-loaded.safetensors"]))

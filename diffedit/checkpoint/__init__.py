@@ -20,7 +20,7 @@ Modules: ``sources`` (where the files are), ``single_file`` (LDM files, architec
 with the parts beside them, diffusers folders, the transformer's key map).
 """
 from .errors import CheckpointError
-from .load import detect_prediction_type, is_flux, load_model
+from .load import detect_prediction_type, edit_defaults, is_flux, load_model
 from .sources import toy_path as _toy_path  # the name scripts/benchmark.py imports
 
-__all__ = ["load_model", "CheckpointError", "detect_prediction_type", "is_flux"]
+__all__ = ["load_model", "CheckpointError", "detect_prediction_type", "edit_defaults", "is_flux"]

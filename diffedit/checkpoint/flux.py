@@ -32,6 +32,17 @@ def is_flux(shape: dict) -> bool:
     return FLUX_KEY in shape or UNET_PREFIX + FLUX_KEY in shape
 
 
+def release_defaults(guidance_embed: bool) -> dict:
+    """The knob defaults of FLUX.1-dev (guidance embedded) or schnell (``ModelConfig.edit_defaults``)."""
+    return PRESETS["flux-dev" if guidance_embed else "flux-schnell"].edit_defaults()
+
+
+def file_defaults(tensors: Tensors) -> dict:
+    """A BFL transformer file's knob defaults, from its keys: dev has ``guidance_in``."""
+    key = "guidance_in.in_layer.weight"
+    return release_defaults(key in tensors or UNET_PREFIX + key in tensors)
+
+
 def t5_tokenizer(path: Path) -> Path:
     """FLUX.1's T5 tokenizer: ``tokenizer_2/tokenizer.json`` in the folder or beside the file."""
     file = (path if path.is_dir() else path.parent) / "tokenizer_2" / "tokenizer.json"

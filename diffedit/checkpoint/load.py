@@ -16,7 +16,7 @@ from .build import Swap, build
 from .diffusers_folder import read_folder
 from .errors import CheckpointError
 from .layout import FLUX_T5_PREFIX, UNET_PREFIX
-from .flux import flux_file_tensors, read_flux_file, read_flux_folder, t5_tokenizer
+from .flux import file_defaults, flux_file_tensors, read_flux_file, read_flux_folder, release_defaults, t5_tokenizer
 from .sd3 import t5_tokenizer_file
 from .sd3_folder import read_sd3_folder
 from .single_file import open_safetensors, read_file
@@ -117,12 +117,27 @@ def available_ram() -> int:
 
 def is_flux(source: str | Path) -> bool:
     """Whether ``source`` holds a FLUX.1 model, from its transformer's config or its keys (no weight is read)."""
-    path = resolve(str(source))
+    return _flux_defaults(resolve(str(source))) is not None
+
+
+def edit_defaults(source: str | Path) -> dict:
+    """The knobs whose default is ``source``'s own (``ModelConfig.edit_defaults``: FLUX.1-dev's or schnell's steps
+    and guidance; empty for SD), from its configs or keys: no weight is read."""
+    return _flux_defaults(resolve(str(source))) or {}
+
+
+def _flux_defaults(path: Path) -> dict | None:
+    """FLUX.1's knob defaults if ``path`` holds FLUX.1, else None."""
     if path.is_dir():
-        return _folder_reader(path) is read_flux_folder
+        if _folder_reader(path) is not read_flux_folder:
+            return None
+        return release_defaults(bool(json.loads((path / "transformer" / "config.json").read_text())
+                                     .get("guidance_embeds", False)))
     if path.suffix == ".safetensors" and "diffedit_config" in (meta := open_safetensors(path)[0]):
-        return ModelConfig.from_dict(json.loads(meta["diffedit_config"])).family == "flux"  # our exports
-    return flux_file_tensors(path) is not None
+        cfg = ModelConfig.from_dict(json.loads(meta["diffedit_config"]))  # our exports
+        return cfg.edit_defaults() if cfg.family == "flux" else None
+    tensors = flux_file_tensors(path)
+    return None if tensors is None else file_defaults(tensors)
 
 
 def _folder_reader(path: Path):

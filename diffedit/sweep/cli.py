@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .. import settings
-from ..frontend import HelpFormatter, add_model_args
+from ..frontend import MODEL_DEFAULTS, HelpFormatter, add_model_args
 from ..settings import METHOD_TABLE, METHODS, REFERENCES, Knob, SettingsError, UsageError
 from .items import load_items, piebench_items
 from .plan import GRID_KNOBS, MASK_SOURCES, grid, ordered
@@ -66,9 +66,11 @@ def _add_arguments(p):
                    help="masked methods' masks: estimated (step 1) and/or annotated (the image's annotation, at "
                         "latent size: the oracle-mask row; piebench:DIR and toy:N)")
     g = p.add_argument_group("fixed settings")
-    g.add_argument("--steps", default=DEFAULTS["steps"],
-                   help=f"DDIM steps of the full grid, at most {settings.MAX_STEPS} (paper 50)")
-    g.add_argument("--guidance", default=DEFAULTS["guidance"], help="classifier-free guidance scale (paper 7.5)")
+    g.add_argument("--steps", default=None,
+                   help=f"DDIM steps of the full grid, at most {settings.MAX_STEPS} (paper 50); "
+                        f"{MODEL_DEFAULTS['steps']} (default: {DEFAULTS['steps']})")
+    g.add_argument("--guidance", default=None, help="classifier-free guidance scale (paper 7.5); "
+                                                   f"{MODEL_DEFAULTS['guidance']} (default: {DEFAULTS['guidance']})")
     g.add_argument("--normalization", default="quantile", choices=NORMALIZATIONS,
                    help="how D's extremes are removed before the rescaling (quantile: clip at its 98th percentile)")
     g.add_argument("--max-batch", default=DEFAULTS["max_batch"], help="most rows per UNet call")
@@ -139,15 +141,25 @@ def knob_values(flag: str, text: str, knob: str) -> list:
     return ordered(_value(flag, t, knob) for t in parts)
 
 
+def _model_defaults(model: str) -> dict:
+    """The knobs whose default is the model's own (FLUX.1's steps and guidance), read without its weights."""
+    from ..checkpoint import CheckpointError, edit_defaults
+    from ..frontend import model_error
+    try:
+        return edit_defaults(model)
+    except CheckpointError as e:
+        raise model_error(model, e) from None
+
+
 def parse_config(args) -> Config:
     """Every argument checked (a UsageError naming the flag) and the images list read, into the one object the
-    sweep hands down; loads no model. The only reader of ``args``."""
+    sweep hands down; loads no model (its configs or keys give its own defaults). The only reader of ``args``."""
     from ..frontend import check_device
     from ..toy import resolve_world, world
     lists = {k: knob_values(f"--{k.replace('_', '-')}", getattr(args, k), k)
              for k in ("ratio", "threshold", "n", "strength", "reference", "method", "dilate", "mask_source")}
-    steps = _value("--steps", args.steps, "steps")
-    guidance = _value("--guidance", args.guidance, "guidance")
+    steps = None if args.steps is None else _value("--steps", args.steps, "steps")
+    guidance = None if args.guidance is None else _value("--guidance", args.guidance, "guidance")
     seed = world.EVAL_SEED if args.seed is None else _value("--seed", args.seed, "seed")
     max_batch = _value("--max-batch", args.max_batch, "max_batch")
     toy_size = _value("--toy-size", args.toy_size, "toy_size")
@@ -159,6 +171,10 @@ def parse_config(args) -> Config:
     except ValueError as e:  # an unknown --world, or a toy model whose recipe names one
         raise UsageError(str(e)) from None
     items, images, pie = _items(args, seed, toy_size, spec, lists)
+    if steps is None or guidance is None:  # the model's own, once every flag is checked
+        own = _model_defaults(args.model)
+        steps = own.get("steps", _KNOBS["steps"].default) if steps is None else steps
+        guidance = own.get("guidance", _KNOBS["guidance"].default) if guidance is None else guidance
     n_draw = max(lists["n"]) if any(METHOD_TABLE[m].masked for m in lists["method"]) else 0
     fingerprint = {"images": images, "toy_size": toy_size if toy else None, "world": spec.name if toy else None,
                    "seed": seed, "steps": steps, "guidance": guidance, "model": args.model, "n_max": n_draw,
