@@ -103,11 +103,11 @@ def counted(model, call):
     return out, model.evals.count - before
 
 
-def wait_for(condition, timeout=30.0):
+def wait_for(condition, timeout=30.0, sleep=time.sleep):
     t = time.perf_counter()
     while not condition():
         assert time.perf_counter() - t < timeout, "timed out"
-        time.sleep(0.005)
+        sleep(0.005)
 
 
 # --- the API ------------------------------------------------------------------------------------------------
@@ -289,6 +289,11 @@ def test_page_in_a_browser(server, tmp_path):
         return route.continue_()
 
     with sync_api.sync_playwright() as p:
+        # Every request of the page waits for only_loopback, which runs only while the test is inside a Playwright
+        # call: the test waits in page.wait_for_timeout (pump), never in time.sleep, or a click's request is held
+        def pump(seconds):
+            page.wait_for_timeout(seconds * 1000)
+
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
                                                                      "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -323,7 +328,7 @@ def test_page_in_a_browser(server, tmp_path):
             t = time.perf_counter()
             while locator_src() == old:
                 assert time.perf_counter() - t < timeout, "the page did not update"
-                time.sleep(0.005)
+                pump(0.005)
             return time.perf_counter() - t
 
         def mask_white():
@@ -367,7 +372,7 @@ def test_page_in_a_browser(server, tmp_path):
         for method in METHODS:  # Compare done before the next action, which would otherwise cancel it
             page.wait_for_selector(f"#method-{method} img", timeout=60_000)
         wait_for(lambda: "Last action" in page.locator("#status").inner_text()
-                 and not page.locator("#status .progress-text, #status .eta-bar").count())
+                 and not page.locator("#status .progress-text, #status .eta-bar").count(), sleep=pump)
         page.wait_for_timeout(500)
         page.screenshot(path=os.environ.get("DIFFEDIT_APP_SCREENSHOT", str(tmp_path / "app.png")), full_page=True)
 
@@ -379,13 +384,13 @@ def test_page_in_a_browser(server, tmp_path):
                 before = len(gate.calls)
                 page.locator("#run").click()
                 try:
-                    wait_for(lambda: len(gate.calls) >= before + 2)
+                    wait_for(lambda: len(gate.calls) >= before + 2, sleep=pump)
                 except AssertionError:  # say where it stuck: which run, what the page shows
                     status = page.locator("#status").inner_text()
                     raise AssertionError(f"seed {seed}: no model call after Run; status {status!r}") from None
                 asked = time.perf_counter()
                 stop()
-                time.sleep(2.0)
+                (pump if seed == "7" else time.sleep)(2.0)  # a closed page has no requests left to hold
                 after.append(len([t for t, _ in gate.calls[before:] if t > asked]))
                 if seed == "7":
                     assert "stopped" in page.locator("#status").inner_text()
