@@ -161,8 +161,8 @@ class Engine:
 
     def _encode_texts(self, inputs: list[Input], plan: Plan) -> None:
         """Every text the plan's model calls use, encoded before the first of them. Texts are encoded one at a time
-        and kept, so this changes no result; a model whose text encoder and denoiser take turns in memory (FLUX.1's
-        low-memory mode) then swaps once per run instead of once per phase."""
+        and kept, so this changes no result; a model whose text encoder and denoiser take turns in memory (the
+        low-memory mode of FLUX.1 and SD3 with T5) then swaps once per run instead of once per phase."""
         for job in plan.masks:
             size = self._size(self.latent_shape(inputs[job.image]))
             for m in job.maps:

@@ -69,7 +69,8 @@ class DiffEdit:
         dtype = (next(p.dtype for p in model.parameters() if p.dtype not in STORED_DTYPES) if dtype is None
                  else precision.resolve_dtype(dtype, device))
         self.model = model.to(dtype).eval().requires_grad_(False)
-        # FLUX.1's low-memory mode (checkpoint.build.Swap): T5 and the transformer take turns, read in this dtype
+        # the low-memory mode of FLUX.1 and SD3 with T5 (checkpoint.build.Swap): T5 and the transformer take turns,
+        # read in this dtype
         self.swap = getattr(model, "swap", None)
         if self.swap is not None:
             self.swap.dtype = dtype
@@ -114,8 +115,8 @@ class DiffEdit:
                         max_batch: int = 64, compile: bool = False, attention_dtype="auto",
                         channels_last="auto", low_memory="auto") -> "DiffEdit":
         """Load a single file (.safetensors / .ckpt), a diffusers folder, a hub repo id, or "toy". ``low_memory``
-        (FLUX.1): free T5 before the transformer is read, and swap them when a new text needs T5 (True, False, or
-        "auto": when the machine has less memory than the weights; see ``checkpoint.load_model``)."""
+        (FLUX.1, SD3 with T5): free T5 before the transformer is read, and swap them when a new text needs T5 (True,
+        False, or "auto": when the machine has less memory than the weights; see ``checkpoint.load_model``)."""
         from .checkpoint import load_model
         model, cfg = load_model(source, device=device, dtype=precision.resolve_dtype(dtype, device),
                                 prediction_type=prediction_type, low_memory=low_memory)

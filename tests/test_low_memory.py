@@ -1,7 +1,7 @@
-"""FLUX.1's low-memory mode: T5 and the transformer take turns in memory. The transformer is not read until its
-first call, which frees T5 first; a new text afterwards frees the transformer and reads T5 again. The edits equal
-those of the model holding both, bit for bit; "auto" picks the mode when the machine has less memory than the
-weights. fp32, a tiny dev-style folder."""
+"""The low-memory mode of FLUX.1 and SD3 with T5: T5 and the transformer take turns in memory. The transformer is not
+read until its first call, which frees T5 first; a new text afterwards frees the transformer and reads T5 again. The
+edits equal those of the model holding both, bit for bit; "auto" picks the mode when the machine has less memory than
+the weights. fp32, a tiny dev-style FLUX.1 folder and a tiny SD3 folder with T5."""
 from __future__ import annotations
 
 import logging
@@ -9,20 +9,25 @@ import logging
 import pytest
 import torch
 
-from diffedit.checkpoint import load
+from diffedit.checkpoint import CheckpointError, load
 from diffedit.checkpoint import build as swap_module
 from diffedit.pipeline import DiffEdit
 
 pytest.importorskip("diffusers")
 from test_flux_pipeline import flux_pipeline, picture  # noqa: E402
+from test_sd3_text import sd3_pipeline  # noqa: E402
 
 KW = dict(source="a red circle", steps=4, n=2, guidance=3.5)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux_low_memory")
-    flux_pipeline(root / "tokenizers", "tiny-flux", seed=5).save_pretrained(root / "pipeline")
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def folder(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"{request.param}_low_memory")
+    if request.param == "flux":
+        pipe = flux_pipeline(root / "tokenizers", "tiny-flux", seed=5)
+    else:
+        pipe = sd3_pipeline(root / "tokenizers", with_t5=True, seed=5)
+    pipe.save_pretrained(root / "pipeline")
     return str(root / "pipeline")
 
 
@@ -35,7 +40,7 @@ def test_low_memory_edits_equal_the_normal_modes_and_t5_never_sits_beside_the_tr
     normal = DiffEdit.from_pretrained(folder, dtype=torch.float32, low_memory=False)
     low = DiffEdit.from_pretrained(folder, dtype=torch.float32, low_memory=True)
     assert normal.swap is None and low.swap is not None
-    t5, transformer = low.model.text_encoders.t5xxl, low.model.transformer
+    t5, transformer = low.model.text_encoders.t5xxl, low.model.model.diffusion_model
     assert on_meta(transformer) and not any(p.is_meta for p in t5.parameters())  # before the first edit
     seen = []
     transformer.register_forward_pre_hook(lambda module, args: seen.append(on_meta(t5) and not on_meta(module)))
@@ -57,14 +62,20 @@ def test_auto_picks_low_memory_when_the_machine_is_short(folder, monkeypatch, ca
     monkeypatch.setattr(load, "available_ram", lambda: ram)
     with caplog.at_level(logging.INFO, logger=load.__name__):
         de = DiffEdit.from_pretrained(folder, dtype=torch.float32)
-    assert (de.swap is not None) == low and on_meta(de.model.transformer) == low
+    assert (de.swap is not None) == low and on_meta(de.model.model.diffusion_model) == low
     line = next(r.getMessage() for r in caplog.records if "the weights need" in r.getMessage())
     assert ("low-memory mode" in line) == low
 
 
 def test_low_memory_is_refused_for_other_families_and_bad_values(folder):
-    from diffedit.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="low_memory"):
         DiffEdit.from_pretrained(folder, dtype=torch.float32, low_memory="yes")
-    with pytest.raises(CheckpointError, match="FLUX.1"):
+    with pytest.raises(CheckpointError, match="FLUX.1 and to SD3 with T5, this is SD1"):
         DiffEdit.from_pretrained("toy", dtype=torch.float32, low_memory=True)
+
+
+def test_sd3_without_t5_has_nothing_to_take_turns_with(tmp_path):
+    sd3_pipeline(tmp_path / "tokenizers", with_t5=False).save_pretrained(tmp_path / "pipeline")
+    with pytest.raises(CheckpointError, match="this is SD3 without T5"):
+        DiffEdit.from_pretrained(str(tmp_path / "pipeline"), dtype=torch.float32, low_memory=True)
+    assert DiffEdit.from_pretrained(str(tmp_path / "pipeline"), dtype=torch.float32).swap is None

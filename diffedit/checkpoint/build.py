@@ -1,5 +1,5 @@
 """Building the model on the meta device and loading each tensor once, straight into the dtype, strictly; and
-FLUX.1's low-memory mode (``Swap``), in which T5 and the transformer take turns in memory."""
+the low-memory mode of FLUX.1 and SD3 with T5 (``Swap``), in which T5 and the transformer take turns in memory."""
 from __future__ import annotations
 
 import gc
@@ -93,8 +93,8 @@ def _read(expected: dict, tensors: Tensors, linear: set[str], where: str, device
 
 
 class Swap:
-    """FLUX.1's low-memory mode: which of T5 and the transformer is in memory (``resident``), and how to read either
-    again. The model is built with T5 loaded and the transformer left on the meta device (``build(lazy=...)``); the
+    """The low-memory mode of FLUX.1 and SD3 with T5 (both models name these modules alike): which of T5 and the
+    transformer is in memory (``resident``), and how to read either again. The model is built with T5 loaded and the transformer left on the meta device (``build(lazy=...)``); the
     first transformer call frees T5 and reads the transformer, a new text after that frees the transformer and reads
     T5 again. Each is read as ``build`` reads it, so the results equal those of the model holding both, and the
     peak holds the larger of the two instead of both. ``dtype``: the networks' compute dtype (``DiffEdit`` sets it)."""

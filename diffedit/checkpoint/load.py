@@ -15,7 +15,7 @@ from ..models import FluxModel, ModelConfig, StableDiffusion, StableDiffusion3, 
 from .build import Swap, build
 from .diffusers_folder import read_folder
 from .errors import CheckpointError
-from .layout import FLUX_T5_PREFIX, UNET_PREFIX
+from .layout import UNET_PREFIX
 from .flux import file_defaults, flux_file_tensors, read_flux_file, read_flux_folder, release_defaults, t5_tokenizer
 from .sd3 import t5_tokenizer_file
 from .sd3_folder import read_sd3_folder
@@ -29,8 +29,8 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
                low_memory: bool | str = "auto") -> tuple[StableDiffusion | StableDiffusion3 | FluxModel, ModelConfig]:
     """Load ``source`` (see ``diffedit.checkpoint``) as an eval-mode, frozen model; ``prediction_type``
     ("epsilon" or "v_prediction") overrides what the checkpoint says or what is detected (not for SD3, a
-    flow-matching model). ``low_memory`` (FLUX.1 only; "auto": when the memory line says the machine is short):
-    the transformer is left unread and ``model.swap`` (``build.Swap``) lets T5 and it take turns in memory."""
+    flow-matching model). ``low_memory`` (FLUX.1, and SD3 with T5; "auto": when the memory line says the machine is
+    short): the transformer is left unread and ``model.swap`` (``build.Swap``) lets T5 and it take turns in memory."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     if low_memory not in (True, False, "auto"):
@@ -45,8 +45,9 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     if cfg.family in ("sd3", "flux") and prediction_type is not None:
         raise CheckpointError(f"{path}: an {cfg.family.upper()} model predicts the flow's velocity; prediction_type does not apply")
     cfg = dataclasses.replace(cfg, prediction_type=prediction_type or cfg.prediction_type)
-    if low_memory is True and cfg.family != "flux":
-        raise CheckpointError(f"{path}: low_memory applies to FLUX.1 models, this is {cfg.family.upper()}")
+    if low_memory is True and not takes_turns(cfg):
+        this = "SD3 without T5" if cfg.family == "sd3" else cfg.family.upper()
+        raise CheckpointError(f"{path}: low_memory applies to FLUX.1 and to SD3 with T5, this is {this}")
     line, short, low = memory_line(cfg, tensors, torch.device(device), dtype, low_memory)
     log.log(logging.WARNING if short else logging.INFO, "%s", line)
     lazy = Swap.PARTS["transformer"] + "." if low else None  # read on the transformer's first call
@@ -69,12 +70,19 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     return model, cfg
 
 
+def takes_turns(cfg: ModelConfig) -> bool:
+    """Whether T5 and the transformer can take turns in memory (``build.Swap``): FLUX.1, and SD3 with T5."""
+    return cfg.family == "flux" or (cfg.family == "sd3" and cfg.text_3 is not None)
+
+
 def memory_line(cfg: ModelConfig, tensors, device: torch.device, dtype: torch.dtype, low_memory: bool | str = False
                 ) -> tuple[str, bool, bool]:
     """One line, before loading: what the weights need in ``dtype`` (float8 tensors at one byte: they stay float8)
-    and what the machine has (RAM, or the GPU's); whether that is short; and whether FLUX.1 runs in low-memory mode
-    (``low_memory`` True, or "auto" and short): T5 and the transformer take turns, so the larger of them counts."""
-    need, t5 = _bytes(tensors, dtype), _bytes({k: v for k, v in tensors.items() if k.startswith(FLUX_T5_PREFIX)}, dtype)
+    and what the machine has (RAM, or the GPU's); whether that is short; and whether a model with T5 runs in
+    low-memory mode (``low_memory`` True, or "auto" and short): T5 and the transformer take turns, so the larger of
+    them counts."""
+    t5_prefix = Swap.PARTS["text"] + "."
+    need, t5 = _bytes(tensors, dtype), _bytes({k: v for k, v in tensors.items() if k.startswith(t5_prefix)}, dtype)
     if device.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(device)
         where = f"{device} has {total / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
@@ -84,13 +92,13 @@ def memory_line(cfg: ModelConfig, tensors, device: torch.device, dtype: torch.dt
         where = f"this machine has {total / 1e9:.1f} GB of RAM, {free / 1e9:.1f} GB available"
     line = (f"{cfg.family}: the weights need {need / 1e9:.2f} GB in {str(dtype).removeprefix('torch.')} (plus "
             f"activations); {where}")
-    low = cfg.family == "flux" and (low_memory is True or (low_memory == "auto" and need > free))
+    low = takes_turns(cfg) and (low_memory is True or (low_memory == "auto" and need > free))
     if low:
         transformer = _bytes({k: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}, dtype)
         need -= min(t5, transformer)
         line += (f"; T5 takes {t5 / 1e9:.2f} GB of them: low-memory mode, T5 is freed before the transformer is "
                  f"loaded (and read again for a new text), so {need / 1e9:.2f} GB are held at once")
-    elif cfg.family == "flux":
+    elif takes_turns(cfg):
         line += (f"; T5 takes {t5 / 1e9:.2f} GB of them and stays loaded beside the transformer "
                  "(low_memory=True frees it first)")
     short = need > free
