@@ -62,7 +62,11 @@ async def in_turn(session: Session, fn, *args):
         return await asyncio.shield(work)
     except asyncio.CancelledError:
         session.stop.set()
-        await asyncio.gather(work, return_exceptions=True)
+        while not work.done():  # a second cancellation must not free the model while the work still runs
+            try:
+                await asyncio.wait({work})
+            except asyncio.CancelledError:
+                pass
         raise
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 
 from diffedit import engine as engine_module, masking, viz  # noqa: E402
-from diffedit.app import build_app  # noqa: E402
+from diffedit.app import build_app, in_turn  # noqa: E402
 from diffedit.app_handlers import STOPPED, Form, Handlers, split_strokes  # noqa: E402
 from diffedit.app_page import ADD, ERASE, LOW_HIGH, NO_ACTION, Unreadable  # noqa: E402
 from diffedit.app_state import AppModel, Session  # noqa: E402
@@ -174,6 +174,33 @@ def test_stop_ends_the_sessions_work_and_the_action_says_stopped(handlers, model
     handlers.page_opened(other, "page-1")
     handlers.page_closed("page-1")
     assert other.stop.is_set()
+
+
+def test_a_cancelled_turn_sets_stop_and_holds_the_model_until_its_work_ends_even_cancelled_twice():
+    """A turn frees the model (its gradio slot) only when its work has ended, however often it is cancelled."""
+    import asyncio
+    import threading
+    import time
+
+    session, ended = Session(), threading.Event()
+
+    def work():  # a UNet loop: it ends at its next call once the session says stop
+        while not session.stop.is_set():
+            time.sleep(0.01)
+        time.sleep(0.2)  # the call running when stop came
+        ended.set()
+
+    async def main():
+        turn = asyncio.ensure_future(in_turn(session, work))
+        await asyncio.sleep(0.05)
+        for _ in range(2):
+            turn.cancel()
+            await asyncio.sleep(0.02)
+        with pytest.raises(asyncio.CancelledError):
+            await turn
+        return ended.is_set()
+
+    assert asyncio.run(main()) and session.stop.is_set()
 
 
 def test_draw_scene_gives_a_picture_its_texts_and_clears_every_output(handlers):
