@@ -90,3 +90,7 @@ class Denoiser:
     def guided_rows(self, scale: float) -> int:
         """Model rows per sample of ``guided`` at ``scale`` (the plan counts with it)."""
         return 1 if scale == 1.0 else 2
+
+    def guidance_unused(self, scale: float) -> bool:
+        """Whether ``guided`` at ``scale`` is the unguided estimate whatever the scale (a model without guidance)."""
+        return False

@@ -274,6 +274,8 @@ class Engine:
         latents: dict = {}
         if plan.decodings:
             self.on_phase("decoding")
+        for g in sorted({job.guidance for job in plan.decodings if self.denoiser.guidance_unused(job.guidance)}):
+            log.warning("guidance %g has no effect: this model has no guidance input (FLUX.1-schnell)", g)
         for job in plan.decodings:
             rows = [self._row(inputs, plan.requests[j], trajectories.get(j), masks.get(j), job) for j in job.requests]
             levels, y = rows[0][3], torch.cat([row[0] for row in rows])

@@ -110,6 +110,7 @@ class FlowDenoiser:
 
     guided = Denoiser.guided  # classifier-free guidance on the velocity: v_u + g (v_c - v_u), as on eps
     guided_rows = Denoiser.guided_rows
+    guidance_unused = Denoiser.guidance_unused
 
 
 def _at(level, like: torch.Tensor) -> torch.Tensor:

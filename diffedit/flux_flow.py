@@ -134,3 +134,7 @@ class FluxDenoiser:
     def guided_rows(self, scale: float) -> int:
         """Model rows per sample of ``guided`` at ``scale``: 1, or 2 with true CFG."""
         return 1 if scale == 1.0 or self.true_cfg <= 1.0 else 2
+
+    def guidance_unused(self, scale: float) -> bool:
+        """Schnell takes no g: without true CFG, a scale other than 1 gives the unguided estimate."""
+        return scale != 1.0 and not self.embedded and self.true_cfg <= 1.0

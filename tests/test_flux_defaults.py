@@ -1,7 +1,10 @@
 """An edit that gives no steps or guidance runs the model's own defaults: FLUX.1-dev 28 steps at embedded guidance 3.5
 (FluxPipeline's), schnell 4 steps without guidance; SD1/2/XL/SD3 keep the knobs' 50 steps and CFG 7.5. FLUX.1-dev's
-unguided estimates (mask, encoding) run at the default embedded guidance, the decoding's."""
+unguided estimates (mask, encoding) run at the default embedded guidance, the decoding's. A guidance given to schnell,
+which has no guidance input, is warned of."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -50,3 +53,18 @@ def test_stable_diffusion_defaults_are_unchanged(name):
     s = EditSettings()
     knobs = tuple(KNOBS[k].default for k in ("steps", "guidance", "ratio"))
     assert (s.steps, s.guidance, s.ratio) == (50, 7.5, 0.7) == knobs
+
+
+@pytest.mark.parametrize("name, guidance, warned", [("tiny-flux-schnell", 2.0, True), ("tiny-flux-schnell", None, False),
+                                                    ("tiny-flux", 2.0, False)])
+def test_a_guidance_schnell_cannot_take_is_warned_of_and_changes_nothing(name, guidance, warned, tmp_path, caplog):
+    de = tiny_flux(name, tmp_path)
+    image = Image.new("RGB", (16, 16), (120, 40, 200))
+    kw = dict(n=1, steps=2, method="sdedit", seed=3)
+    with caplog.at_level(logging.WARNING, logger="diffedit.engine"):
+        out = de.edit(image, "a dog", guidance=guidance, **kw)
+    said = [r.getMessage() for r in caplog.records if "no guidance input" in r.getMessage()]
+    assert said == ([f"guidance {guidance:g} has no effect: this model has no guidance input (FLUX.1-schnell)"]
+                    if warned else [])
+    if warned:
+        assert torch.equal(out.latents, de.edit(image, "a dog", guidance=1.0, **kw).latents)
