@@ -180,3 +180,15 @@ def test_bench_diffusers_api_dry_run_counts_rows_and_encodes_of_the_three_calls(
     assert fp32["ours"]["total"]["vae_encode_rows"] == 1 < fp32["diffusers"]["total"]["vae_encode_rows"]
     values = numbers(r)
     assert values and all(math.isfinite(v) for v in values)
+
+
+def test_low_memory_dry_run_measures_both_modes_and_they_give_the_same_bits(tmp_path):
+    r = run_script(tmp_path, "low_memory", "--preset", "tiny-sd3", "--px", "32", "--dtype", "float32")
+    assert r["same_bits"] and r["both_loaded"]["finite"]
+    assert r["both_loaded"]["swaps"] == [] and r["low_memory"]["swaps"] == [
+        "low-memory mode: T5 freed, the transformer loaded"]
+    assert "low-memory mode" in r["low_memory"]["memory_line"] and r["file_dtype"] == "float16"
+    assert set(r["anonymous_at_transformer_calls_gib"]) == {"both_loaded", "low_memory"}
+    assert all(m["rss_at_t5_calls_gib"] and m["rss_at_transformer_calls_gib"] for m in (r["both_loaded"],
+                                                                                       r["low_memory"]))
+    assert all(math.isfinite(x) for x in numbers(r))
