@@ -79,3 +79,16 @@ def test_sd3_without_t5_has_nothing_to_take_turns_with(tmp_path):
     with pytest.raises(CheckpointError, match="this is SD3 without T5"):
         DiffEdit.from_pretrained(str(tmp_path / "pipeline"), dtype=torch.float32, low_memory=True)
     assert DiffEdit.from_pretrained(str(tmp_path / "pipeline"), dtype=torch.float32).swap is None
+
+
+def test_the_memory_line_says_which_weights_are_used_in_place_as_the_files_pages(folder, caplog):
+    """A CPU load in the dtype the file stores keeps those weights as the file's mapped pages (no copy), as
+    scripts/low_memory.py measured at SD3.5 Medium's size; converted ones are copies."""
+    lines = {}
+    for dtype in (torch.float32, torch.bfloat16):  # the tiny folders are stored in float32
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=load.__name__):
+            DiffEdit.from_pretrained(folder, dtype=dtype, low_memory=False)
+        lines[dtype] = next(r.getMessage() for r in caplog.records if "the weights need" in r.getMessage())
+    assert "used in place as the file's pages" in lines[torch.float32]
+    assert "in place" not in lines[torch.bfloat16]

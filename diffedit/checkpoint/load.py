@@ -90,8 +90,10 @@ def memory_line(cfg: ModelConfig, tensors, device: torch.device, dtype: torch.dt
         total, free = (os.sysconf("SC_PAGE_SIZE") * os.sysconf(n) for n in ("SC_PHYS_PAGES", "SC_AVPHYS_PAGES"))
         free = available_ram() or free  # MemAvailable counts reclaimable page cache; MemFree does not
         where = f"this machine has {total / 1e9:.1f} GB of RAM, {free / 1e9:.1f} GB available"
+    in_place = _in_place_bytes(tensors, dtype, device)
     line = (f"{cfg.family}: the weights need {need / 1e9:.2f} GB in {str(dtype).removeprefix('torch.')} (plus "
-            f"activations); {where}")
+            f"activations)" + (f", {in_place / 1e9:.2f} GB of them used in place as the file's pages, which the "
+                               "kernel can drop and read again" if in_place else "") + f"; {where}")
     low = takes_turns(cfg) and (low_memory is True or (low_memory == "auto" and need > free))
     if low:
         transformer = _bytes({k: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}, dtype)
@@ -112,6 +114,18 @@ def _bytes(tensors, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     return sum(math.prod(shape) * (1 if getattr(read, "dtype", "").startswith("F8") else size)
                for shape, read in tensors.values())
+
+
+SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _in_place_bytes(tensors, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes of the weights a CPU load leaves in the file's mapped pages: those stored in the compute dtype."""
+    if device.type != "cpu" or dtype not in SAFETENSORS_NAMES:
+        return 0
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(shape) * size for shape, read in tensors.values()
+               if getattr(read, "dtype", None) == SAFETENSORS_NAMES[dtype])
 
 
 def available_ram() -> int:
