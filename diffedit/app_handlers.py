@@ -92,8 +92,8 @@ def split_strokes(layer):
 
 class Handlers:
     """The events of the page and the API on ``model`` (``app_state.AppModel``); ``defaults``: the knobs a form does
-    not give (the paper's by default, with the model's own steps and guidance: ``DiffEdit.defaults``); ``toy``: offer to draw scenes of ``toy_world`` (a ``world.WorldSpec``;
-    None: v1)."""
+    not give (the paper's by default, with the model's own steps and guidance: ``DiffEdit.defaults``); ``toy``:
+    offer to draw scenes of ``toy_world`` (a ``world.WorldSpec``; None: v1)."""
 
     def __init__(self, model: AppModel, defaults: EditSettings | None = None, toy: bool = False, toy_world=None):
         self.model = model

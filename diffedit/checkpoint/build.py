@@ -94,10 +94,11 @@ def _read(expected: dict, tensors: Tensors, linear: set[str], where: str, device
 
 class Swap:
     """The low-memory mode of FLUX.1 and SD3 with T5 (both models name these modules alike): which of T5 and the
-    transformer is in memory (``resident``), and how to read either again. The model is built with T5 loaded and the transformer left on the meta device (``build(lazy=...)``); the
-    first transformer call frees T5 and reads the transformer, a new text after that frees the transformer and reads
-    T5 again. Each is read as ``build`` reads it, so the results equal those of the model holding both, and the
-    peak holds the larger of the two instead of both. ``dtype``: the networks' compute dtype (``DiffEdit`` sets it)."""
+    transformer is in memory (``resident``), and how to read either again. The model is built with T5 loaded and the
+    transformer left on the meta device (``build(lazy=...)``); the first transformer call frees T5 and reads the
+    transformer, a new text after that frees the transformer and reads T5 again. Each is read as ``build`` reads it,
+    so the results equal those of the model holding both, and the peak holds the larger of the two instead of both.
+    ``dtype``: the networks' compute dtype (``DiffEdit`` sets it)."""
 
     PARTS = {"text": "text_encoders.t5xxl", "transformer": "model.diffusion_model"}  # the modules that take turns
     NAMES = {"text": "T5", "transformer": "the transformer"}
