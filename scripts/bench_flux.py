@@ -47,8 +47,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
-from measure import (count_flops, interleaved, matmul_rate, race_line, race_summary, shared_fraction,  # noqa: E402
-                     tune_malloc)
+from measure import (count_flops, interleaved, matmul_rate, race_line, race_summary, randomize_,  # noqa: E402
+                     shared_fraction, tune_malloc)
 from oracles.flux import diffusers_velocity, flux_transformer  # noqa: E402
 from diffedit import images
 from diffedit.models import FluxModel, preset
@@ -67,16 +67,7 @@ def random_flux(cfg: FluxConfig, dtype, seed: int = 0) -> Flux:
     """Our Flux with random weights made on the CPU in ``dtype`` (meta first: no float32 copy of the whole)."""
     with torch.device("meta"):
         model = Flux(cfg).to(dtype)
-    model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_norm.scale"):
-                p.fill_(1.0)
-            else:  # drawn in float32 one tensor at a time: the same weights in every dtype
-                scale = p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return model.eval().requires_grad_(False)
+    return randomize_(model, torch.Generator().manual_seed(seed))
 
 
 def meta_flops(cfg: FluxConfig, side: int, batch: int, tokens: int) -> int:

@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from measure import (count_flops, interleaved, matmul_rate, race_line, race_summary, shared_fraction,  # noqa: E402
-                     tune_malloc)
+from measure import (count_flops, interleaved, matmul_rate, race_line, race_summary, randomize_,  # noqa: E402
+                     shared_fraction, tune_malloc)
 from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
 from diffedit.precision import cpu_has_native_bf16
@@ -47,19 +47,11 @@ TEXT_TOKENS = 333    # CLIP-L/G's 77 tokens, then T5's 256
 
 
 def random_mmdit(cfg: MMDiTConfig, dtype, seed: int = 0) -> MMDiT:
-    """Our MMDiT with random weights made on the CPU in ``dtype`` (meta first: no float32 copy of the whole)."""
+    """Our MMDiT with random weights made on the CPU in ``dtype`` (meta first: no float32 copy of the whole), its
+    position table N(0, 1)."""
     with torch.device("meta"):
         model = MMDiT(cfg).to(dtype)
-    model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in [*model.named_parameters(), ("pos_embed", model.pos_embed)]:
-            if ".ln_" in name:
-                p.fill_(1.0)
-            else:  # drawn in float32 one tensor at a time: the same weights in every dtype
-                scale = 1.0 if name == "pos_embed" else p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return model.eval().requires_grad_(False)
+    return randomize_(model, torch.Generator().manual_seed(seed), buffer_scale=1.0)
 
 
 def meta_flops(cfg: MMDiTConfig, side: int, batch: int, tokens: int) -> int:

@@ -43,10 +43,9 @@ class ModuleCounter(Rows):
 
 def random_model(name: str, device="cpu", dtype=None, seed: int = 0, parts=None):
     """A preset's model (StableDiffusion, StableDiffusion3 or FluxModel) with random weights, made on the device
-    straight in ``dtype`` (meta first: no CPU init pass, no float32 copy of the whole model). Matrices and kernels
-    N(0, 1/fan_in) (activations stay O(1) through the full-size networks), norms the identity, other vectors and
-    float buffers (SD3's position table) N(0, 0.02^2). ``parts``: the attribute names that get weights (e.g.
-    ("model", "first_stage_model")); the others stay on meta. None: all."""
+    straight in ``dtype`` (meta first: no CPU init pass, no float32 copy of the whole model), by ``randomize_``.
+    ``parts``: the attribute names that get weights (e.g. ("model", "first_stage_model")); the others stay on meta.
+    None: all."""
     import torch
     from diffedit.models import FluxModel, StableDiffusion, StableDiffusion3, preset
     cfg = preset(name)
@@ -54,21 +53,31 @@ def random_model(name: str, device="cpu", dtype=None, seed: int = 0, parts=None)
         model = {"sd3": StableDiffusion3, "flux": FluxModel}.get(cfg.family, StableDiffusion)(cfg)
         model = model.to(dtype or torch.float32)
     gen = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        for part in [model] if parts is None else [getattr(model, p) for p in parts]:
-            part.to_empty(device=device)
-            norms = {id(p) for m in part.modules() if type(m).__name__.endswith("Norm")  # GroupNorm, RMSNorm, T5's
-                     for p in m.parameters(recurse=False)}
-            for pname, p in part.named_parameters():
-                if id(p) in norms:
-                    p.fill_(1.0 if pname.endswith(("weight", "scale")) else 0.0)
-                else:  # drawn in float32 one tensor at a time: the same weights in every dtype
-                    scale = p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02
-                    p.copy_(torch.randn(p.shape, generator=gen, device=device) * scale)
-            for b in part.buffers():
-                if b.is_floating_point():
-                    b.copy_(torch.randn(b.shape, generator=gen, device=device) * 0.02)
+    for part in [model] if parts is None else [getattr(model, p) for p in parts]:
+        randomize_(part, gen, device)
     return model.eval().requires_grad_(False)
+
+
+def randomize_(module, gen, device="cpu", buffer_scale: float = 0.02):
+    """Give a meta ``module`` random values on ``device`` in its dtype, drawn from ``gen`` in float32 one tensor at a
+    time (the same weights in every dtype): matrices and kernels N(0, 1/fan_in) (activations stay O(1) through the
+    full-size networks), norms the identity, other vectors N(0, 0.02^2), float buffers (SD3's position table)
+    N(0, buffer_scale^2). Returns ``module``, eval and frozen."""
+    import torch
+    module.to_empty(device=device)
+    norms = {id(p) for m in module.modules() if type(m).__name__.endswith("Norm")  # GroupNorm, RMSNorm, T5's
+             for p in m.parameters(recurse=False)}
+    with torch.no_grad():
+        for pname, p in module.named_parameters():
+            if id(p) in norms:
+                p.fill_(1.0 if pname.endswith(("weight", "scale")) else 0.0)
+            else:
+                scale = p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) * scale)
+        for b in module.buffers():
+            if b.is_floating_point():
+                b.copy_(torch.randn(b.shape, generator=gen, device=device) * buffer_scale)
+    return module.eval().requires_grad_(False)
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
