@@ -47,8 +47,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
-from measure import (count_flops, interleaved, matmul_rate, race_line, race_summary, randomize_,  # noqa: E402
-                     shared_fraction, tune_malloc)
+from measure import (count_flops, race_line, randomize_, shared_fraction, timed_race,  # noqa: E402
+                     tune_malloc)
 from oracles.flux import diffusers_velocity, flux_transformer  # noqa: E402
 from diffedit import images
 from diffedit.models import FluxModel, preset
@@ -88,21 +88,10 @@ def race(ours, theirs, side: int, dtype, args, deadline: float) -> dict:
     ctx = torch.randn(b, args.tokens, cfg.context_in_dim, generator=gen).to(dtype)
     y = torch.randn(b, cfg.vec_in_dim, generator=gen).to(dtype)
     t, g = torch.full((b,), T), torch.full((b,), GUIDANCE) if cfg.guidance_embed else None
-    out = {}
-    fns = {"ours": lambda: out.__setitem__("ours", ours(x, t, ctx, y, g)),
-           "diffusers": lambda: out.__setitem__("diffusers", diffusers_velocity(theirs, x, t, ctx, y, g))}
+    fns = {"ours": lambda: ours(x, t, ctx, y, g), "diffusers": lambda: diffusers_velocity(theirs, x, t, ctx, y, g)}
     flops = meta_flops(cfg, side, b, args.tokens)
-    peaks = [matmul_rate("cpu", dtype, args.matmul_n) / 1e12]
-    t0 = time.perf_counter()
-    counted = {who: count_flops(fn) for who, fn in fns.items()}  # the warm-up call of each
-    a, ref = out["ours"].float(), out["diffusers"].float()
-    times = interleaved(fns, "cpu", args.repeats, warmup=0, deadline=deadline)
-    warmup = time.perf_counter() - t0 - sum(map(sum, times.values()))
-    peaks.append(matmul_rate("cpu", dtype, args.matmul_n) / 1e12)
     res = {"batch": b, "latent": [side, side], "image_px": 8 * side, "text_tokens": args.tokens, "flops": flops,
-           "warmup_s": warmup, "matmul_tflop_per_s": max(peaks), "matmul_tflop_per_s_before_after": peaks,
-           "relative_difference": float((a - ref).norm() / ref.norm()), "repeats_done": len(times["ours"])}
-    res.update(race_summary(times, flops, counted, max(peaks), rows=b))
+           **timed_race(fns, flops, dtype, args.matmul_n, args.repeats, deadline, rows=b)}
     scale = meta_flops(args.full_cfg, side, b, args.tokens) / flops  # full depth over the depth raced
     for who in ("ours", "diffusers"):
         res[who]["est_full_ms_per_row"] = res[who]["ms_per_row"] * scale

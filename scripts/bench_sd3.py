@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from measure import (count_flops, interleaved, matmul_rate, race_line, race_summary, randomize_,  # noqa: E402
-                     shared_fraction, tune_malloc)
+from measure import (count_flops, race_line, randomize_, shared_fraction, timed_race,  # noqa: E402
+                     tune_malloc)
 from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
 from diffedit.precision import cpu_has_native_bf16
@@ -71,22 +71,10 @@ def race(ours, theirs, side: int, dtype, args, deadline: float) -> dict:
     ctx = torch.randn(2, args.tokens, cfg.context_dim, generator=gen).to(dtype)
     y = torch.randn(2, cfg.pooled_dim, generator=gen).to(dtype)
     t = torch.full((2,), T)
-    out = {}
-    fns = {"ours": lambda: out.__setitem__("ours", ours(x, t, ctx, y)),
-           "diffusers": lambda: out.__setitem__("diffusers", theirs(x, ctx, y, t).sample)}
+    fns = {"ours": lambda: ours(x, t, ctx, y), "diffusers": lambda: theirs(x, ctx, y, t).sample}
     flops = meta_flops(cfg, side, 2, args.tokens)
-    peaks = [matmul_rate("cpu", dtype, args.matmul_n) / 1e12]
-    t0 = time.perf_counter()
-    counted = {who: count_flops(fn) for who, fn in fns.items()}  # the warm-up call of each
-    a, b = out["ours"].float(), out["diffusers"].float()
-    times = interleaved(fns, "cpu", args.repeats, warmup=0, deadline=deadline)
-    warmup = time.perf_counter() - t0 - sum(map(sum, times.values()))
-    peaks.append(matmul_rate("cpu", dtype, args.matmul_n) / 1e12)
-    peak = max(peaks)
-    res = {"batch": 2, "latent": [side, side], "image_px": 8 * side, "text_tokens": args.tokens, "flops": flops,
-           "warmup_s": warmup, "matmul_tflop_per_s": peak, "matmul_tflop_per_s_before_after": peaks,
-           "relative_difference": float((a - b).norm() / b.norm()), "repeats_done": len(times["ours"])}
-    return {**res, **race_summary(times, flops, counted, peak, rows=2)}
+    return {"batch": 2, "latent": [side, side], "image_px": 8 * side, "text_tokens": args.tokens, "flops": flops,
+            **timed_race(fns, flops, dtype, args.matmul_n, args.repeats, deadline, rows=2)}
 
 
 def run_dtype(cfg: MMDiTConfig, dtype, args, deadline: float) -> dict:

@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
 from diffedit.conditioning import Conditioning
-from measure import ModuleCounter, count_flops, interleaved, matmul_rate, race_summary, random_model
+from measure import ModuleCounter, count_flops, random_model, timed_race
 from measure import race_line, tune_malloc
 from diffedit import images  # noqa: E402
 from diffedit.models import StableDiffusion, preset, size_conditioning
@@ -86,22 +86,10 @@ def inputs(de: DiffEdit, side: int, batch: int = 2, seed: int = 0):
 def race(de: DiffEdit, unet, side: int, args, deadline: float) -> dict:
     """One CFG-pair forward, ours against diffusers', at one latent side: FLOPs, median times, rate, agreement."""
     x, t, cond, kw = inputs(de, side)
-    out = {}
-    fns = {"ours": lambda: out.__setitem__("ours", de.eps(x, t, cond)),
-           "diffusers": lambda: out.__setitem__("diffusers", unet(x, t, **kw).sample)}
+    fns = {"ours": lambda: de.eps(x, t, cond), "diffusers": lambda: unet(x, t, **kw).sample}
     flops = meta_flops(args.preset, side, 2)
-    peaks = [matmul_rate("cpu", de.dtype, args.matmul_n) / 1e12]
-    t0 = time.perf_counter()
-    counted = {who: count_flops(fn) for who, fn in fns.items()}  # the warm-up call of each
-    a, b = out["ours"].float(), out["diffusers"].float()
-    times = interleaved(fns, "cpu", args.repeats, warmup=0, deadline=deadline)
-    warmup = time.perf_counter() - t0 - sum(map(sum, times.values()))
-    peaks.append(matmul_rate("cpu", de.dtype, args.matmul_n) / 1e12)
-    peak = max(peaks)  # before and after the race: the better
-    res = {"batch": 2, "latent": [side, side], "image_px": side * de.cfg.vae.downsampling, "flops": flops,
-           "warmup_s": warmup, "matmul_tflop_per_s": peak, "matmul_tflop_per_s_before_after": peaks,
-           "relative_difference": float((a - b).norm() / b.norm()), "repeats_done": len(times["ours"])}
-    return {**res, **race_summary(times, flops, counted, peak, rows=2)}
+    return {"batch": 2, "latent": [side, side], "image_px": side * de.cfg.vae.downsampling, "flops": flops,
+            **timed_race(fns, flops, de.dtype, args.matmul_n, args.repeats, deadline, rows=2)}
 
 
 def run_dtype(dtype, args, deadline: float) -> dict:

@@ -208,6 +208,25 @@ def race_line(dtype, side: int, r: dict) -> str:
             f"rel diff {r['relative_difference']:.1e}")
 
 
+def timed_race(fns: dict, flops: int, dtype, matmul_n: int, repeats: int, deadline: float, rows: int) -> dict:
+    """Ours against diffusers on the CPU (``fns``: "ours" and "diffusers" -> a call returning its output): each one's
+    warm-up call with its FLOPs counted, the ``interleaved`` times, the matmul rate in ``dtype`` before and after
+    (the better is the peak), the outputs' relative difference, then ``race_summary``'s figures."""
+    out = {}
+    calls = {who: (lambda who=who, fn=fn: out.__setitem__(who, fn())) for who, fn in fns.items()}
+    peaks = [matmul_rate("cpu", dtype, matmul_n) / 1e12]
+    t0 = time.perf_counter()
+    counted = {who: count_flops(fn) for who, fn in calls.items()}  # the warm-up call of each
+    a, b = out["ours"].float(), out["diffusers"].float()
+    times = interleaved(calls, "cpu", repeats, warmup=0, deadline=deadline)
+    warmup = time.perf_counter() - t0 - sum(map(sum, times.values()))
+    peaks.append(matmul_rate("cpu", dtype, matmul_n) / 1e12)
+    peak = max(peaks)
+    res = {"warmup_s": warmup, "matmul_tflop_per_s": peak, "matmul_tflop_per_s_before_after": peaks,
+           "relative_difference": float((a - b).norm() / b.norm()), "repeats_done": len(times["ours"])}
+    return {**res, **race_summary(times, flops, counted, peak, rows)}
+
+
 def race_summary(times: dict, flops: int, counted: dict, peak: float, rows: int) -> dict:
     """Per contender of an ``interleaved`` race of ``rows``-row forwards: its times, the median, ms per row, the
     FLOP rate and its fraction of the matmul ``peak`` (TFLOP/s); then diffusers' median and fastest over ours."""
