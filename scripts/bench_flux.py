@@ -35,20 +35,18 @@ import ctypes
 import dataclasses
 import gc
 import json
-import logging
 import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
-from measure import (count_flops, race_line, randomize_, shared_fraction, timed_race,  # noqa: E402
-                     tune_malloc)
+from measure import (count_flops, race_line, race_setup, race_table, randomize_, shared_fraction,  # noqa: E402
+                     timed_race, tune_malloc)
 from oracles.flux import diffusers_velocity, flux_transformer  # noqa: E402
 from diffedit import images
 from diffedit.models import FluxModel, preset
@@ -163,12 +161,7 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    import diffusers
+    diffusers = race_setup(args.threads)
     start = time.perf_counter()
     full = {name: FLUX_PRESETS[name] for name in ("flux-dev", "flux-schnell")}
     out = {"preset": args.preset, "raced_config": dataclasses.asdict(args.cfg), "device": "cpu",
@@ -191,10 +184,7 @@ def main(argv=None):
         out["dtypes"][str(dtype).removeprefix("torch.")] = run_dtype(args.cfg, dtype, args, start + args.budget_s)
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed weights back before the next dtype's
-    out["summary"] = {f"{d} {side}x{side}": {k: r[k] for k in ("speedup", "speedup_of_minima")} | {
-        f"{who}_{k}": r[who][k] for who in ("ours", "diffusers") for k in ("ms_per_row", "est_full_ms_per_row",
-                                                                           "fraction_of_matmul")}
-        for d, v in out["dtypes"].items() for side, r in v["sides"].items()}
+    out["summary"] = race_table(out["dtypes"], ("ms_per_row", "est_full_ms_per_row", "fraction_of_matmul"))
     out["definitions"] = {
         "ms_per_row": "median wall time of one forward of the raced depth / rows",
         "est_full_ms_per_row": "ms_per_row x FLOPs of the full-depth forward / FLOPs of the raced one (an estimate)",

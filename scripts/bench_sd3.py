@@ -24,20 +24,18 @@ import argparse
 import ctypes
 import gc
 import json
-import logging
 import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from measure import (count_flops, race_line, randomize_, shared_fraction, timed_race,  # noqa: E402
-                     tune_malloc)
+from measure import (count_flops, race_line, race_setup, race_table, randomize_, shared_fraction,  # noqa: E402
+                     timed_race, tune_malloc)
 from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
 from diffedit.precision import cpu_has_native_bf16
@@ -110,12 +108,7 @@ def main(argv=None):
     args.sides = [int(s) for s in args.sides.split(",")]
     dtypes = args.dtype.split(",") if args.dtype else ["float32"] + ["bfloat16"] * cpu_has_native_bf16()
     args.matmul_n = 256 if args.dry_run else 2048
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    import diffusers
+    diffusers = race_setup(args.threads)
     cfg = MMDIT_PRESETS[args.preset]
     start = time.perf_counter()
     out = {"preset": args.preset, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
@@ -133,9 +126,7 @@ def main(argv=None):
         out["dtypes"][name] = run_dtype(cfg, getattr(torch, name.strip()), args, start + args.budget_s)
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed weights back before the next dtype's
-    out["summary"] = {f"{d} {side}x{side}": {k: r[k] for k in ("speedup", "speedup_of_minima")} | {
-        f"{who}_{k}": r[who][k] for who in ("ours", "diffusers") for k in ("ms_per_row", "fraction_of_matmul")}
-        for d, v in out["dtypes"].items() for side, r in v["sides"].items()}
+    out["summary"] = race_table(out["dtypes"])
     out["definitions"] = {
         "ms_per_row": "median wall time of one CFG-pair forward (batch 2) / 2",
         "speedup": "t(diffusers) / t(ours), medians, same tensors, same inputs, interleaved",

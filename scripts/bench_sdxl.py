@@ -32,12 +32,10 @@ import argparse
 import ctypes
 import gc
 import json
-import logging
 import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -45,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
 from diffedit.conditioning import Conditioning
-from measure import ModuleCounter, count_flops, random_model, timed_race
+from measure import ModuleCounter, count_flops, race_setup, race_table, random_model, timed_race
 from measure import race_line, tune_malloc
 from diffedit import images  # noqa: E402
 from diffedit.models import StableDiffusion, preset, size_conditioning
@@ -146,12 +144,7 @@ def main(argv=None):
         dtypes = [resolve_dtype(name.strip(), "cpu") for name in args.dtype.split(",")]
     except ValueError as e:
         p.error(f"--dtype: {e}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    import diffusers
+    diffusers = race_setup(args.threads)
     start = time.perf_counter()
     out = {"preset": args.preset, "device": "cpu", "device_name": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -168,9 +161,7 @@ def main(argv=None):
         out["dtypes"][str(dtype).removeprefix("torch.")] = run_dtype(dtype, args, start + args.budget_s)
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed weights back before the next dtype's
-    out["summary"] = {f"{d} {side}x{side}": {k: r[k] for k in ("speedup", "speedup_of_minima")} | {
-        f"{who}_{k}": r[who][k] for who in ("ours", "diffusers") for k in ("ms_per_row", "fraction_of_matmul")}
-        for d, v in out["dtypes"].items() for side, r in v["sides"].items()}
+    out["summary"] = race_table(out["dtypes"])
     bf16 = out["dtypes"].get("bfloat16", {}).get("sides", {})
     if bf16 and args.preset == "sdxl":  # a 1024 px edit's UNet time at the largest side's rate (an estimate)
         rate = bf16[str(max(args.sides))]["ours"]["tflop_per_s"]

@@ -208,6 +208,30 @@ def race_line(dtype, side: int, r: dict) -> str:
             f"rel diff {r['relative_difference']:.1e}")
 
 
+def race_setup(threads: int | None):
+    """The CPU and the logs as every race runs: ``threads`` (None: torch's), denormals flushed (random weights make
+    them, and they are slow on x86), diffusers' logs and warnings quiet. Returns the diffusers module."""
+    import logging
+    import warnings
+
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    import diffusers
+    return diffusers
+
+
+def race_table(dtypes: dict, fields=("ms_per_row", "fraction_of_matmul")) -> dict:
+    """One row per dtype and latent side of races (``dtypes``: name -> {"sides": {side: timed_race's dict}}): the
+    speedups, then each contender's ``fields``."""
+    return {f"{d} {side}x{side}": {k: r[k] for k in ("speedup", "speedup_of_minima")} | {
+        f"{who}_{k}": r[who][k] for who in ("ours", "diffusers") for k in fields}
+        for d, v in dtypes.items() for side, r in v["sides"].items()}
+
+
 def timed_race(fns: dict, flops: int, dtype, matmul_n: int, repeats: int, deadline: float, rows: int) -> dict:
     """Ours against diffusers on the CPU (``fns``: "ours" and "diffusers" -> a call returning its output): each one's
     warm-up call with its FLOPs counted, the ``interleaved`` times, the matmul rate in ``dtype`` before and after
