@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
-from measure import (count_flops, race_line, race_setup, race_table, randomize_, shared_fraction,  # noqa: E402
+from measure import (count_flops, race_line, race_setup, race_table, random_weights_, shared_fraction,  # noqa: E402
                      timed_race, tune_malloc)
 from oracles.flux import diffusers_velocity, flux_transformer  # noqa: E402
 from diffedit import images
@@ -65,7 +65,7 @@ def random_flux(cfg: FluxConfig, dtype, seed: int = 0) -> Flux:
     """Our Flux with random weights made on the CPU in ``dtype`` (meta first: no float32 copy of the whole)."""
     with torch.device("meta"):
         model = Flux(cfg).to(dtype)
-    return randomize_(model, torch.Generator().manual_seed(seed))
+    return random_weights_(model, torch.Generator().manual_seed(seed))
 
 
 def meta_flops(cfg: FluxConfig, side: int, batch: int, tokens: int) -> int:

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracles and measure.py
 import oracles  # noqa: E402
-from measure import (count_flops, race_line, race_setup, race_table, randomize_, shared_fraction,  # noqa: E402
+from measure import (count_flops, race_line, race_setup, race_table, random_weights_, shared_fraction,  # noqa: E402
                      timed_race, tune_malloc)
 from diffedit.models.configs import MMDIT_PRESETS, MMDiTConfig
 from diffedit.models.mmdit import MMDiT
@@ -49,7 +49,7 @@ def random_mmdit(cfg: MMDiTConfig, dtype, seed: int = 0) -> MMDiT:
     position table N(0, 1)."""
     with torch.device("meta"):
         model = MMDiT(cfg).to(dtype)
-    return randomize_(model, torch.Generator().manual_seed(seed), buffer_scale=1.0)
+    return random_weights_(model, torch.Generator().manual_seed(seed), buffer_scale=1.0)
 
 
 def meta_flops(cfg: MMDiTConfig, side: int, batch: int, tokens: int) -> int:

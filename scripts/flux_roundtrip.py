@@ -26,27 +26,15 @@ from pathlib import Path
 import torch
 
 from diffedit.conditioning import Conditioning
-from diffedit.edit import decode
-from diffedit.flow import FlowDenoiser
 from diffedit.flux_flow import FluxDenoiser
-from diffedit.inversion import encode
-from diffedit.models import PRESETS, StableDiffusion3
+from diffedit.models import PRESETS
 from diffedit.models.flux import Flux
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test helpers
 from conftest import randomize_  # noqa: E402
+from sd3_roundtrip import roundtrip_error, sd3_model  # noqa: E402  (this script's folder)
 
 SELECTION_SEEDS = (555, 777)  # the project's selection seeds (never the evaluation's)
-
-
-@torch.no_grad()
-def roundtrip_error(denoiser, x0: torch.Tensor, cond, ratio: float, steps: int, guidance: float = 1.0) -> float:
-    """||decode(encode(x_0)) - x_0|| / ||x_0||: encode to ``ratio`` (the denoiser's unguided estimate), decode with
-    the same text at ``guidance`` (1: unguided; on dev the embedded scale), no mask."""
-    levels = denoiser.levels(ratio, steps)
-    trajectory = encode(denoiser, x0, cond, levels, steps)
-    y0 = decode(denoiser, trajectory.latents[-1], levels, cond, cond, guidance)
-    return ((y0 - x0).norm() / x0.norm()).item()
 
 
 def flux_model(name: str, seed: int):
@@ -59,17 +47,6 @@ def flux_model(name: str, seed: int):
     den = FluxDenoiser(lambda x, tm, c: net(x, tm.t, c.context, c.y, tm.guidance), cfg.flux_schedule, f.guidance_embed)
     x0 = torch.randn(1, f.in_channels // 4, 16, 16, generator=gen, dtype=torch.float64)
     return den, x0, cond, sum(p.numel() for p in net.parameters())
-
-
-def sd3_model(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    sd3 = randomize_(StableDiffusion3(PRESETS["tiny-sd3"]).mmdit, seed=seed).double().eval()
-    m = sd3.cfg
-    cond = Conditioning(torch.randn(1, 7, m.context_dim, generator=gen, dtype=torch.float64),
-                        torch.randn(1, m.pooled_dim, generator=gen, dtype=torch.float64))
-    den = FlowDenoiser(lambda x, t, c: sd3(x, t, c.context, c.y), PRESETS["tiny-sd3"].flow_shift)
-    x0 = torch.randn(1, m.in_channels, 16, 16, generator=gen, dtype=torch.float64)
-    return den, x0, cond, sum(p.numel() for p in sd3.parameters())
 
 
 def by_steps(args) -> dict:

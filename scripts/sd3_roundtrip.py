@@ -33,32 +33,40 @@ from conftest import randomize_  # noqa: E402
 
 
 @torch.no_grad()
-def roundtrip_error(denoiser, x0: torch.Tensor, cond, ratio: float, steps: int) -> float:
-    """||decode(encode(x_0)) - x_0|| / ||x_0||: encode to ``ratio``, decode with the same text, guidance 1."""
+def roundtrip_error(denoiser, x0: torch.Tensor, cond, ratio: float, steps: int, guidance: float = 1.0) -> float:
+    """||decode(encode(x_0)) - x_0|| / ||x_0||: encode to ``ratio`` (the denoiser's unguided estimate), decode with
+    the same text at ``guidance`` (1: unguided; on FLUX.1-dev the embedded scale), no mask."""
     levels = denoiser.levels(ratio, steps)
     trajectory = encode(denoiser, x0, cond, levels, steps)
-    y0 = decode(denoiser, trajectory.latents[-1], levels, cond, cond, 1.0)
+    y0 = decode(denoiser, trajectory.latents[-1], levels, cond, cond, guidance)
     return ((y0 - x0).norm() / x0.norm()).item()
 
 
-def models(seed: int = 0):
-    """(name, denoiser, x_0, cond, parameters) of the random tiny MMDiT and UNet, in float64."""
-    gen = torch.Generator().manual_seed(seed)
+def sd3_model(seed: int, gen: torch.Generator | None = None):
+    """(denoiser, x_0, cond, parameters) of the random tiny MMDiT in float64; ``gen`` (None: one seeded with
+    ``seed``) draws the text and x_0."""
+    gen = gen or torch.Generator().manual_seed(seed)
     sd3 = randomize_(StableDiffusion3(PRESETS["tiny-sd3"]).mmdit, seed=seed).double().eval()
     m = sd3.cfg
     cond = Conditioning(torch.randn(1, 7, m.context_dim, generator=gen, dtype=torch.float64),
                         torch.randn(1, m.pooled_dim, generator=gen, dtype=torch.float64))
     flow = FlowDenoiser(lambda x, t, c: sd3(x, t, c.context, c.y), PRESETS["tiny-sd3"].flow_shift)
-    x_flow = torch.randn(1, m.in_channels, 16, 16, generator=gen, dtype=torch.float64)
+    x0 = torch.randn(1, m.in_channels, 16, 16, generator=gen, dtype=torch.float64)
+    return flow, x0, cond, sum(p.numel() for p in sd3.parameters())
+
+
+def models(seed: int = 0):
+    """(name, denoiser, x_0, cond, parameters) of the random tiny MMDiT and UNet, in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    flow, x_flow, cond, sd3_params = sd3_model(seed, gen)
     unet = randomize_(StableDiffusion(PRESETS["tiny"]).unet, seed=seed).double().eval()
     u = PRESETS["tiny"].unet
     alpha_bar = ddim.alphas_cumprod(dtype=torch.float64)
     dd = Denoiser(eps_model(unet, "epsilon", alpha_bar), alpha_bar)
     x_ddim = torch.randn(1, u.in_channels, 16, 16, generator=gen, dtype=torch.float64)
     text = torch.randn(1, 7, u.context_dim, generator=gen, dtype=torch.float64)
-    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
-    return [("sd3 euler (tiny-sd3 MMDiT)", flow, x_flow, cond, count(sd3)),
-            ("ddim (tiny UNet)", dd, x_ddim, text, count(unet))]
+    return [("sd3 euler (tiny-sd3 MMDiT)", flow, x_flow, cond, sd3_params),
+            ("ddim (tiny UNet)", dd, x_ddim, text, sum(p.numel() for p in unet.parameters()))]
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,10 @@
-"""Measuring tools of the benchmark scripts and the tests (torch only; no diffusers); outside the installed package.
+"""Measuring tools of the benchmark scripts and the tests (torch only; diffusers only in ``race_setup``, which the
+race scripts call); outside the installed package.
 
-``ModuleCounter`` applies the counting rule of ``diffedit.model_call.Rows`` (a call adds its first tensor's batch size) to any
-module's forward (ours or diffusers'). Also: random full-size weights, peak memory, interleaved median timing, the
-matmul rate (a dtype's practical peak), FLOP counts and the agreement of two edits (mask IoU, PSNR).
+``ModuleCounter`` applies the counting rule of ``diffedit.model_call.Rows`` (a call adds its first tensor's batch
+size) to any module's forward (ours or diffusers'). Also: random full-size weights, peak memory, interleaved median
+timing, a race of ours against diffusers and its table, the matmul rate (a dtype's practical peak), FLOP counts and
+the agreement of two edits (mask IoU, PSNR).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class ModuleCounter(Rows):
 
 def random_model(name: str, device="cpu", dtype=None, seed: int = 0, parts=None):
     """A preset's model (StableDiffusion, StableDiffusion3 or FluxModel) with random weights, made on the device
-    straight in ``dtype`` (meta first: no CPU init pass, no float32 copy of the whole model), by ``randomize_``.
+    straight in ``dtype`` (meta first: no CPU init pass, no float32 copy of the whole model), by ``random_weights_``.
     ``parts``: the attribute names that get weights (e.g. ("model", "first_stage_model")); the others stay on meta.
     None: all."""
     import torch
@@ -54,11 +56,11 @@ def random_model(name: str, device="cpu", dtype=None, seed: int = 0, parts=None)
         model = model.to(dtype or torch.float32)
     gen = torch.Generator(device).manual_seed(seed)
     for part in [model] if parts is None else [getattr(model, p) for p in parts]:
-        randomize_(part, gen, device)
+        random_weights_(part, gen, device)
     return model.eval().requires_grad_(False)
 
 
-def randomize_(module, gen, device="cpu", buffer_scale: float = 0.02):
+def random_weights_(module, gen, device="cpu", buffer_scale: float = 0.02):
     """Give a meta ``module`` random values on ``device`` in its dtype, drawn from ``gen`` in float32 one tensor at a
     time (the same weights in every dtype): matrices and kernels N(0, 1/fan_in) (activations stay O(1) through the
     full-size networks), norms the identity, other vectors N(0, 0.02^2), float buffers (SD3's position table)
