@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from diffedit.models import PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # measure.py, the offline T5 tokenizer
 from measure import _status_kb, random_model  # noqa: E402
@@ -40,8 +42,6 @@ def make(preset: str, folder: Path, dtype: torch.dtype) -> Path:
     from safetensors.torch import save_file
     from test_sd3_text import t5_tokenizer
     model = random_model(preset, dtype=dtype)
-    if model.cfg.family != "sd3" or model.cfg.text_3 is None:
-        raise SystemExit(f"--preset {preset}: an SD3 preset with T5 is needed")
     t5_tokenizer(folder / "tokenizer_3")
     path = folder / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--child", nargs=2, metavar=("FILE", "LOW"), help=argparse.SUPPRESS)
     p.add_argument("--make", metavar="FOLDER", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    with_t5 = sorted(name for name, c in PRESETS.items() if c.family == "sd3" and c.text_3 is not None)
+    if a.preset not in with_t5:
+        p.error(f"--preset {a.preset}: an SD3 preset with T5 is needed ({', '.join(with_t5)})")
     if a.make:  # in a process of its own: the whole model in memory at once is not held by the measuring ones
         make(a.preset, Path(a.make), getattr(torch, a.file_dtype))
         return 0
