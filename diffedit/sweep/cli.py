@@ -23,7 +23,7 @@ from ..settings import METHOD_TABLE, METHODS, REFERENCES, Knob, SettingsError, U
 from .items import load_items, piebench_items
 from .plan import GRID_KNOBS, MASK_SOURCES, grid, ordered
 from .report import perceptual_note
-from .runner import Config, run
+from .runner import Config, read_model, run
 
 # clamp-mean is the diffusers recipe's rule; the sweep edits with the paper's recipe only.
 NORMALIZATIONS = tuple(m for m in settings.NORMALIZATIONS if m != settings.RECIPES["diffusers"].normalization)
@@ -141,16 +141,6 @@ def knob_values(flag: str, text: str, knob: str) -> list:
     return ordered(_value(flag, t, knob) for t in parts)
 
 
-def _model_defaults(model: str) -> dict:
-    """The knobs whose default is the model's own (FLUX.1's steps and guidance), read without its weights."""
-    from ..checkpoint import CheckpointError, edit_defaults
-    from ..frontend import model_error
-    try:
-        return edit_defaults(model)
-    except CheckpointError as e:
-        raise model_error(model, e) from None
-
-
 def parse_config(args) -> Config:
     """Every argument checked (a UsageError naming the flag) and the images list read, into the one object the
     sweep hands down; loads no model (its configs or keys give its own defaults). The only reader of ``args``."""
@@ -172,7 +162,8 @@ def parse_config(args) -> Config:
         raise UsageError(str(e)) from None
     items, images, pie = _items(args, seed, toy_size, spec, lists)
     if steps is None or guidance is None:  # the model's own, once every flag is checked
-        own = _model_defaults(args.model)
+        from ..checkpoint import edit_defaults
+        own = read_model(args.model, edit_defaults)  # FLUX.1's steps and guidance; no weight is read
         steps = own.get("steps", _KNOBS["steps"].default) if steps is None else steps
         guidance = own.get("guidance", _KNOBS["guidance"].default) if guidance is None else guidance
     n_draw = max(lists["n"]) if any(METHOD_TABLE[m].masked for m in lists["method"]) else 0

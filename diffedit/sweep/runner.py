@@ -85,16 +85,22 @@ def _pie_networks(cfg: Config, device):
     return nets
 
 
+def read_model(model: str, read):
+    """``read(model)``: a ``checkpoint`` function that reads the model's configs or keys, never its weights; a
+    CheckpointError becomes the usage error of --model."""
+    from ..checkpoint import CheckpointError
+    from ..frontend import model_error
+    try:
+        return read(model)
+    except CheckpointError as e:
+        raise model_error(model, e) from None
+
+
 def _guided_rows(cfg: Config):
     """The model's rows per guided sample, for the plan's costs, known without reading its weights: FLUX.1 embeds its
     guidance (one row); None: classifier-free guidance's two."""
-    from ..checkpoint import CheckpointError, is_flux
-    from ..frontend import model_error
-    try:
-        flux = is_flux(cfg.model)
-    except CheckpointError as e:
-        raise model_error(cfg.model, e) from None
-    if not flux:
+    from ..checkpoint import is_flux
+    if not read_model(cfg.model, is_flux):
         return None
     from ..flux_flow import FluxDenoiser
     return FluxDenoiser(None).guided_rows  # the sweep runs no true CFG
